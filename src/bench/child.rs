@@ -1,0 +1,264 @@
+//! The server under test as a child process (the same `licensd` binary), and
+//! what `/proc` tells about it.
+
+use std::collections::VecDeque;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tonic::transport::Channel;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+use super::BenchError;
+
+/// The kernel's clock ticks per second for `/proc/<pid>/stat` times
+/// (`USER_HZ`, part of the kernel ABI: 100 on every architecture Linux runs
+/// this service on).
+const CLOCK_TICKS_PER_SEC: f64 = 100.0;
+
+/// Log lines kept to explain a server that failed to start.
+const KEPT_LINES: usize = 20;
+
+/// A `licensd serve` child, killed when dropped.
+pub struct ServerChild {
+    child: Child,
+    /// Its process id.
+    pub pid: u32,
+    /// The address it listens on.
+    pub addr: String,
+    /// From spawn to health SERVING.
+    pub start_to_serving: Duration,
+}
+
+impl ServerChild {
+    /// Starts `licensd serve` on a free port against `database_url` (with the
+    /// abuse limits off, which would otherwise throttle a load generator on
+    /// one address) and waits until its health service says SERVING.
+    pub async fn start(
+        database_url: &str,
+        validate_ceiling: bool,
+        extra_args: &[String],
+    ) -> Result<ServerChild, BenchError> {
+        let exe = std::env::current_exe()?;
+        let mut cmd = Command::new(exe);
+        cmd.args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+            "--activation-rate-per-ip",
+            "0",
+            "--code-failures-per-hour",
+            "0",
+            "--database-url",
+            database_url,
+        ])
+        .args(extra_args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+        if validate_ceiling {
+            cmd.arg("--validate-ceiling");
+        }
+        let spawned = Instant::now();
+        let mut child = cmd.spawn()?;
+        let pid = child.id().ok_or("the server exited at once")?;
+        let stderr = child.stderr.take().expect("piped");
+
+        // Read the log until the "licensd serving" line names the address,
+        // then keep draining it (a full pipe would stall the server).
+        let kept = Arc::new(Mutex::new(VecDeque::new()));
+        let (addr_tx, addr_rx) = tokio::sync::oneshot::channel::<String>();
+        tokio::spawn({
+            let kept = kept.clone();
+            async move {
+                let mut lines = BufReader::new(stderr).lines();
+                let mut addr_tx = Some(addr_tx);
+                while let Ok(Some(line)) = lines.next_line().await {
+                    if let Some(tx) = addr_tx.take() {
+                        match serving_addr(&line) {
+                            Some(addr) => {
+                                let _ = tx.send(addr);
+                            }
+                            None => addr_tx = Some(tx),
+                        }
+                    }
+                    let mut kept = kept.lock().expect("not poisoned");
+                    if kept.len() == KEPT_LINES {
+                        kept.pop_front();
+                    }
+                    kept.push_back(line);
+                }
+            }
+        });
+        let addr = match tokio::time::timeout(Duration::from_secs(60), addr_rx).await {
+            Ok(Ok(addr)) => addr,
+            _ => {
+                let _ = child.start_kill();
+                let log = kept
+                    .lock()
+                    .expect("not poisoned")
+                    .iter()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join("\n");
+                return Err(format!("the server did not start; its log:\n{log}").into());
+            }
+        };
+        wait_serving(&addr, Duration::from_secs(30)).await?;
+        Ok(ServerChild {
+            child,
+            pid,
+            addr,
+            start_to_serving: spawned.elapsed(),
+        })
+    }
+
+    /// What `/proc` says about the server now.
+    pub fn sample(&self) -> ProcSample {
+        ProcSample::of(self.pid)
+    }
+
+    /// Kills the server and waits for it.
+    pub async fn stop(mut self) {
+        let _ = self.child.start_kill();
+        let _ = self.child.wait().await;
+    }
+}
+
+/// The address in a `{"message":"licensd serving","addr":…}` JSON log line.
+fn serving_addr(line: &str) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_str(line).ok()?;
+    if v.get("message")?.as_str()? != "licensd serving" {
+        return None;
+    }
+    Some(v.get("addr")?.as_str()?.to_string())
+}
+
+/// Opens a plaintext HTTP/2 connection to `addr`.
+pub async fn connect(addr: &str) -> Result<Channel, BenchError> {
+    Ok(Channel::from_shared(format!("http://{addr}"))?
+        .tcp_nodelay(true)
+        .connect()
+        .await?)
+}
+
+/// Polls grpc.health.v1 Check until SERVING.
+pub async fn wait_serving(addr: &str, within: Duration) -> Result<(), BenchError> {
+    let deadline = Instant::now() + within;
+    loop {
+        let status = match connect(addr).await {
+            Ok(ch) => HealthClient::new(ch)
+                .check(HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await
+                .ok()
+                .map(|r| r.into_inner().status),
+            Err(_) => None,
+        };
+        if status == Some(ServingStatus::Serving as i32) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!("{addr} is not SERVING after {within:?}").into());
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// CPU time and memory of a process at one instant.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ProcSample {
+    /// User + system CPU seconds since it started.
+    pub cpu_seconds: f64,
+    /// Peak resident set (VmHWM), MiB.
+    pub peak_rss_mib: f64,
+    /// Resident set (VmRSS), MiB.
+    pub rss_mib: f64,
+}
+
+impl ProcSample {
+    /// Reads `/proc/<pid>/stat` and `/proc/<pid>/status` (zeros where they
+    /// cannot be read, e.g. not on Linux).
+    pub fn of(pid: u32) -> ProcSample {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        ProcSample {
+            cpu_seconds: cpu_ticks(&stat) as f64 / CLOCK_TICKS_PER_SEC,
+            peak_rss_mib: status_kib(&status, "VmHWM:") as f64 / 1024.0,
+            rss_mib: status_kib(&status, "VmRSS:") as f64 / 1024.0,
+        }
+    }
+}
+
+/// utime + stime (fields 14 and 15) of a `/proc/<pid>/stat` line. The
+/// command name (field 2) may hold spaces, so fields are counted after its
+/// closing parenthesis.
+fn cpu_ticks(stat: &str) -> u64 {
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return 0;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // `rest` starts at field 3 (state): utime is field 14, stime field 15.
+    let field = |n: usize| fields.get(n - 3).and_then(|f| f.parse::<u64>().ok());
+    field(14).unwrap_or(0) + field(15).unwrap_or(0)
+}
+
+/// A `Name:   1234 kB` value of `/proc/<pid>/status`, in KiB.
+fn status_kib(status: &str, name: &str) -> u64 {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(name))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// `/proc/loadavg`'s three load averages.
+pub fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|| "n/a".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_ticks_are_read_after_the_command_name() {
+        let stat = "4242 (licensd (x) y) S 1 4242 4242 0 -1 4194560 1207 0 0 0 150 25 0 0 20 0 6 0";
+        assert_eq!(cpu_ticks(stat), 175);
+    }
+
+    #[test]
+    fn status_values_are_read_in_kib() {
+        let status = "Name:\tlicensd\nVmHWM:\t   20480 kB\nVmRSS:\t   10240 kB\n";
+        assert_eq!(status_kib(status, "VmHWM:"), 20480);
+        assert_eq!(status_kib(status, "VmRSS:"), 10240);
+    }
+
+    #[test]
+    fn the_serving_line_gives_the_address() {
+        let line = r#"{"timestamp":"x","level":"INFO","message":"licensd serving","addr":"127.0.0.1:4000","target":"licensd::server"}"#;
+        assert_eq!(serving_addr(line).as_deref(), Some("127.0.0.1:4000"));
+        assert_eq!(serving_addr(r#"{"message":"other"}"#), None);
+        assert_eq!(serving_addr("not json"), None);
+    }
+
+    #[test]
+    fn this_process_has_a_cpu_time_and_a_resident_set() {
+        if cfg!(target_os = "linux") {
+            let s = ProcSample::of(std::process::id());
+            assert!(s.peak_rss_mib > 0.0);
+        }
+    }
+}

@@ -1,0 +1,219 @@
+//! The command line of the `licensd` binary (SPEC §4).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::bench::BenchArgs;
+use crate::domain::auth::{Role, Token};
+use crate::grpc::auth::LimitConfig;
+use crate::server::{self, Application, Config, TlsFiles};
+use crate::store::{DatabaseUrl, Store};
+use crate::telemetry::{self, LogFormat};
+
+/// `licensd`: the licensing service.
+#[derive(Parser)]
+#[command(name = "licensd", version, about = "gRPC licensing service")]
+pub struct Cli {
+    /// Log format.
+    #[arg(
+        long,
+        env = "LICENSD_LOG_FORMAT",
+        value_enum,
+        default_value = "text",
+        global = true
+    )]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Clone)]
+struct Database {
+    /// Database: sqlite:PATH (or a bare path), or postgres://USER@HOST/DB.
+    #[arg(
+        long,
+        env = "LICENSD_DATABASE_URL",
+        default_value = "sqlite:licensd.db"
+    )]
+    database_url: String,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gRPC server (creates and migrates the database first).
+    Serve(Box<ServeArgs>),
+    /// Create or upgrade the database schema, then exit.
+    Migrate(Database),
+    /// Manage the bearer tokens of billing and support callers.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Seed a fresh database, start the server and measure calls/s,
+    /// latency, CPU and memory under load (and the Validate ceiling).
+    Bench(Box<BenchArgs>),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "LICENSD_LISTEN", default_value = "127.0.0.1:50051")]
+    listen: String,
+    #[command(flatten)]
+    db: Database,
+    /// PostgreSQL connections per replica.
+    #[arg(long, env = "LICENSD_DB_MAX_CONNECTIONS", default_value_t = 16)]
+    db_max_connections: u32,
+    /// Seconds in-flight calls may take to finish after SIGINT/SIGTERM.
+    #[arg(long, env = "LICENSD_DRAIN_SECONDS", default_value_t = 10)]
+    drain_seconds: u64,
+    /// TLS certificate chain (PEM); with --tls-key enables TLS.
+    #[arg(long, env = "LICENSD_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM).
+    #[arg(long, env = "LICENSD_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// CA (PEM) that client certificates must chain to: enables mTLS.
+    #[arg(long, env = "LICENSD_TLS_CLIENT_CA", requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
+    /// ActivationService calls per second per client IP (0: unlimited).
+    #[arg(long, env = "LICENSD_ACTIVATION_RATE_PER_IP", default_value_t = LimitConfig::default().activation_per_ip_per_sec)]
+    activation_rate_per_ip: u32,
+    /// Attempts with unknown renewal codes per license key and hour (0: unlimited).
+    #[arg(long, env = "LICENSD_CODE_FAILURES_PER_HOUR", default_value_t = LimitConfig::default().code_failures_per_window)]
+    code_failures_per_hour: u32,
+    /// Benchmark only: Validate answers a fixed VALID response without
+    /// touching the store (the ceiling `licensd bench` compares against).
+    #[arg(long, hide = true)]
+    validate_ceiling: bool,
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Create a token and print it (only the token) on stdout. Shown once.
+    Create {
+        /// admin, billing or support.
+        #[arg(long, value_parser = ["admin", "billing", "support"])]
+        role: String,
+        /// A name for the caller, recorded as the actor of its changes.
+        #[arg(long)]
+        name: String,
+        #[command(flatten)]
+        db: Database,
+    },
+    /// List tokens (never their secrets).
+    List {
+        #[command(flatten)]
+        db: Database,
+    },
+    /// Revoke the live token NAME; every replica refuses it from then on.
+    Revoke {
+        /// Token name.
+        name: String,
+        #[command(flatten)]
+        db: Database,
+    },
+}
+
+type BoxError = Box<dyn std::error::Error>;
+
+/// Parses the command line and runs the command.
+pub async fn run() -> Result<(), BoxError> {
+    let cli = Cli::parse();
+    telemetry::init(cli.log_format);
+    match cli.command {
+        Command::Serve(args) => serve(*args).await,
+        Command::Migrate(db) => {
+            DatabaseUrl::parse(&db.database_url)?.migrate().await?;
+            tracing::info!("database migrated");
+            Ok(())
+        }
+        Command::Token(cmd) => token(cmd).await,
+        Command::Bench(args) => crate::bench::run(*args)
+            .await
+            .map_err(|e| -> BoxError { e }),
+    }
+}
+
+async fn serve(a: ServeArgs) -> Result<(), BoxError> {
+    let tls = match (a.tls_cert, a.tls_key) {
+        (Some(cert), Some(key)) => Some(TlsFiles {
+            cert,
+            key,
+            client_ca: a.tls_client_ca,
+        }),
+        _ => None,
+    };
+    let config = Config {
+        listen: a.listen,
+        database_url: a.db.database_url,
+        db_max_connections: a.db_max_connections,
+        drain_timeout: Duration::from_secs(a.drain_seconds),
+        limits: LimitConfig {
+            activation_per_ip_per_sec: a.activation_rate_per_ip,
+            code_failures_per_window: a.code_failures_per_hour,
+            code_failure_window: Duration::from_secs(3600),
+        },
+        tls,
+        validate_ceiling: a.validate_ceiling,
+        ..Config::default()
+    };
+    Application::build(config)
+        .await?
+        .run_until(server::shutdown_signal())
+        .await?;
+    Ok(())
+}
+
+async fn token(cmd: TokenCommand) -> Result<(), BoxError> {
+    let open = |db: &Database| {
+        let url = db.database_url.clone();
+        async move {
+            DatabaseUrl::parse(&url)?
+                .open(Default::default())
+                .await
+                .map_err(BoxError::from)
+        }
+    };
+    let now = crate::domain::time::truncate_micros(chrono::Utc::now());
+    match cmd {
+        TokenCommand::Create { role, name, db } => {
+            let role = Role::parse(&role).ok_or("role must be admin, billing or support")?;
+            let name = crate::domain::rules::input::required_text("name", &name, 64)
+                .map_err(|v| format!("--name: {}", v.description))?;
+            let store = open(&db).await?;
+            let token = Token::generate();
+            store.create_token(&name, role, &token, now).await?;
+            store.close().await;
+            println!("{}", token.expose());
+        }
+        TokenCommand::List { db } => {
+            let store = open(&db).await?;
+            for t in store.list_tokens().await? {
+                let state = match t.revoked_at {
+                    Some(at) => format!("revoked {}", at.to_rfc3339()),
+                    None => "live".to_string(),
+                };
+                println!(
+                    "{}\t{}\t{}\tcreated {}\t{}",
+                    t.name,
+                    t.role,
+                    t.id,
+                    t.created_at.to_rfc3339(),
+                    state
+                );
+            }
+            store.close().await;
+        }
+        TokenCommand::Revoke { name, db } => {
+            let store = open(&db).await?;
+            let revoked = store.revoke_token(&name, now).await?;
+            store.close().await;
+            if !revoked {
+                return Err(format!("no live token named {name:?}").into());
+            }
+            eprintln!("revoked {name}");
+        }
+    }
+    Ok(())
+}

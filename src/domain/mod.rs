@@ -1,0 +1,24 @@
+//! The business rules of licensd (SPEC §1–§2), free of I/O.
+//!
+//! Every function here takes the current instant as a parameter (`now`);
+//! nothing in this module reads the clock, the network or the database. The
+//! store loads rows, asks these functions for a decision, and writes what they
+//! decided, inside one transaction.
+
+pub mod auth;
+pub mod error;
+pub mod keys;
+pub mod license;
+pub mod product;
+pub mod rules;
+pub mod time;
+pub mod version;
+
+pub use error::{FieldViolation, Refusal};
+pub use keys::{LicenseKey, ParseError, RenewalCode};
+pub use license::{
+    Activation, CodeState, Edition, License, LicenseKind, LicenseStatus, RenewalCodeRecord,
+    Validity,
+};
+pub use product::{Product, ProductCode, RenewalBasis};
+pub use version::Version;

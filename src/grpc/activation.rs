@@ -1,0 +1,254 @@
+//! ActivationService: called by installed products; the license key is the
+//! credential. Validate is the hot path: one read, no write.
+
+use tonic::{Request, Response, Status};
+
+use super::convert::{self, field, invalid};
+use super::{Ctx, actor_of, auth, refusal_status, status_of};
+use crate::domain::rules::{self, input};
+use crate::domain::{LicenseKey, ParseError, Refusal, Validity, Version};
+use crate::proto as pb;
+use crate::proto::activation_service_server::ActivationService;
+use crate::store::Redeem;
+
+/// The ActivationService implementation.
+pub struct ActivationApi {
+    ctx: Ctx,
+    validate_ceiling: bool,
+}
+
+impl ActivationApi {
+    /// A service over `ctx`.
+    pub fn new(ctx: Ctx) -> Self {
+        ActivationApi {
+            ctx,
+            validate_ceiling: false,
+        }
+    }
+
+    /// Benchmark only: when `on`, Validate answers [`ceiling_response`]
+    /// without parsing the request or reading the store, so `licensd bench`
+    /// can measure what the same server stack (transport, layers, codec)
+    /// gives at most. Never set in production.
+    pub fn with_validate_ceiling(mut self, on: bool) -> Self {
+        self.validate_ceiling = on;
+        self
+    }
+}
+
+/// The fixed answer of a ceiling server: a VALID license with every field
+/// set, the size of a real answer.
+fn ceiling_response() -> pb::ValidateResponse {
+    let expires = prost_types::Timestamp {
+        seconds: 4_102_444_800, // 2100-01-01
+        nanos: 0,
+    };
+    pb::ValidateResponse {
+        validity: pb::Validity::Valid as i32,
+        valid: true,
+        kind: pb::LicenseKind::Standard as i32,
+        edition: pb::Edition::Business as i32,
+        expires_at: Some(expires),
+        renewable_until: Some(prost_types::Timestamp {
+            seconds: expires.seconds + 31 * 86_400,
+            nanos: 0,
+        }),
+        seats: 3,
+        seats_used: 1,
+        latest_version: "1.0.0".into(),
+        update_available: false,
+    }
+}
+
+fn version(name: &str, v: &str) -> Result<Version, Refusal> {
+    Version::parse(v).map_err(|e| invalid(name, e))
+}
+
+fn optional_version(name: &str, v: &str) -> Result<Option<Version>, Refusal> {
+    if v.is_empty() {
+        Ok(None)
+    } else {
+        version(name, v).map(Some)
+    }
+}
+
+fn validity_only(v: Validity) -> pb::ValidateResponse {
+    pb::ValidateResponse {
+        validity: convert::validity_to_proto(v) as i32,
+        ..Default::default()
+    }
+}
+
+#[tonic::async_trait]
+impl ActivationService for ActivationApi {
+    async fn activate(
+        &self,
+        req: Request<pb::ActivateRequest>,
+    ) -> Result<Response<pb::ActivateResponse>, Status> {
+        let actor = actor_of(&req);
+        let r = req.into_inner();
+        let parsed = (|| {
+            let key = convert::license_key_deferred("license_key", &r.license_key)?;
+            let fingerprint = field(input::fingerprint("fingerprint", &r.fingerprint))?;
+            let hostname = field(input::text("hostname", &r.hostname, input::MAX_HOSTNAME))?;
+            let client_version = optional_version("client_version", &r.client_version)?;
+            Ok::<_, Refusal>((key?, fingerprint, hostname, client_version))
+        })();
+        let (key, fingerprint, hostname, client_version) =
+            parsed.map_err(|r| refusal_status(&r))?;
+        let now = self.ctx.now();
+        let client_version = client_version.map(|v| v.to_string()).unwrap_or_default();
+        let (license, activation) = self
+            .ctx
+            .store
+            .activate(&key, &fingerprint, &hostname, &client_version, &actor, now)
+            .await
+            .map_err(status_of)?;
+        Ok(Response::new(pb::ActivateResponse {
+            license: Some(convert::license_to_proto(&license, now)),
+            activation: Some(convert::activation_to_proto(&activation)),
+        }))
+    }
+
+    async fn deactivate(
+        &self,
+        req: Request<pb::DeactivateRequest>,
+    ) -> Result<Response<pb::DeactivateResponse>, Status> {
+        let actor = actor_of(&req);
+        let r = req.into_inner();
+        let parsed = (|| {
+            let key = convert::license_key_deferred("license_key", &r.license_key)?;
+            let fingerprint = field(input::fingerprint("fingerprint", &r.fingerprint))?;
+            Ok::<_, Refusal>((key?, fingerprint))
+        })();
+        let (key, fingerprint) = parsed.map_err(|r| refusal_status(&r))?;
+        let now = self.ctx.now();
+        let license = self
+            .ctx
+            .store
+            .deactivate(&key, &fingerprint, &actor, now)
+            .await
+            .map_err(status_of)?;
+        Ok(Response::new(pb::DeactivateResponse {
+            license: Some(convert::license_to_proto(&license, now)),
+        }))
+    }
+
+    async fn validate(
+        &self,
+        req: Request<pb::ValidateRequest>,
+    ) -> Result<Response<pb::ValidateResponse>, Status> {
+        if self.validate_ceiling {
+            return Ok(Response::new(ceiling_response()));
+        }
+        let r = req.into_inner();
+        // Every well-formed value gets an OK answer: a renewal code is
+        // answered VALIDITY_RENEWAL_CODE (R8), not refused; only malformed
+        // input is an error.
+        let parsed = (|| {
+            let key = match LicenseKey::parse(&r.license_key) {
+                Ok(k) => Some(k),
+                Err(ParseError::IsRenewalCode) => None,
+                Err(_) => {
+                    return Err(Refusal::MalformedKey {
+                        field: "license_key",
+                    });
+                }
+            };
+            let fingerprint = if r.fingerprint.is_empty() {
+                None
+            } else {
+                Some(field(input::fingerprint("fingerprint", &r.fingerprint))?)
+            };
+            let client_version = optional_version("client_version", &r.client_version)?;
+            Ok::<_, Refusal>((key, fingerprint, client_version))
+        })();
+        let (key, fingerprint, client_version) = parsed.map_err(|r| refusal_status(&r))?;
+        let Some(key) = key else {
+            return Ok(Response::new(validity_only(Validity::RenewalCode)));
+        };
+
+        let view = self
+            .ctx
+            .store
+            .validation_view(&key, fingerprint.as_deref())
+            .await
+            .map_err(status_of)?;
+        let Some(view) = view else {
+            return Ok(Response::new(validity_only(Validity::NotFound)));
+        };
+        let now = self.ctx.now();
+        let l = &view.license;
+        let answer = rules::validate(
+            l,
+            fingerprint.as_deref(),
+            client_version.as_ref(),
+            view.latest_version.as_ref(),
+            now,
+        );
+        Ok(Response::new(pb::ValidateResponse {
+            validity: convert::validity_to_proto(answer.validity) as i32,
+            valid: answer.validity == Validity::Valid,
+            kind: convert::kind_to_proto(l.kind) as i32,
+            edition: convert::edition_to_proto(l.edition) as i32,
+            expires_at: Some(convert::timestamp(l.expires_at)),
+            renewable_until: l.renewable_until().map(convert::timestamp),
+            seats: l.seats,
+            seats_used: l.seats_used,
+            latest_version: view
+                .latest_version
+                .map(|v| v.to_string())
+                .unwrap_or_default(),
+            update_available: answer.update_available,
+        }))
+    }
+
+    async fn redeem_renewal_code(
+        &self,
+        req: Request<pb::RedeemRenewalCodeRequest>,
+    ) -> Result<Response<pb::RedeemRenewalCodeResponse>, Status> {
+        let actor = actor_of(&req);
+        let r = req.into_inner();
+        let parsed = (|| {
+            let key = convert::license_key_deferred("license_key", &r.license_key)?;
+            let code = convert::renewal_code("renewal_code", &r.renewal_code)?;
+            let fingerprint = field(input::fingerprint("fingerprint", &r.fingerprint))?;
+            let client_version = version("client_version", &r.client_version)?;
+            Ok::<_, Refusal>(Redeem {
+                license_key: key?,
+                code,
+                fingerprint,
+                client_version,
+            })
+        })();
+        let cmd = parsed.map_err(|r| refusal_status(&r))?;
+        // Guessing codes is throttled per license key: attempts with a code
+        // that does not exist count (a real code refused for another reason,
+        // e.g. an outdated client, is an honest mistake, not a guess).
+        let throttle_key = cmd.license_key.normalized().to_string();
+        if let Err(wait) = self.ctx.code_failures.check(&throttle_key) {
+            return Err(auth::exhausted(
+                "TOO_MANY_FAILED_RENEWAL_ATTEMPTS",
+                "too many failed renewal-code attempts for this license; retry later",
+                wait,
+            ));
+        }
+        let now = self.ctx.now();
+        let result = self.ctx.store.redeem(&cmd, &actor, now).await;
+        let (license, previous) = result.map_err(|e| {
+            if matches!(
+                e,
+                crate::store::StoreError::Refused(Refusal::RenewalCodeNotFound)
+            ) {
+                self.ctx.code_failures.record(&throttle_key);
+            }
+            tracing::info!(key = %cmd.license_key.redacted(), error = %e, "renewal refused");
+            status_of(e)
+        })?;
+        tracing::info!(key = %license.key.redacted(), "license renewed");
+        Ok(Response::new(pb::RedeemRenewalCodeResponse {
+            license: Some(convert::license_to_proto(&license, now)),
+            previous_expires_at: Some(convert::timestamp(previous)),
+        }))
+    }
+}

@@ -1,0 +1,105 @@
+//! The gRPC layer: tonic services that parse requests into domain values
+//! (a bad field is `INVALID_ARGUMENT` naming it), call the store, and convert
+//! the result back. Every error becomes a `tonic::Status` in exactly one
+//! place, [`status_of`].
+
+mod activation;
+pub mod auth;
+mod convert;
+mod license;
+mod product;
+
+pub use activation::ActivationApi;
+pub use license::LicenseApi;
+pub use product::ProductApi;
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+use crate::domain::Refusal;
+use crate::domain::error::RefusalClass;
+use crate::domain::keys::redact_secrets;
+use crate::store::{Actor, Store, StoreError};
+
+/// The `google.rpc.ErrorInfo` domain of every refusal.
+pub const ERROR_DOMAIN: &str = "licensing.v1";
+
+/// Source of the current instant (tests may pin it).
+pub type Clock = Arc<dyn Fn() -> DateTime<Utc> + Send + Sync>;
+
+/// The real clock, truncated to the microseconds the store keeps.
+pub fn system_clock() -> Clock {
+    Arc::new(|| crate::domain::time::truncate_micros(Utc::now()))
+}
+
+/// What every service holds.
+#[derive(Clone)]
+pub struct Ctx {
+    /// The store.
+    pub store: Arc<dyn Store>,
+    /// The clock.
+    pub clock: Clock,
+    /// Failed renewal-code attempts per license key.
+    pub code_failures: Arc<auth::FailureWindow>,
+}
+
+impl Ctx {
+    fn now(&self) -> DateTime<Utc> {
+        (self.clock)()
+    }
+}
+
+/// The one mapping from a refusal to a gRPC status (SPEC §3 "Errors").
+pub fn refusal_status(refusal: &Refusal) -> Status {
+    let code = match refusal.class() {
+        RefusalClass::InvalidArgument => Code::InvalidArgument,
+        RefusalClass::NotFound => Code::NotFound,
+        RefusalClass::AlreadyExists => Code::AlreadyExists,
+        RefusalClass::FailedPrecondition => Code::FailedPrecondition,
+    };
+    let metadata = refusal
+        .metadata()
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect::<std::collections::HashMap<_, _>>();
+    let mut details = ErrorDetails::with_error_info(refusal.reason(), ERROR_DOMAIN, metadata);
+    if let Some(v) = refusal.field_violation() {
+        details.add_bad_request_violation(v.field, v.description);
+    }
+    Status::with_error_details(code, refusal.to_string(), details)
+}
+
+/// The one mapping from any store error to a gRPC status. Internal errors are
+/// logged with their context and answered without it.
+pub fn status_of(err: StoreError) -> Status {
+    match err {
+        StoreError::Refused(r) => refusal_status(&r),
+        StoreError::Unavailable(e) | StoreError::Retryable(e) => {
+            tracing::warn!(error = %redact_secrets(&e), "database unavailable");
+            Status::with_error_details(
+                Code::Unavailable,
+                "the license database is unavailable; retry shortly",
+                ErrorDetails::with_error_info("DATABASE_UNAVAILABLE", ERROR_DOMAIN, []),
+            )
+        }
+        StoreError::Internal(e) => {
+            tracing::error!(error = %redact_secrets(&e), "internal error");
+            Status::internal("internal error")
+        }
+    }
+}
+
+/// Who is calling, for the history: the token's name, or the client's
+/// address for the ActivationService (whose credential is the license key).
+fn actor_of<T>(req: &tonic::Request<T>) -> Actor {
+    if let Some(caller) = req.extensions().get::<auth::Caller>() {
+        return Actor(caller.name.clone());
+    }
+    match req.remote_addr() {
+        Some(addr) => Actor(format!("peer:{}", addr.ip())),
+        None => Actor("peer:unknown".into()),
+    }
+}

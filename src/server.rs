@@ -1,0 +1,336 @@
+//! Wiring: the store, the three services, health, reflection, limits and a
+//! graceful shutdown.
+//!
+//! [`Application::build`] opens the store and binds the listener (port 0
+//! picks a free port, which tests use); [`Application::run_until`] serves
+//! until the shutdown future resolves, then stops accepting calls, lets the
+//! in-flight ones finish within [`Config::drain_timeout`], and closes the store.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use std::path::PathBuf;
+use tokio::net::TcpListener;
+
+use tonic::transport::server::TcpIncoming;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+
+use crate::grpc::auth::{FailureWindow, Gate, GateLayer, LimitConfig};
+use crate::grpc::{ActivationApi, Clock, Ctx, LicenseApi, ProductApi, system_clock};
+use crate::proto::activation_service_server::ActivationServiceServer;
+use crate::proto::license_service_server::LicenseServiceServer;
+use crate::proto::product_service_server::ProductServiceServer;
+use crate::store::postgres::PostgresOptions;
+use crate::store::{DatabaseUrl, SqlStore, Store};
+
+/// Largest request message accepted (a licensing call is a few hundred bytes).
+pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
+
+/// Server settings.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Address to listen on; port 0 picks a free one.
+    pub listen: String,
+    /// `sqlite:PATH` (or a bare path) or `postgres://…`.
+    pub database_url: String,
+    /// PostgreSQL pool size per replica.
+    pub db_max_connections: u32,
+    /// How long in-flight calls may take to finish after a shutdown signal.
+    pub drain_timeout: Duration,
+    /// Longest a single call may run.
+    pub request_timeout: Duration,
+    /// Abuse limits of the ActivationService.
+    pub limits: LimitConfig,
+    /// TLS, if any.
+    pub tls: Option<TlsFiles>,
+    /// Benchmark only (`licensd bench`): Validate answers a fixed VALID
+    /// response without touching the store, to measure the framework's
+    /// ceiling. Never set in production.
+    pub validate_ceiling: bool,
+}
+
+/// PEM files for TLS.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    /// Server certificate chain.
+    pub cert: PathBuf,
+    /// Server private key.
+    pub key: PathBuf,
+    /// CA that client certificates must chain to (mTLS); `None`: no client
+    /// certificates asked for.
+    pub client_ca: Option<PathBuf>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: "127.0.0.1:50051".into(),
+            database_url: "sqlite:licensd.db".into(),
+            db_max_connections: PostgresOptions::default().max_connections,
+            drain_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(30),
+            limits: LimitConfig::default(),
+            tls: None,
+            validate_ceiling: false,
+        }
+    }
+}
+
+/// Errors that stop the server from starting or running.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The database URL names a backend this build cannot use.
+    #[error("{0}")]
+    UnsupportedDatabase(String),
+    /// The store could not be opened.
+    #[error("cannot open the database: {0}")]
+    Store(#[from] crate::store::StoreError),
+    /// The listener could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// Address.
+        addr: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The TLS files could not be read or used.
+    #[error("TLS: {0}")]
+    Tls(String),
+    /// The transport failed.
+    #[error("transport error: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Opens the store `config` names.
+pub async fn open_store(config: &Config) -> Result<SqlStore, ServerError> {
+    let url = DatabaseUrl::parse(&config.database_url).map_err(ServerError::UnsupportedDatabase)?;
+    let pg = PostgresOptions {
+        max_connections: config.db_max_connections,
+        ..PostgresOptions::default()
+    };
+    Ok(url.open(pg).await?)
+}
+
+/// A bound, ready-to-run server.
+pub struct Application {
+    listener: TcpListener,
+    store: SqlStore,
+    config: Config,
+    clock: Clock,
+}
+
+impl Application {
+    /// Opens (and migrates) the store and binds the listener.
+    pub async fn build(config: Config) -> Result<Self, ServerError> {
+        let store = open_store(&config).await?;
+        let listener =
+            TcpListener::bind(&config.listen)
+                .await
+                .map_err(|source| ServerError::Bind {
+                    addr: config.listen.clone(),
+                    source,
+                })?;
+        Ok(Application {
+            listener,
+            store,
+            config,
+            clock: system_clock(),
+        })
+    }
+
+    /// Replaces the clock (tests).
+    pub fn with_clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// The address actually bound.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("bound listener has an address")
+    }
+
+    /// Serves until `shutdown` resolves, then drains and closes.
+    pub async fn run_until(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServerError> {
+        let addr = self.local_addr();
+        let store: Arc<dyn Store> = Arc::new(self.store.clone());
+        let limits = &self.config.limits;
+        let ctx = Ctx {
+            store: store.clone(),
+            clock: self.clock.clone(),
+            code_failures: Arc::new(FailureWindow::new(
+                limits.code_failures_per_window,
+                limits.code_failure_window,
+            )),
+        };
+        let gate = Gate::new(store.clone(), limits);
+        let janitor = tokio::spawn({
+            let gate = gate.clone();
+            async move {
+                loop {
+                    tokio::time::sleep(Duration::from_secs(60)).await;
+                    gate.forget_idle();
+                }
+            }
+        });
+
+        let (health, health_service) = tonic_health::server::health_reporter();
+        set_all(&health, ServingStatus::Serving).await;
+        let watchdog = tokio::spawn(watch_database(store.clone(), health.clone()));
+
+        let reflection_v1 = reflection()
+            .build_v1()
+            .expect("embedded descriptors are valid");
+        let reflection_v1alpha = reflection()
+            .build_v1alpha()
+            .expect("embedded descriptors are valid");
+
+        let mut builder = Server::builder();
+        if let Some(tls) = &self.config.tls {
+            builder = builder.tls_config(tls_config(tls)?)?;
+        }
+        let router = builder
+            .timeout(self.config.request_timeout)
+            .tcp_nodelay(true)
+            .trace_fn(|req| tracing::info_span!("grpc", method = %req.uri().path()))
+            .layer(GateLayer(gate))
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(
+                ProductServiceServer::new(ProductApi::new(ctx.clone()))
+                    .max_decoding_message_size(MAX_MESSAGE_BYTES),
+            )
+            .add_service(
+                LicenseServiceServer::new(LicenseApi::new(ctx.clone()))
+                    .max_decoding_message_size(MAX_MESSAGE_BYTES),
+            )
+            .add_service(
+                ActivationServiceServer::new(
+                    ActivationApi::new(ctx.clone())
+                        .with_validate_ceiling(self.config.validate_ceiling),
+                )
+                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+            );
+
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let incoming = TcpIncoming::from(self.listener).with_nodelay(Some(true));
+        let mut server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
+            let _ = stop_rx.await;
+        }));
+        tracing::info!(%addr, "licensd serving");
+
+        tokio::select! {
+            res = &mut server => {
+                // The transport stopped on its own: report why.
+                watchdog.abort();
+                janitor.abort();
+                self.store.close().await;
+                return res.map_err(|e| ServerError::Store(crate::store::StoreError::Internal(e.to_string())))?
+                    .map_err(ServerError::from);
+            }
+            () = shutdown => {}
+        }
+
+        tracing::info!("shutting down: draining in-flight calls");
+        watchdog.abort();
+        janitor.abort();
+        set_all(&health, ServingStatus::NotServing).await;
+        let _ = stop_tx.send(());
+        match tokio::time::timeout(self.config.drain_timeout, &mut server).await {
+            Ok(Ok(res)) => res?,
+            Ok(Err(join)) => tracing::error!(error = %join, "server task failed"),
+            Err(_) => {
+                tracing::warn!(timeout = ?self.config.drain_timeout, "drain timed out; aborting remaining calls");
+                server.abort();
+            }
+        }
+        self.store.close().await;
+        tracing::info!("licensd stopped");
+        Ok(())
+    }
+}
+
+/// Reflection over the licensing API, health, and the `google.rpc` error
+/// details (so grpcurl can print a refusal's ErrorInfo); built once per
+/// reflection version.
+fn reflection() -> tonic_reflection::server::Builder<'static> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
+}
+
+fn tls_config(files: &TlsFiles) -> Result<ServerTlsConfig, ServerError> {
+    let read = |p: &PathBuf| {
+        std::fs::read(p).map_err(|e| ServerError::Tls(format!("{}: {e}", p.display())))
+    };
+    let mut config =
+        ServerTlsConfig::new().identity(Identity::from_pem(read(&files.cert)?, read(&files.key)?));
+    if let Some(ca) = &files.client_ca {
+        config = config.client_ca_root(Certificate::from_pem(read(ca)?));
+    }
+    Ok(config)
+}
+
+async fn set_all(health: &HealthReporter, status: ServingStatus) {
+    health.set_service_status("", status).await;
+    health
+        .set_service_status("licensing.v1.ProductService", status)
+        .await;
+    health
+        .set_service_status("licensing.v1.LicenseService", status)
+        .await;
+    health
+        .set_service_status("licensing.v1.ActivationService", status)
+        .await;
+}
+
+/// Reports NOT_SERVING while the database does not answer.
+async fn watch_database(store: Arc<dyn Store>, health: HealthReporter) {
+    let mut serving = true;
+    loop {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let ok = store.ping().await.is_ok();
+        if ok != serving {
+            serving = ok;
+            tracing::warn!(database_ok = ok, "health changed");
+            let status = if ok {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            };
+            set_all(&health, status).await;
+        }
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+}

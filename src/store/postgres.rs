@@ -1,0 +1,70 @@
+//! The PostgreSQL backend: many `licensd serve` replicas share one database.
+//! Every rule holds across replicas because each write transaction locks the
+//! rows its decision depends on (see [`super::sql`]).
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
+use sqlx::postgres::PgConnectOptions;
+use sqlx::{Connection, Executor};
+
+use super::{Dialect, SqlStore, StoreError, StoreResult};
+
+/// Tuning of the PostgreSQL store.
+#[derive(Debug, Clone)]
+pub struct PostgresOptions {
+    /// Connections per replica.
+    pub max_connections: u32,
+    /// How long a call waits for a free connection before UNAVAILABLE.
+    pub acquire_timeout: Duration,
+    /// Longest a single statement may run (server-side `statement_timeout`).
+    pub statement_timeout: Duration,
+}
+
+impl Default for PostgresOptions {
+    fn default() -> Self {
+        PostgresOptions {
+            max_connections: 16,
+            acquire_timeout: Duration::from_secs(5),
+            statement_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Whether `url` names a PostgreSQL database.
+pub fn is_postgres_url(url: &str) -> bool {
+    url.starts_with("postgres://") || url.starts_with("postgresql://")
+}
+
+/// Applies `migrations/postgres` (sqlx takes an advisory lock, so replicas
+/// starting together migrate once).
+pub async fn migrate(url: &str) -> StoreResult<()> {
+    let options =
+        PgConnectOptions::from_str(url).map_err(|e| StoreError::Unavailable(e.to_string()))?;
+    let mut conn = sqlx::PgConnection::connect_with(&options).await?;
+    sqlx::migrate!("migrations/postgres").run(&mut conn).await?;
+    conn.close().await?;
+    Ok(())
+}
+
+/// Connects to (and migrates) the database at `url`.
+pub async fn open(url: &str, opts: PostgresOptions) -> StoreResult<SqlStore> {
+    sqlx::any::install_default_drivers();
+    migrate(url).await?;
+    let statement_timeout = opts.statement_timeout.as_millis();
+    let pool = AnyPoolOptions::new()
+        .max_connections(opts.max_connections.max(1))
+        .min_connections(1)
+        .acquire_timeout(opts.acquire_timeout)
+        .after_connect(move |conn, _| {
+            Box::pin(async move {
+                let sql = format!("SET statement_timeout = {statement_timeout}; SET lock_timeout = {statement_timeout}");
+                conn.execute(sqlx::AssertSqlSafe(sql)).await?;
+                Ok(())
+            })
+        })
+        .connect_with(AnyConnectOptions::from_str(url).map_err(|e| StoreError::Unavailable(e.to_string()))?)
+        .await?;
+    SqlStore::new(pool.clone(), pool, Dialect::Postgres).await
+}

@@ -1,0 +1,1282 @@
+//! The SQL store: every rule transaction written once, for SQLite and
+//! PostgreSQL alike.
+//!
+//! The two backends share this code through sqlx's `Any` driver: the queries
+//! use `$N` placeholders and SQL both dialects accept. What differs lives in a
+//! [`Dialect`] and in the backend modules (connecting, migrations, pool
+//! sizing):
+//!
+//! * **SQLite** allows one writer at a time. A deferred transaction that reads
+//!   and then writes can fail with "database is locked" under concurrency
+//!   whatever the busy timeout, so every write goes through one writer
+//!   connection and opens with `BEGIN IMMEDIATE`, taking the write lock before
+//!   it reads. Reads use a separate pool of read-only connections (WAL mode).
+//! * **PostgreSQL** serves many replicas at once. A write transaction locks
+//!   the rows its decision depends on (`SELECT … FOR UPDATE`: the license,
+//!   then the renewal code), so concurrent activations of one license queue
+//!   behind each other and the seat count is exact; idempotency keys are
+//!   serialised with a transaction-scoped advisory lock; deadlocks and
+//!   serialisation failures are retried.
+//!
+//! Whatever the backend, the schema's constraints are the last line of
+//! defence: `seats_used <= seats`, one activation per (license, fingerprint),
+//! one `renewed` event per code, a code's state moves only once.
+
+use std::future::Future;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use sqlx::Row;
+use sqlx::any::AnyRow;
+use sqlx::{AnyConnection, AnyPool};
+
+use super::{
+    Actor, IssueLicense, IssueRenewalCode, LicenseCursor, LicenseEvent, LicenseFilter, Redeem,
+    Store, StoreError, StoreResult, TokenRecord, ValidationView, code_hash, derive_renewal_code,
+    from_micros, micros, new_code_id,
+};
+use crate::domain::auth::{Role, Token};
+use crate::domain::error::RefusalClass;
+use crate::domain::product::ProductSpec;
+use crate::domain::rules::{self, ActivateDecision, StatusAction};
+use crate::domain::{
+    Activation, CodeState, Edition, License, LicenseKey, LicenseKind, LicenseStatus, Product,
+    ProductCode, Refusal, RenewalBasis, RenewalCode, RenewalCodeRecord, Version,
+};
+
+/// The SQL a backend speaks differently.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    /// SQLite: one writer, `BEGIN IMMEDIATE`, no row locks.
+    Sqlite,
+    /// PostgreSQL: row locks and advisory locks.
+    Postgres,
+}
+
+impl Dialect {
+    fn begin(self) -> &'static str {
+        match self {
+            Dialect::Sqlite => "BEGIN IMMEDIATE",
+            Dialect::Postgres => "BEGIN",
+        }
+    }
+
+    /// A read-only transaction that sees one snapshot for all its statements.
+    fn begin_read(self) -> &'static str {
+        match self {
+            // A deferred transaction on a WAL database reads one snapshot.
+            Dialect::Sqlite => "BEGIN",
+            Dialect::Postgres => "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
+        }
+    }
+}
+
+/// How many times a write is retried after a deadlock or serialisation failure.
+const MAX_ATTEMPTS: u32 = 5;
+
+/// A store over SQLite or PostgreSQL.
+#[derive(Clone)]
+pub struct SqlStore {
+    writer: AnyPool,
+    readers: AnyPool,
+    code_secret: Vec<u8>,
+    dialect: Dialect,
+    /// SQLite only: Validate's lookups without sqlx's per-query overhead.
+    fast_reads: Option<std::sync::Arc<super::sqlite_fast::FastReader>>,
+}
+
+impl SqlStore {
+    /// A store over pools the backend module opened and migrated.
+    pub(super) async fn new(
+        writer: AnyPool,
+        readers: AnyPool,
+        dialect: Dialect,
+    ) -> StoreResult<Self> {
+        let code_secret = load_or_create_secret(&writer).await?;
+        Ok(SqlStore {
+            writer,
+            readers,
+            code_secret,
+            dialect,
+            fast_reads: None,
+        })
+    }
+
+    /// Serves Validate's lookups through `reader` (SQLite).
+    pub(super) fn with_fast_reads(mut self, reader: super::sqlite_fast::FastReader) -> Self {
+        self.fast_reads = Some(std::sync::Arc::new(reader));
+        self
+    }
+
+    /// Which backend this is.
+    pub fn dialect(&self) -> Dialect {
+        self.dialect
+    }
+
+    /// Closes the pools (SQLite checkpoints its WAL).
+    pub async fn close(&self) {
+        self.readers.close().await;
+        self.writer.close().await;
+    }
+
+    async fn begin_write(&self) -> StoreResult<sqlx::Transaction<'static, sqlx::Any>> {
+        Ok(self.writer.begin_with(self.dialect.begin()).await?)
+    }
+
+    /// Runs a write transaction, again after a deadlock or serialisation
+    /// failure (PostgreSQL), with a short randomised pause.
+    async fn retrying<T, F, Fut>(&self, attempt: F) -> StoreResult<T>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = StoreResult<T>>,
+    {
+        let mut n = 0;
+        loop {
+            n += 1;
+            match attempt().await {
+                Err(StoreError::Retryable(e)) if n < MAX_ATTEMPTS => {
+                    tracing::debug!(attempt = n, error = %e, "retrying transaction");
+                    let jitter = u64::from(rand::random::<u8>() % 20);
+                    tokio::time::sleep(Duration::from_millis(5 * u64::from(n) + jitter)).await;
+                }
+                Err(StoreError::Retryable(e)) => return Err(StoreError::Unavailable(e)),
+                other => return other,
+            }
+        }
+    }
+}
+
+/// The secret renewal codes are derived from (see [`derive_renewal_code`]),
+/// created once per database.
+async fn load_or_create_secret(pool: &AnyPool) -> StoreResult<Vec<u8>> {
+    use rand::Rng;
+    let mut fresh = [0u8; 32];
+    rand::rng().fill_bytes(&mut fresh);
+    sqlx::query("INSERT INTO settings (name, value) VALUES ('code_secret', $1) ON CONFLICT (name) DO NOTHING")
+        .bind(&fresh[..])
+        .execute(pool)
+        .await?;
+    let row = sqlx::query("SELECT value FROM settings WHERE name = 'code_secret'")
+        .fetch_one(pool)
+        .await?;
+    Ok(row.try_get::<Vec<u8>, _>(0)?)
+}
+
+// ---------------------------------------------------------------------------
+// Row mapping
+// ---------------------------------------------------------------------------
+
+fn corrupt(what: &str, value: impl std::fmt::Display) -> StoreError {
+    StoreError::Internal(format!("unexpected {what} in database: {value}"))
+}
+
+fn terms_to_text(terms: &[u32]) -> String {
+    terms
+        .iter()
+        .map(u32::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn terms_from_text(s: &str) -> StoreResult<Vec<u32>> {
+    s.split(',')
+        .filter(|p| !p.is_empty())
+        .map(|p| p.parse().map_err(|_| corrupt("terms", s)))
+        .collect()
+}
+
+fn product_from_row(row: &AnyRow) -> StoreResult<Product> {
+    let code: String = row.try_get("code")?;
+    let basis: String = row.try_get("renewal_basis")?;
+    Product::new(
+        ProductCode::parse(&code).map_err(|_| corrupt("product code", &code))?,
+        ProductSpec {
+            display_name: row.try_get("display_name")?,
+            latest_version: row.try_get("latest_version")?,
+            personal_terms: terms_from_text(&row.try_get::<String, _>("personal_terms")?)?,
+            business_terms: terms_from_text(&row.try_get::<String, _>("business_terms")?)?,
+            grace_period_months: Some(row.try_get::<i64, _>("grace_period_months")? as u32),
+            renewal_basis: Some(
+                RenewalBasis::from_str_opt(&basis)
+                    .ok_or_else(|| corrupt("renewal basis", &basis))?,
+            ),
+        },
+    )
+    .map_err(|v| corrupt("product", v.description))
+}
+
+/// The columns [`license_from_row`] reads, with the product's policy; every
+/// license query starts with these (a macro, so `concat!` can build `'static`
+/// query strings from it).
+macro_rules! license_select {
+    () => {
+        "SELECT l.id, l.license_key, l.product_code, l.edition, l.kind, l.seats, l.seats_used, l.term_years, \
+         l.status, l.starts_at, l.expires_at, l.renewal_count, l.order_ref, l.customer_ref, l.reseller, \
+         l.created_at, p.grace_period_months, p.latest_version"
+    };
+}
+
+/// `FROM` the license and its product.
+macro_rules! license_from {
+    () => {
+        " FROM licenses l JOIN products p ON p.code = l.product_code "
+    };
+}
+
+/// Column access shared by the sqlx rows and the SQLite fast path's rows,
+/// so that a license is mapped from its columns in one place.
+pub(super) trait Columns {
+    /// A TEXT column.
+    fn text(&self, name: &str) -> StoreResult<String>;
+    /// An INTEGER/BIGINT column.
+    fn int(&self, name: &str) -> StoreResult<i64>;
+    /// A nullable INTEGER/BIGINT column.
+    fn opt_int(&self, name: &str) -> StoreResult<Option<i64>>;
+    /// A nullable TEXT column.
+    fn opt_text(&self, name: &str) -> StoreResult<Option<String>>;
+}
+
+impl Columns for AnyRow {
+    fn text(&self, name: &str) -> StoreResult<String> {
+        Ok(self.try_get(name)?)
+    }
+    fn int(&self, name: &str) -> StoreResult<i64> {
+        Ok(self.try_get(name)?)
+    }
+    fn opt_int(&self, name: &str) -> StoreResult<Option<i64>> {
+        Ok(self.try_get(name)?)
+    }
+    fn opt_text(&self, name: &str) -> StoreResult<Option<String>> {
+        Ok(self.try_get(name)?)
+    }
+}
+
+fn enum_of<T>(row: &impl Columns, col: &str, f: fn(&str) -> Option<T>) -> StoreResult<T> {
+    let s = row.text(col)?;
+    f(&s).ok_or_else(|| corrupt(col, &s))
+}
+
+/// A license (without activations) and its row id, from the columns of
+/// `license_select!` (any backend).
+pub(super) fn license_from_row(row: &impl Columns) -> StoreResult<(i64, License)> {
+    let key = row.text("license_key")?;
+    let product = row.text("product_code")?;
+    let license = License {
+        key: LicenseKey::parse(&key).map_err(|_| corrupt("license key", "<redacted>"))?,
+        product: ProductCode::parse(&product).map_err(|_| corrupt("product code", &product))?,
+        edition: enum_of(row, "edition", Edition::from_str_opt)?,
+        kind: enum_of(row, "kind", LicenseKind::from_str_opt)?,
+        seats: row.int("seats")? as u32,
+        seats_used: row.int("seats_used")? as u32,
+        term_years: row.int("term_years")? as u32,
+        status: enum_of(row, "status", LicenseStatus::from_str_opt)?,
+        starts_at: from_micros(row.int("starts_at")?)?,
+        expires_at: from_micros(row.int("expires_at")?)?,
+        renewal_count: row.int("renewal_count")? as u32,
+        order_ref: row.text("order_ref")?,
+        customer_ref: row.text("customer_ref")?,
+        reseller: row.text("reseller")?,
+        created_at: from_micros(row.int("created_at")?)?,
+        grace_period_months: row.int("grace_period_months")? as u32,
+        activations: Vec::new(),
+    };
+    Ok((row.int("id")?, license))
+}
+
+/// What Validate needs from one row of [`VALIDATION_SQL`].
+pub(super) fn validation_from_row(
+    row: &impl Columns,
+    fingerprint: Option<&str>,
+) -> StoreResult<ValidationView> {
+    let (_, mut license) = license_from_row(row)?;
+    if let (Some(fp), Some(at)) = (fingerprint, row.opt_int("activated_at")?) {
+        license.activations.push(Activation {
+            fingerprint: fp.to_string(),
+            hostname: row.opt_text("hostname")?.unwrap_or_default(),
+            activated_at: from_micros(at)?,
+        });
+    }
+    let latest = row.text("latest_version")?;
+    let latest_version = if latest.is_empty() {
+        None
+    } else {
+        Some(Version::parse(&latest).map_err(|_| corrupt("version", &latest))?)
+    };
+    Ok(ValidationView {
+        license,
+        latest_version,
+    })
+}
+
+/// Validate's one query: the license, its product's policy, and whether the
+/// given fingerprint is bound.
+pub(super) const VALIDATION_SQL: &str = concat!(
+    license_select!(),
+    ", a.hostname, a.activated_at",
+    license_from!(),
+    "LEFT JOIN activations a ON a.license_id = l.id AND a.fingerprint = $2 WHERE l.license_key = $1"
+);
+
+fn token_from_row(row: &AnyRow) -> StoreResult<TokenRecord> {
+    let role: String = row.try_get("role")?;
+    Ok(TokenRecord {
+        id: row.try_get("id")?,
+        name: row.try_get("name")?,
+        role: Role::parse(&role).ok_or_else(|| corrupt("role", &role))?,
+        secret_hash: row.try_get("secret_hash")?,
+        created_at: from_micros(row.try_get("created_at")?)?,
+        revoked_at: row
+            .try_get::<Option<i64>, _>("revoked_at")?
+            .map(from_micros)
+            .transpose()?,
+    })
+}
+
+fn code_from_row(row: &AnyRow) -> StoreResult<RenewalCodeRecord> {
+    let product: String = row.try_get("product_code")?;
+    let redeemed_key: Option<String> = row.try_get("redeemed_license_key")?;
+    let opt_time = |col: &str| -> StoreResult<Option<DateTime<Utc>>> {
+        row.try_get::<Option<i64>, _>(col)?
+            .map(from_micros)
+            .transpose()
+    };
+    Ok(RenewalCodeRecord {
+        id: row.try_get("id")?,
+        product: ProductCode::parse(&product).map_err(|_| corrupt("product code", &product))?,
+        edition: enum_of(row, "edition", Edition::from_str_opt)?,
+        seats: row.try_get::<i64, _>("seats")? as u32,
+        term_years: row.try_get::<i64, _>("term_years")? as u32,
+        state: enum_of(row, "state", CodeState::from_str_opt)?,
+        issued_at: from_micros(row.try_get("issued_at")?)?,
+        redeemed_at: opt_time("redeemed_at")?,
+        redeemed_license_key: redeemed_key
+            .map(|k| LicenseKey::parse(&k).map_err(|_| corrupt("license key", "<redacted>")))
+            .transpose()?,
+        voided_at: opt_time("voided_at")?,
+        void_reason: row.try_get("void_reason")?,
+        order_ref: row.try_get("order_ref")?,
+        reseller: row.try_get("reseller")?,
+    })
+}
+
+macro_rules! code_select {
+    () => {
+        "SELECT c.id, c.product_code, c.edition, c.seats, c.term_years, c.state, c.issued_at, \
+         c.redeemed_at, l.license_key AS redeemed_license_key, c.voided_at, c.void_reason, c.order_ref, \
+         c.reseller FROM renewal_codes c LEFT JOIN licenses l ON l.id = c.redeemed_license_id "
+    };
+}
+
+// ---------------------------------------------------------------------------
+// Queries shared by several operations (generic over pool or transaction)
+// ---------------------------------------------------------------------------
+
+/// Whether a read inside a write transaction locks the rows it reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lock {
+    /// A plain read.
+    No,
+    /// Lock for the rest of the transaction: `FOR UPDATE` on PostgreSQL;
+    /// SQLite's writer already holds the database lock.
+    ForUpdate(Dialect),
+}
+
+impl Lock {
+    fn rows(self) -> bool {
+        self == Lock::ForUpdate(Dialect::Postgres)
+    }
+}
+
+/// The license with its product's policy and its activations, in one
+/// statement (one row per activation, or one row without): one snapshot, so
+/// seats_used always matches the activations listed.
+const LICENSE_WITH_ACTIVATIONS: &str = concat!(
+    license_select!(),
+    ", a.fingerprint AS a_fingerprint, a.hostname AS a_hostname, a.activated_at AS a_activated_at",
+    license_from!(),
+    "LEFT JOIN activations a ON a.license_id = l.id \
+     WHERE l.license_key = $1 ORDER BY a.activated_at, a.fingerprint"
+);
+
+async fn load_license(
+    conn: &mut AnyConnection,
+    key: &LicenseKey,
+    lock: Lock,
+) -> StoreResult<Option<(i64, License)>> {
+    if lock.rows() {
+        // Lock first, then read in a second statement: under READ COMMITTED
+        // a statement that waited for the lock re-reads the locked row but
+        // not the rows it joined, so one statement could pair a fresh
+        // seats_used with a stale list of activations.
+        let locked = sqlx::query("SELECT id FROM licenses WHERE license_key = $1 FOR UPDATE")
+            .bind(key.normalized())
+            .fetch_optional(&mut *conn)
+            .await?;
+        if locked.is_none() {
+            return Ok(None);
+        }
+    }
+    let rows = sqlx::query(LICENSE_WITH_ACTIVATIONS)
+        .bind(key.normalized())
+        .fetch_all(&mut *conn)
+        .await?;
+    let Some(first) = rows.first() else {
+        return Ok(None);
+    };
+    let (id, mut license) = license_from_row(first)?;
+    for row in &rows {
+        if let Some(fingerprint) = row.opt_text("a_fingerprint")? {
+            license.activations.push(Activation {
+                fingerprint,
+                hostname: row.opt_text("a_hostname")?.unwrap_or_default(),
+                activated_at: from_micros(row.int("a_activated_at")?)?,
+            });
+        }
+    }
+    Ok(Some((id, license)))
+}
+
+async fn require_license(
+    conn: &mut AnyConnection,
+    key: &LicenseKey,
+    lock: Lock,
+) -> StoreResult<(i64, License)> {
+    load_license(conn, key, lock)
+        .await?
+        .ok_or(StoreError::Refused(Refusal::LicenseNotFound))
+}
+
+async fn require_product(
+    conn: &mut AnyConnection,
+    code: &ProductCode,
+    lock: Lock,
+) -> StoreResult<Product> {
+    let sql = if lock.rows() {
+        "SELECT * FROM products WHERE code = $1 FOR UPDATE"
+    } else {
+        "SELECT * FROM products WHERE code = $1"
+    };
+    let row = sqlx::query(sql)
+        .bind(code.as_str())
+        .fetch_optional(&mut *conn)
+        .await?;
+    match row {
+        Some(row) => product_from_row(&row),
+        None => Err(Refusal::ProductNotFound(code.to_string()).into()),
+    }
+}
+
+async fn load_code_by_hash(
+    conn: &mut AnyConnection,
+    hash: &[u8],
+    lock: Lock,
+) -> StoreResult<Option<RenewalCodeRecord>> {
+    let sql = if lock.rows() {
+        concat!(code_select!(), "WHERE c.code_hash = $1 FOR UPDATE OF c")
+    } else {
+        concat!(code_select!(), "WHERE c.code_hash = $1")
+    };
+    let row = sqlx::query(sql)
+        .bind(hash)
+        .fetch_optional(&mut *conn)
+        .await?;
+    row.as_ref().map(code_from_row).transpose()
+}
+
+async fn load_code_by_id(conn: &mut AnyConnection, id: &str) -> StoreResult<RenewalCodeRecord> {
+    let row = sqlx::query(concat!(code_select!(), "WHERE c.id = $1"))
+        .bind(id)
+        .fetch_one(&mut *conn)
+        .await?;
+    code_from_row(&row)
+}
+
+/// Reads the license as the transaction leaves it (its row is already
+/// locked), then commits: the answer shows exactly what was written.
+async fn commit_with_license(
+    mut tx: sqlx::Transaction<'static, sqlx::Any>,
+    key: &LicenseKey,
+) -> StoreResult<License> {
+    let license = require_license(&mut tx, key, Lock::No).await?.1;
+    tx.commit().await?;
+    Ok(license)
+}
+
+/// One history event.
+#[derive(Default)]
+struct NewEvent<'a> {
+    event_type: &'a str,
+    fingerprint: &'a str,
+    old_expires_at: Option<DateTime<Utc>>,
+    new_expires_at: Option<DateTime<Utc>>,
+    renewal_code_id: Option<&'a str>,
+    refusal_reason: &'a str,
+    detail: &'a str,
+}
+
+async fn record_event(
+    conn: &mut AnyConnection,
+    license_id: i64,
+    actor: &Actor,
+    now: DateTime<Utc>,
+    e: NewEvent<'_>,
+) -> StoreResult<()> {
+    sqlx::query(
+        "INSERT INTO license_events (license_id, type, at, actor, fingerprint, old_expires_at, new_expires_at, \
+         renewal_code_id, refusal_reason, detail) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+    )
+    .bind(license_id)
+    .bind(e.event_type)
+    .bind(micros(now))
+    .bind(&actor.0)
+    .bind(e.fingerprint)
+    .bind(e.old_expires_at.map(micros))
+    .bind(e.new_expires_at.map(micros))
+    .bind(e.renewal_code_id)
+    .bind(e.refusal_reason)
+    .bind(e.detail)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// Outcome of looking up an idempotency key.
+enum Idem {
+    /// Unused: go ahead, then [`remember`].
+    Fresh,
+    /// Used before with the same payload: the resource it produced.
+    Replay(String),
+}
+
+async fn check_idempotency(
+    conn: &mut AnyConnection,
+    dialect: Dialect,
+    request_id: &str,
+    operation: &str,
+    payload_hash: &[u8],
+) -> StoreResult<Idem> {
+    if dialect == Dialect::Postgres {
+        // Two replicas handling the same request id wait for each other here,
+        // so the second one sees the first one's key (released at commit).
+        sqlx::query(
+            "SELECT 1 FROM (SELECT pg_advisory_xact_lock(hashtextextended($1, 0))) AS locked",
+        )
+        .bind(request_id)
+        .execute(&mut *conn)
+        .await?;
+    }
+    let row = sqlx::query(
+        "SELECT operation, payload_hash, resource FROM idempotency_keys WHERE request_id = $1",
+    )
+    .bind(request_id)
+    .fetch_optional(&mut *conn)
+    .await?;
+    match row {
+        None => Ok(Idem::Fresh),
+        Some(row) => {
+            let op: String = row.try_get("operation")?;
+            let hash: Vec<u8> = row.try_get("payload_hash")?;
+            if op == operation && hash == payload_hash {
+                Ok(Idem::Replay(row.try_get("resource")?))
+            } else {
+                Err(Refusal::IdempotencyKeyReused.into())
+            }
+        }
+    }
+}
+
+async fn remember(
+    conn: &mut AnyConnection,
+    request_id: &str,
+    operation: &str,
+    payload_hash: &[u8],
+    resource: &str,
+    now: DateTime<Utc>,
+) -> StoreResult<()> {
+    sqlx::query(
+        "INSERT INTO idempotency_keys (request_id, operation, payload_hash, resource, created_at) \
+         VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(request_id)
+    .bind(operation)
+    .bind(payload_hash)
+    .bind(resource)
+    .bind(micros(now))
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+fn is_unique_violation(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if db.is_unique_violation())
+}
+
+// ---------------------------------------------------------------------------
+// The Store
+// ---------------------------------------------------------------------------
+
+#[async_trait]
+impl Store for SqlStore {
+    async fn create_product(&self, product: &Product, now: DateTime<Utc>) -> StoreResult<Product> {
+        self.retrying(move || async move {
+            let mut tx = self.begin_write().await?;
+            let res = sqlx::query(
+                "INSERT INTO products (code, display_name, latest_version, personal_terms, business_terms, \
+                 grace_period_months, renewal_basis, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+            )
+            .bind(product.code().as_str())
+            .bind(product.display_name())
+            .bind(product.latest_version().map(|v| v.to_string()).unwrap_or_default())
+            .bind(terms_to_text(product.personal_terms()))
+            .bind(terms_to_text(product.business_terms()))
+            .bind(i64::from(product.grace_period_months()))
+            .bind(product.renewal_basis().as_str())
+            .bind(micros(now))
+            .bind(micros(now))
+            .execute(&mut *tx)
+            .await;
+            match res {
+                Err(e) if is_unique_violation(&e) => {
+                    return Err(Refusal::ProductAlreadyExists(product.code().to_string()).into());
+                }
+                other => other?,
+            };
+            tx.commit().await?;
+            Ok(product.clone())
+        })
+        .await
+    }
+
+    async fn get_product(&self, code: &ProductCode) -> StoreResult<Product> {
+        let mut conn = self.readers.acquire().await?;
+        require_product(&mut conn, code, Lock::No).await
+    }
+
+    async fn list_products(
+        &self,
+        after: Option<&ProductCode>,
+        limit: u32,
+    ) -> StoreResult<Vec<Product>> {
+        let rows = sqlx::query("SELECT * FROM products WHERE code > $1 ORDER BY code LIMIT $2")
+            .bind(after.map(|c| c.as_str()).unwrap_or(""))
+            .bind(i64::from(limit))
+            .fetch_all(&self.readers)
+            .await?;
+        rows.iter().map(product_from_row).collect()
+    }
+
+    async fn update_product(
+        &self,
+        code: &ProductCode,
+        update: &(dyn Fn(ProductSpec) -> ProductSpec + Send + Sync),
+        now: DateTime<Utc>,
+    ) -> StoreResult<Product> {
+        self.retrying(move || async move {
+            let mut tx = self.begin_write().await?;
+            let current = require_product(&mut tx, code, Lock::ForUpdate(self.dialect)).await?;
+            let updated =
+                Product::new(code.clone(), update(current.to_spec())).map_err(Refusal::InvalidField)?;
+            sqlx::query(
+                "UPDATE products SET display_name = $1, latest_version = $2, personal_terms = $3, business_terms = $4, \
+                 grace_period_months = $5, renewal_basis = $6, updated_at = $7 WHERE code = $8",
+            )
+            .bind(updated.display_name())
+            .bind(updated.latest_version().map(|v| v.to_string()).unwrap_or_default())
+            .bind(terms_to_text(updated.personal_terms()))
+            .bind(terms_to_text(updated.business_terms()))
+            .bind(i64::from(updated.grace_period_months()))
+            .bind(updated.renewal_basis().as_str())
+            .bind(micros(now))
+            .bind(code.as_str())
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            Ok(updated)
+        })
+        .await
+    }
+
+    async fn issue_license(
+        &self,
+        cmd: &IssueLicense,
+        actor: &Actor,
+        now: DateTime<Utc>,
+    ) -> StoreResult<License> {
+        self.retrying(move || async move {
+            let mut tx = self.begin_write().await?;
+            let hash = cmd.payload_hash();
+            if let Idem::Replay(key) =
+                check_idempotency(&mut tx, self.dialect, &cmd.request_id, "IssueLicense", &hash).await?
+            {
+                let key = LicenseKey::parse(&key).map_err(|_| corrupt("license key", "<redacted>"))?;
+                return Ok(require_license(&mut tx, &key, Lock::ForUpdate(self.dialect)).await?.1);
+            }
+            let product = require_product(&mut tx, &cmd.product, Lock::No).await?;
+            let plan = rules::issue(
+                &product,
+                cmd.edition,
+                cmd.seats,
+                cmd.term_years,
+                cmd.starts_at,
+                now,
+            )?;
+            let key = LicenseKey::generate(&cmd.product, cmd.kind);
+            let license_id: i64 = sqlx::query_scalar(
+                "INSERT INTO licenses (license_key, product_code, edition, kind, seats, term_years, status, starts_at, \
+                 expires_at, order_ref, customer_ref, reseller, created_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, 'ACTIVE', $7, $8, $9, $10, $11, $12) RETURNING id",
+            )
+            .bind(key.normalized())
+            .bind(cmd.product.as_str())
+            .bind(cmd.edition.as_str())
+            .bind(cmd.kind.as_str())
+            .bind(i64::from(cmd.seats))
+            .bind(i64::from(cmd.term_years))
+            .bind(micros(plan.starts_at))
+            .bind(micros(plan.expires_at))
+            .bind(&cmd.order_ref)
+            .bind(&cmd.customer_ref)
+            .bind(&cmd.reseller)
+            .bind(micros(now))
+            .fetch_one(&mut *tx)
+            .await?;
+            record_event(
+                &mut tx,
+                license_id,
+                actor,
+                now,
+                NewEvent {
+                    event_type: "issued",
+                    new_expires_at: Some(plan.expires_at),
+                    ..Default::default()
+                },
+            )
+            .await?;
+            remember(
+                &mut tx,
+                &cmd.request_id,
+                "IssueLicense",
+                &hash,
+                key.normalized(),
+                now,
+            )
+            .await?;
+            let license = commit_with_license(tx, &key).await?;
+            Ok(license)
+        })
+        .await
+    }
+
+    async fn get_license(&self, key: &LicenseKey) -> StoreResult<License> {
+        // The license row and its activations come from one snapshot, so
+        // seats_used always matches the activations listed.
+        let mut tx = self.readers.begin_with(self.dialect.begin_read()).await?;
+        let license = require_license(&mut tx, key, Lock::No).await?.1;
+        tx.commit().await?;
+        Ok(license)
+    }
+
+    async fn list_licenses(
+        &self,
+        filter: &LicenseFilter,
+        after: Option<LicenseCursor>,
+        limit: u32,
+    ) -> StoreResult<Vec<(License, LicenseCursor)>> {
+        let (after_exp, after_id) = after
+            .map(|c| (c.expires_at_micros, c.id))
+            .unwrap_or((i64::MIN, i64::MIN));
+        let rows = sqlx::query(concat!(
+            license_select!(),
+            license_from!(),
+            "WHERE ($1 IS NULL OR l.product_code = $1) AND ($2 IS NULL OR l.customer_ref = $2) \
+             AND ($3 IS NULL OR l.order_ref = $3) AND ($4 IS NULL OR l.expires_at >= $4) \
+             AND ($5 IS NULL OR l.expires_at < $5) AND (l.expires_at, l.id) > ($6, $7) \
+             ORDER BY l.expires_at, l.id LIMIT $8"
+        ))
+        .bind(filter.product.as_ref().map(|p| p.as_str()))
+        .bind(filter.customer_ref.as_deref())
+        .bind(filter.order_ref.as_deref())
+        .bind(filter.expires_after.map(micros))
+        .bind(filter.expires_before.map(micros))
+        .bind(after_exp)
+        .bind(after_id)
+        .bind(i64::from(limit))
+        .fetch_all(&self.readers)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let (id, license) = license_from_row(row)?;
+                let cursor = LicenseCursor {
+                    expires_at_micros: micros(license.expires_at),
+                    id,
+                };
+                Ok((license, cursor))
+            })
+            .collect()
+    }
+
+    async fn change_status(
+        &self,
+        key: &LicenseKey,
+        action: StatusAction,
+        reason: &str,
+        request_id: Option<&str>,
+        actor: &Actor,
+        now: DateTime<Utc>,
+    ) -> StoreResult<License> {
+        self.retrying(move || async move {
+            let mut tx = self.begin_write().await?;
+            let op = action.event_type();
+            let hash = super::digest_fields(&[op, key.normalized(), reason]);
+            if let Some(rid) = request_id
+                && let Idem::Replay(_) =
+                    check_idempotency(&mut tx, self.dialect, rid, op, &hash).await?
+            {
+                return Ok(require_license(&mut tx, key, Lock::ForUpdate(self.dialect))
+                    .await?
+                    .1);
+            }
+            let (id, license) =
+                require_license(&mut tx, key, Lock::ForUpdate(self.dialect)).await?;
+            if let Some(status) = rules::change_status(&license, action)? {
+                sqlx::query("UPDATE licenses SET status = $1 WHERE id = $2")
+                    .bind(status.as_str())
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?;
+                record_event(
+                    &mut tx,
+                    id,
+                    actor,
+                    now,
+                    NewEvent {
+                        event_type: op,
+                        detail: reason,
+                        ..Default::default()
+                    },
+                )
+                .await?;
+            }
+            if let Some(rid) = request_id {
+                remember(&mut tx, rid, op, &hash, key.normalized(), now).await?;
+            }
+            let license = commit_with_license(tx, key).await?;
+            Ok(license)
+        })
+        .await
+    }
+
+    async fn list_events(
+        &self,
+        key: &LicenseKey,
+        after: Option<i64>,
+        limit: u32,
+    ) -> StoreResult<Vec<LicenseEvent>> {
+        let mut conn = self.readers.acquire().await?;
+        let id: i64 = sqlx::query_scalar("SELECT id FROM licenses WHERE license_key = $1")
+            .bind(key.normalized())
+            .fetch_optional(&mut *conn)
+            .await?
+            .ok_or(StoreError::Refused(Refusal::LicenseNotFound))?;
+        let rows = sqlx::query(
+            "SELECT id, type, at, actor, fingerprint, old_expires_at, new_expires_at, renewal_code_id, \
+             refusal_reason, detail FROM license_events WHERE license_id = $1 AND id > $2 ORDER BY id LIMIT $3",
+        )
+        .bind(id)
+        .bind(after.unwrap_or(0))
+        .bind(i64::from(limit))
+        .fetch_all(&mut *conn)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(LicenseEvent {
+                    id: row.try_get("id")?,
+                    event_type: row.try_get("type")?,
+                    at: from_micros(row.try_get("at")?)?,
+                    actor: row.try_get("actor")?,
+                    fingerprint: row.try_get("fingerprint")?,
+                    old_expires_at: row
+                        .try_get::<Option<i64>, _>("old_expires_at")?
+                        .map(from_micros)
+                        .transpose()?,
+                    new_expires_at: row
+                        .try_get::<Option<i64>, _>("new_expires_at")?
+                        .map(from_micros)
+                        .transpose()?,
+                    renewal_code_id: row.try_get("renewal_code_id")?,
+                    refusal_reason: row.try_get("refusal_reason")?,
+                    detail: row.try_get("detail")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn issue_renewal_code(
+        &self,
+        cmd: &IssueRenewalCode,
+        _actor: &Actor,
+        now: DateTime<Utc>,
+    ) -> StoreResult<(RenewalCodeRecord, RenewalCode)> {
+        self.retrying(move || async move {
+            let mut tx = self.begin_write().await?;
+            let hash = cmd.payload_hash();
+            let code = derive_renewal_code(&self.code_secret, &cmd.request_id);
+            if let Idem::Replay(id) =
+                check_idempotency(&mut tx, self.dialect, &cmd.request_id, "IssueRenewalCode", &hash).await?
+            {
+                return Ok((load_code_by_id(&mut tx, &id).await?, code));
+            }
+            let product = require_product(&mut tx, &cmd.product, Lock::No).await?;
+            rules::issue_code(&product, cmd.edition, cmd.seats, cmd.term_years)?;
+            let id = new_code_id();
+            sqlx::query(
+                "INSERT INTO renewal_codes (id, code_hash, product_code, edition, seats, term_years, state, issued_at, \
+                 order_ref, reseller) VALUES ($1, $2, $3, $4, $5, $6, 'UNREDEEMED', $7, $8, $9)",
+            )
+            .bind(&id)
+            .bind(code_hash(&code))
+            .bind(cmd.product.as_str())
+            .bind(cmd.edition.as_str())
+            .bind(i64::from(cmd.seats))
+            .bind(i64::from(cmd.term_years))
+            .bind(micros(now))
+            .bind(&cmd.order_ref)
+            .bind(&cmd.reseller)
+            .execute(&mut *tx)
+            .await?;
+            remember(
+                &mut tx,
+                &cmd.request_id,
+                "IssueRenewalCode",
+                &hash,
+                &id,
+                now,
+            )
+            .await?;
+            let record = load_code_by_id(&mut tx, &id).await?;
+            tx.commit().await?;
+            Ok((record, code))
+        })
+        .await
+    }
+
+    async fn get_renewal_code(&self, code: &RenewalCode) -> StoreResult<RenewalCodeRecord> {
+        let mut conn = self.readers.acquire().await?;
+        load_code_by_hash(&mut conn, &code_hash(code), Lock::No)
+            .await?
+            .ok_or(StoreError::Refused(Refusal::RenewalCodeNotFound))
+    }
+
+    async fn void_renewal_code(
+        &self,
+        code: &RenewalCode,
+        reason: &str,
+        request_id: Option<&str>,
+        _actor: &Actor,
+        now: DateTime<Utc>,
+    ) -> StoreResult<RenewalCodeRecord> {
+        self.retrying(move || async move {
+            let mut tx = self.begin_write().await?;
+            let code_hash = code_hash(code);
+            let hash = super::digest_fields(&["VoidRenewalCode", &hex::encode(&code_hash), reason]);
+            let record = load_code_by_hash(&mut tx, &code_hash, Lock::ForUpdate(self.dialect))
+                .await?
+                .ok_or(StoreError::Refused(Refusal::RenewalCodeNotFound))?;
+            if let Some(rid) = request_id
+                && let Idem::Replay(_) =
+                    check_idempotency(&mut tx, self.dialect, rid, "VoidRenewalCode", &hash).await?
+            {
+                return Ok(record);
+            }
+            if rules::void_code(&record)? {
+                sqlx::query(
+                    "UPDATE renewal_codes SET state = 'VOID', voided_at = $1, void_reason = $2 \
+                     WHERE id = $3 AND state = 'UNREDEEMED'",
+                )
+                .bind(micros(now))
+                .bind(reason)
+                .bind(&record.id)
+                .execute(&mut *tx)
+                .await?;
+            }
+            if let Some(rid) = request_id {
+                remember(&mut tx, rid, "VoidRenewalCode", &hash, &record.id, now).await?;
+            }
+            let record = load_code_by_id(&mut tx, &record.id).await?;
+            tx.commit().await?;
+            Ok(record)
+        })
+        .await
+    }
+
+    async fn activate(
+        &self,
+        key: &LicenseKey,
+        fingerprint: &str,
+        hostname: &str,
+        client_version: &str,
+        actor: &Actor,
+        now: DateTime<Utc>,
+    ) -> StoreResult<(License, Activation)> {
+        self.retrying(move || async move {
+            let mut tx = self.begin_write().await?;
+            let (id, license) = require_license(&mut tx, key, Lock::ForUpdate(self.dialect)).await?;
+            match rules::activate(&license, fingerprint, now)? {
+                ActivateDecision::AlreadyActivated => {
+                    tx.commit().await?;
+                    let activation = license
+                        .activations
+                        .iter()
+                        .find(|a| a.fingerprint == fingerprint)
+                        .cloned()
+                        .expect("decided on this list");
+                    Ok((license, activation))
+                }
+                ActivateDecision::TakeSeat => {
+                    sqlx::query(
+                        "INSERT INTO activations (license_id, fingerprint, hostname, client_version, activated_at) \
+                         VALUES ($1, $2, $3, $4, $5)",
+                    )
+                    .bind(id)
+                    .bind(fingerprint)
+                    .bind(hostname)
+                    .bind(client_version)
+                    .bind(micros(now))
+                    .execute(&mut *tx)
+                    .await?;
+                    record_event(
+                        &mut tx,
+                        id,
+                        actor,
+                        now,
+                        NewEvent {
+                            event_type: "activated",
+                            fingerprint,
+                            detail: hostname,
+                            ..Default::default()
+                        },
+                    )
+                    .await?;
+                    tx.commit().await?;
+                    // The answer is the license as loaded plus this seat: the
+                    // row was locked, and the trigger counts exactly this insert.
+                    let activation = Activation {
+                        fingerprint: fingerprint.to_string(),
+                        hostname: hostname.to_string(),
+                        activated_at: now,
+                    };
+                    let mut license = license;
+                    license.seats_used += 1;
+                    license.activations.push(activation.clone());
+                    Ok((license, activation))
+                }
+            }
+        })
+        .await
+    }
+
+    async fn deactivate(
+        &self,
+        key: &LicenseKey,
+        fingerprint: &str,
+        actor: &Actor,
+        now: DateTime<Utc>,
+    ) -> StoreResult<License> {
+        self.retrying(move || async move {
+            let mut tx = self.begin_write().await?;
+            let (id, license) =
+                require_license(&mut tx, key, Lock::ForUpdate(self.dialect)).await?;
+            rules::deactivate(&license, fingerprint)?;
+            sqlx::query("DELETE FROM activations WHERE license_id = $1 AND fingerprint = $2")
+                .bind(id)
+                .bind(fingerprint)
+                .execute(&mut *tx)
+                .await?;
+            record_event(
+                &mut tx,
+                id,
+                actor,
+                now,
+                NewEvent {
+                    event_type: "deactivated",
+                    fingerprint,
+                    ..Default::default()
+                },
+            )
+            .await?;
+            tx.commit().await?;
+            // As loaded (the row was locked) minus this seat.
+            let mut license = license;
+            license.seats_used -= 1;
+            license.activations.retain(|a| a.fingerprint != fingerprint);
+            Ok(license)
+        })
+        .await
+    }
+
+    async fn validation_view(
+        &self,
+        key: &LicenseKey,
+        fingerprint: Option<&str>,
+    ) -> StoreResult<Option<ValidationView>> {
+        if let Some(fast) = &self.fast_reads {
+            return fast.validation_view(key, fingerprint);
+        }
+        let row = sqlx::query(VALIDATION_SQL)
+            .bind(key.normalized())
+            .bind(fingerprint)
+            .fetch_optional(&self.readers)
+            .await?;
+        row.map(|r| validation_from_row(&r, fingerprint))
+            .transpose()
+    }
+
+    async fn redeem(
+        &self,
+        cmd: &Redeem,
+        actor: &Actor,
+        now: DateTime<Utc>,
+    ) -> StoreResult<(License, DateTime<Utc>)> {
+        self.retrying(move || async move {
+            let mut tx = self.begin_write().await?;
+            let (license_id, license) = require_license(&mut tx, &cmd.license_key, Lock::ForUpdate(self.dialect)).await?;
+            let code = load_code_by_hash(&mut tx, &code_hash(&cmd.code), Lock::ForUpdate(self.dialect))
+                .await?
+                .ok_or(StoreError::Refused(Refusal::RenewalCodeNotFound))?;
+            let product = require_product(&mut tx, &license.product, Lock::No).await?;
+            let decision = match rules::redeem(
+                &license,
+                &code,
+                &product,
+                &cmd.fingerprint,
+                &cmd.client_version,
+                now,
+            ) {
+                Ok(d) => d,
+                Err(refusal) => {
+                    // A business-rule refusal against an existing license is kept
+                    // in its history (and changes nothing else).
+                    if refusal.class() == RefusalClass::FailedPrecondition {
+                        record_event(
+                            &mut tx,
+                            license_id,
+                            actor,
+                            now,
+                            NewEvent {
+                                event_type: "renewal_refused",
+                                fingerprint: &cmd.fingerprint,
+                                renewal_code_id: Some(&code.id),
+                                refusal_reason: refusal.reason(),
+                                detail: &refusal.to_string(),
+                                ..Default::default()
+                            },
+                        )
+                        .await?;
+                        tx.commit().await?;
+                    }
+                    return Err(refusal.into());
+                }
+            };
+            // Conditional update: the code moves from UNREDEEMED exactly once.
+            let updated = sqlx::query(
+                "UPDATE renewal_codes SET state = 'REDEEMED', redeemed_at = $1, redeemed_license_id = $2 \
+                 WHERE id = $3 AND state = 'UNREDEEMED'",
+            )
+            .bind(micros(now))
+            .bind(license_id)
+            .bind(&code.id)
+            .execute(&mut *tx)
+            .await?;
+            if updated.rows_affected() != 1 {
+                return Err(Refusal::RenewalCodeAlreadyRedeemed { redeemed_at: None }.into());
+            }
+            sqlx::query(
+                "UPDATE licenses SET expires_at = $1, renewal_count = renewal_count + 1 WHERE id = $2",
+            )
+            .bind(micros(decision.new_expires_at))
+            .bind(license_id)
+            .execute(&mut *tx)
+            .await?;
+            record_event(
+                &mut tx,
+                license_id,
+                actor,
+                now,
+                NewEvent {
+                    event_type: "renewed",
+                    fingerprint: &cmd.fingerprint,
+                    old_expires_at: Some(decision.previous_expires_at),
+                    new_expires_at: Some(decision.new_expires_at),
+                    renewal_code_id: Some(&code.id),
+                    ..Default::default()
+                },
+            )
+            .await?;
+            let license = commit_with_license(tx, &cmd.license_key).await?;
+            Ok((license, decision.previous_expires_at))
+        })
+        .await
+    }
+
+    async fn create_token(
+        &self,
+        name: &str,
+        role: Role,
+        token: &Token,
+        now: DateTime<Utc>,
+    ) -> StoreResult<()> {
+        let res = sqlx::query(
+            "INSERT INTO api_tokens (id, name, role, secret_hash, created_at) VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(token.id())
+        .bind(name)
+        .bind(role.as_str())
+        .bind(token.secret_hash())
+        .bind(micros(now))
+        .execute(&self.writer)
+        .await;
+        match res {
+            Err(e) if is_unique_violation(&e) => Err(Refusal::InvalidField(
+                crate::domain::FieldViolation::new("name", "a live token already has this name"),
+            )
+            .into()),
+            other => other.map(|_| ()).map_err(Into::into),
+        }
+    }
+
+    async fn list_tokens(&self) -> StoreResult<Vec<TokenRecord>> {
+        let rows = sqlx::query(
+            "SELECT id, name, role, secret_hash, created_at, revoked_at FROM api_tokens ORDER BY name, created_at",
+        )
+        .fetch_all(&self.readers)
+        .await?;
+        rows.iter().map(token_from_row).collect()
+    }
+
+    async fn revoke_token(&self, name: &str, now: DateTime<Utc>) -> StoreResult<bool> {
+        let done = sqlx::query(
+            "UPDATE api_tokens SET revoked_at = $1 WHERE name = $2 AND revoked_at IS NULL",
+        )
+        .bind(micros(now))
+        .bind(name)
+        .execute(&self.writer)
+        .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn find_token(&self, id: &str) -> StoreResult<Option<TokenRecord>> {
+        let row = sqlx::query(
+            "SELECT id, name, role, secret_hash, created_at, revoked_at FROM api_tokens WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.readers)
+        .await?;
+        row.as_ref().map(token_from_row).transpose()
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        sqlx::query("SELECT 1").execute(&self.readers).await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,91 @@
+//! The embedded SQLite backend: a file next to the server, created and
+//! migrated on start, one writer connection and a small read-only pool.
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
+use sqlx::{Connection, Executor};
+
+use super::{Dialect, SqlStore, StoreError, StoreResult};
+
+/// Tuning of the SQLite store.
+#[derive(Debug, Clone)]
+pub struct SqliteOptions {
+    /// Read-only connections (the writer is always one).
+    pub read_connections: u32,
+    /// How long a call waits for a free connection before UNAVAILABLE.
+    pub acquire_timeout: Duration,
+}
+
+impl Default for SqliteOptions {
+    fn default() -> Self {
+        SqliteOptions {
+            read_connections: 4,
+            acquire_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Turns `sqlite:path`, `sqlite://path` or a bare path into a file path.
+pub fn sqlite_path(url: &str) -> PathBuf {
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))
+        .unwrap_or(url);
+    PathBuf::from(rest.split('?').next().unwrap_or(rest))
+}
+
+/// Creates the file if needed, switches it to WAL (a persistent setting) and
+/// applies `migrations/sqlite`.
+pub async fn migrate(path: &Path) -> StoreResult<()> {
+    let options = SqliteConnectOptions::new()
+        .filename(path)
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(SqliteSynchronous::Normal)
+        .foreign_keys(true);
+    let mut conn = sqlx::SqliteConnection::connect_with(&options).await?;
+    sqlx::migrate!("migrations/sqlite").run(&mut conn).await?;
+    conn.close().await?;
+    Ok(())
+}
+
+fn any_options(path: &Path, mode: &str) -> StoreResult<AnyConnectOptions> {
+    let url = format!("sqlite://{}?mode={mode}", path.display());
+    AnyConnectOptions::from_str(&url)
+        .map_err(|e| StoreError::Internal(format!("bad SQLite path: {e}")))
+}
+
+/// Opens (creating and migrating if needed) the database at `path`.
+pub async fn open(path: &Path, opts: SqliteOptions) -> StoreResult<SqlStore> {
+    sqlx::any::install_default_drivers();
+    migrate(path).await?;
+    let pool = |max: u32| {
+        AnyPoolOptions::new()
+            .max_connections(max)
+            .min_connections(1)
+            .acquire_timeout(opts.acquire_timeout)
+            .after_connect(|conn, _| {
+                Box::pin(async move {
+                    // Per-connection settings (WAL itself is persistent).
+                    conn.execute(
+                        "PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 5000; \
+                         PRAGMA synchronous = NORMAL; PRAGMA temp_store = MEMORY;",
+                    )
+                    .await?;
+                    Ok(())
+                })
+            })
+    };
+    let writer = pool(1).connect_with(any_options(path, "rw")?).await?;
+    let readers = pool(opts.read_connections.max(1))
+        .connect_with(any_options(path, "ro")?)
+        .await?;
+    let fast = super::sqlite_fast::FastReader::open(path)?;
+    Ok(SqlStore::new(writer, readers, Dialect::Sqlite)
+        .await?
+        .with_fast_reads(fast))
+}

@@ -1,0 +1,114 @@
+//! `licensd bench` end to end on a small database: every workload runs,
+//! every call answers OK, and the seat counts hold afterwards.
+
+mod common;
+
+use std::process::Command;
+
+const BIN: &str = env!("CARGO_BIN_EXE_licensd");
+
+/// Runs `licensd bench` over 200 licenses for 1 s per workload with `extra`
+/// arguments; returns its JSON report.
+fn bench(extra: &[&str]) -> serde_json::Value {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("bench.json");
+    let out = Command::new(BIN)
+        .args([
+            "bench",
+            "--licenses",
+            "200",
+            "--duration",
+            "1",
+            "--warmup",
+            "0",
+            "--workload",
+            "all",
+        ])
+        .args(extra)
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(stdout.contains("Validate / ceiling:"), "{stdout}");
+    serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap()
+}
+
+/// Every workload ran with only OK answers, and the seats add up.
+fn assert_clean(report: &serde_json::Value) {
+    assert_eq!(report["licenses"], 200);
+    assert!(report["start_to_serving_seconds"].as_f64().unwrap() > 0.0);
+    assert!(report["validate_to_ceiling_ratio"].as_f64().unwrap() > 0.0);
+    assert_eq!(report["renewal_codes_exhausted"], false);
+
+    let workloads = report["workloads"].as_array().unwrap();
+    let expected = [
+        ("validate", "licensd", &["Validate"][..]),
+        ("validate", "ceiling", &["Validate"][..]),
+        ("activate", "licensd", &["Activate", "Deactivate"][..]),
+        ("redeem", "licensd", &["RedeemRenewalCode"][..]),
+        ("issue", "licensd", &["IssueLicense"][..]),
+        (
+            "mixed",
+            "licensd",
+            &["Validate", "Activate", "Deactivate", "RedeemRenewalCode"][..],
+        ),
+    ];
+    for (workload, server, rpcs) in expected {
+        let w = workloads
+            .iter()
+            .find(|w| w["workload"] == workload && w["server"] == server)
+            .unwrap_or_else(|| panic!("no {workload} on {server} in {report:#}"));
+        assert!(w["server_cpu_seconds"].as_f64().is_some(), "{w:#}");
+        assert!(w["server_peak_rss_mib"].as_f64().unwrap() > 0.0, "{w:#}");
+        for rpc in rpcs {
+            let r = w["rpcs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|r| r["rpc"] == *rpc)
+                .unwrap_or_else(|| panic!("no {rpc} in {workload}: {w:#}"));
+            let codes = r["codes"].as_object().unwrap();
+            assert!(
+                codes["OK"].as_u64().unwrap() > 0,
+                "{rpc} in {workload}: {r:#}"
+            );
+            // SEAT_LIMIT_REACHED, RENEWAL_CODE_ALREADY_REDEEMED, NOT_FOUND…
+            // would all be bugs of the bench or the server.
+            assert_eq!(codes.len(), 1, "{rpc} in {workload}: non-OK codes {r:#}");
+            assert_eq!(r["unexpected_answers"], 0, "{rpc} in {workload}: {r:#}");
+            assert!(r["latency_ms"]["p99"].as_f64().unwrap() > 0.0);
+        }
+    }
+
+    let audit = &report["audit"];
+    assert_eq!(audit["seat_count_mismatches"], 0, "{audit:#}");
+    assert_eq!(audit["over_seat_limit"], 0, "{audit:#}");
+    // Churn gave back every seat it took.
+    assert_eq!(
+        audit["activations"], audit["activations_seeded"],
+        "{audit:#}"
+    );
+}
+
+#[test]
+fn bench_on_sqlite_runs_every_workload_with_only_ok_answers_and_exact_seat_counts() {
+    let report = bench(&[]);
+    assert_eq!(report["backend"], "sqlite");
+    assert_clean(&report);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bench_on_postgres_runs_every_workload_with_only_ok_answers_and_exact_seat_counts() {
+    let Some(db) = common::TestDb::postgres().await else {
+        return;
+    };
+    let url = db.url.clone();
+    let report = tokio::task::spawn_blocking(move || bench(&["--database-url", &url])).await;
+    db.drop_db().await;
+    let report = report.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+    assert_eq!(report["backend"], "postgres");
+    assert_clean(&report);
+}

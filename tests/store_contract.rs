@@ -1,0 +1,758 @@
+//! The store contract: every behaviour written once and run against both
+//! backends, each test on a fresh database. PostgreSQL tests need
+//! `LICENSD_TEST_POSTGRES_URL` (set by `.ci/run`); without it they are skipped
+//! with a notice.
+
+mod common;
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use common::TestDb;
+use licensd::domain::product::ProductSpec;
+use licensd::domain::rules::StatusAction;
+use licensd::domain::{
+    CodeState, Edition, LicenseKey, LicenseKind, LicenseStatus, Product, ProductCode, Refusal,
+    RenewalCode, Version,
+};
+use licensd::store::{
+    Actor, IssueLicense, IssueRenewalCode, LicenseFilter, Redeem, SqlStore, Store, StoreError,
+};
+use sqlx::Connection;
+
+fn t(s: &str) -> DateTime<Utc> {
+    s.parse().unwrap()
+}
+
+const NOW: &str = "2026-01-15T12:00:00Z";
+
+fn actor() -> Actor {
+    Actor("test".into())
+}
+
+fn acme() -> ProductCode {
+    ProductCode::parse("ACME").unwrap()
+}
+
+async fn product(store: &SqlStore, code: &str, latest: &str) -> Product {
+    let p = Product::new(
+        ProductCode::parse(code).unwrap(),
+        ProductSpec {
+            display_name: format!("{code} product"),
+            latest_version: latest.into(),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    store.create_product(&p, t(NOW)).await.unwrap()
+}
+
+fn issue_cmd(request_id: &str, seats: u32) -> IssueLicense {
+    IssueLicense {
+        request_id: request_id.into(),
+        product: acme(),
+        edition: Edition::Business,
+        kind: LicenseKind::Standard,
+        seats,
+        term_years: 1,
+        starts_at: None,
+        order_ref: "o-1".into(),
+        customer_ref: "c-1".into(),
+        reseller: String::new(),
+    }
+}
+
+fn code_cmd(request_id: &str, seats: u32) -> IssueRenewalCode {
+    IssueRenewalCode {
+        request_id: request_id.into(),
+        product: acme(),
+        edition: Edition::Business,
+        seats,
+        term_years: 1,
+        order_ref: "o-2".into(),
+        reseller: String::new(),
+    }
+}
+
+fn refusal<T: std::fmt::Debug>(r: Result<T, StoreError>) -> Refusal {
+    match r {
+        Err(StoreError::Refused(r)) => r,
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+/// Runs raw SQL against the test database (to attack the constraints).
+async fn raw(db: &TestDb, sql: &str) -> Result<(), sqlx::Error> {
+    if db.is_postgres() {
+        let mut c = sqlx::PgConnection::connect(&db.url).await?;
+        sqlx::query(sqlx::AssertSqlSafe(sql.to_string()))
+            .execute(&mut c)
+            .await?;
+    } else {
+        let path = licensd::store::sqlite::sqlite_path(&db.url);
+        let opts = sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(path)
+            .foreign_keys(true);
+        let mut c = sqlx::SqliteConnection::connect_with(&opts).await?;
+        sqlx::query(sqlx::AssertSqlSafe(sql.to_string()))
+            .execute(&mut c)
+            .await?;
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Behaviours
+// ---------------------------------------------------------------------------
+
+async fn products_are_created_read_listed_and_updated(db: &TestDb, s: &SqlStore) {
+    let _ = db;
+    for code in ["BETA", "ACME", "ZED9"] {
+        product(s, code, "1.0").await;
+    }
+    let dup = Product::new(acme(), ProductSpec::default()).unwrap();
+    assert_eq!(
+        refusal(s.create_product(&dup, t(NOW)).await),
+        Refusal::ProductAlreadyExists("ACME".into())
+    );
+    let listed = s.list_products(None, 2).await.unwrap();
+    assert_eq!(
+        listed.iter().map(|p| p.code().as_str()).collect::<Vec<_>>(),
+        ["ACME", "BETA"]
+    );
+    let rest = s
+        .list_products(Some(&ProductCode::parse("BETA").unwrap()), 10)
+        .await
+        .unwrap();
+    assert_eq!(rest.len(), 1);
+    let updated = s
+        .update_product(
+            &acme(),
+            &|mut spec: ProductSpec| {
+                spec.latest_version = "4.10.0".into();
+                spec.grace_period_months = Some(3);
+                spec
+            },
+            t(NOW),
+        )
+        .await
+        .unwrap();
+    assert_eq!(updated.latest_version().unwrap().as_str(), "4.10.0");
+    let read = s.get_product(&acme()).await.unwrap();
+    assert_eq!(read, updated);
+    assert_eq!(read.grace_period_months(), 3);
+    assert_eq!(read.display_name(), "ACME product");
+    assert_eq!(
+        refusal(s.get_product(&ProductCode::parse("NOPE").unwrap()).await),
+        Refusal::ProductNotFound("NOPE".into())
+    );
+}
+
+async fn r1_issue_is_idempotent_per_request_id(db: &TestDb, s: &SqlStore) {
+    let _ = db;
+    product(s, "ACME", "").await;
+    let a = s
+        .issue_license(&issue_cmd("r-1", 2), &actor(), t(NOW))
+        .await
+        .unwrap();
+    assert_eq!(a.expires_at, t("2027-01-15T12:00:00Z"));
+    assert_eq!(a.status, LicenseStatus::Active);
+    let again = s
+        .issue_license(&issue_cmd("r-1", 2), &actor(), t(NOW))
+        .await
+        .unwrap();
+    assert_eq!(again.key, a.key);
+    assert_eq!(
+        refusal(
+            s.issue_license(&issue_cmd("r-1", 3), &actor(), t(NOW))
+                .await
+        ),
+        Refusal::IdempotencyKeyReused
+    );
+    let all = s
+        .list_licenses(&LicenseFilter::default(), None, 100)
+        .await
+        .unwrap();
+    assert_eq!(all.len(), 1);
+    let mut cmd = issue_cmd("r-2", 1);
+    cmd.edition = Edition::Personal;
+    cmd.term_years = 3;
+    assert!(matches!(
+        refusal(s.issue_license(&cmd, &actor(), t(NOW)).await),
+        Refusal::TermNotAllowed { term_years: 3, .. }
+    ));
+    let mut cmd = issue_cmd("r-3", 1);
+    cmd.product = ProductCode::parse("NOPE").unwrap();
+    assert!(matches!(
+        refusal(s.issue_license(&cmd, &actor(), t(NOW)).await),
+        Refusal::ProductNotFound(_)
+    ));
+}
+
+async fn r7_activation_takes_seats_up_to_the_limit(db: &TestDb, s: &SqlStore) {
+    let _ = db;
+    product(s, "ACME", "").await;
+    let l = s
+        .issue_license(&issue_cmd("r-1", 2), &actor(), t(NOW))
+        .await
+        .unwrap();
+    s.activate(&l.key, "fp-1", "h1", "1.0", &actor(), t(NOW))
+        .await
+        .unwrap();
+    let (l2, act) = s
+        .activate(&l.key, "fp-1", "h1", "1.0", &actor(), t(NOW))
+        .await
+        .unwrap();
+    assert_eq!((l2.seats_used, act.fingerprint.as_str()), (1, "fp-1"));
+    s.activate(&l.key, "fp-2", "h2", "1.0", &actor(), t(NOW))
+        .await
+        .unwrap();
+    assert_eq!(
+        refusal(
+            s.activate(&l.key, "fp-3", "h3", "1.0", &actor(), t(NOW))
+                .await
+        ),
+        Refusal::SeatLimitReached { seats: 2 }
+    );
+    let after = s
+        .deactivate(&l.key, "fp-1", &actor(), t(NOW))
+        .await
+        .unwrap();
+    assert_eq!(after.seats_used, 1);
+    assert_eq!(
+        refusal(s.deactivate(&l.key, "fp-1", &actor(), t(NOW)).await),
+        Refusal::MachineNotActivated
+    );
+    let (full, _) = s
+        .activate(&l.key, "fp-3", "h3", "1.0", &actor(), t(NOW))
+        .await
+        .unwrap();
+    assert_eq!(full.seats_used, 2);
+    let fps: Vec<_> = full
+        .activations
+        .iter()
+        .map(|a| a.fingerprint.as_str())
+        .collect();
+    assert_eq!(fps.len(), 2);
+    assert!(fps.contains(&"fp-2") && fps.contains(&"fp-3"));
+    // R2: expired licenses take no new workstation.
+    let later = t("2027-01-15T12:00:00Z");
+    s.deactivate(&l.key, "fp-3", &actor(), later).await.unwrap();
+    assert!(matches!(
+        refusal(
+            s.activate(&l.key, "fp-9", "h", "1.0", &actor(), later)
+                .await
+        ),
+        Refusal::LicenseExpired { .. }
+    ));
+}
+
+async fn r4_a_code_renews_once_and_refusals_are_recorded(db: &TestDb, s: &SqlStore) {
+    let _ = db;
+    product(s, "ACME", "4.10.0").await;
+    let l = s
+        .issue_license(&issue_cmd("r-1", 2), &actor(), t(NOW))
+        .await
+        .unwrap();
+    s.activate(&l.key, "fp-1", "h1", "4.10.0", &actor(), t(NOW))
+        .await
+        .unwrap();
+    let (record, code) = s
+        .issue_renewal_code(&code_cmd("c-1", 2), &actor(), t(NOW))
+        .await
+        .unwrap();
+    assert_eq!(record.state, CodeState::Unredeemed);
+    let (again, same) = s
+        .issue_renewal_code(&code_cmd("c-1", 2), &actor(), t(NOW))
+        .await
+        .unwrap();
+    assert_eq!((again.id.as_str(), &same), (record.id.as_str(), &code));
+
+    let redeem = |v: &str| Redeem {
+        license_key: l.key.clone(),
+        code: code.clone(),
+        fingerprint: "fp-1".into(),
+        client_version: Version::parse(v).unwrap(),
+    };
+    // Refused (R6): nothing changes but one history event.
+    assert!(matches!(
+        refusal(s.redeem(&redeem("4.9.2"), &actor(), t(NOW)).await),
+        Refusal::ClientVersionOutdated { .. }
+    ));
+    assert_eq!(
+        s.get_license(&l.key).await.unwrap().expires_at,
+        l.expires_at
+    );
+    assert_eq!(
+        s.get_renewal_code(&code).await.unwrap().state,
+        CodeState::Unredeemed
+    );
+
+    let (renewed, previous) = s.redeem(&redeem("4.10.0"), &actor(), t(NOW)).await.unwrap();
+    assert_eq!(previous, l.expires_at);
+    assert_eq!(renewed.expires_at, t("2028-01-15T12:00:00Z"));
+    assert_eq!(renewed.renewal_count, 1);
+    assert!(matches!(
+        refusal(s.redeem(&redeem("4.10.0"), &actor(), t(NOW)).await),
+        Refusal::RenewalCodeAlreadyRedeemed { .. }
+    ));
+    let rec = s.get_renewal_code(&code).await.unwrap();
+    assert_eq!(rec.state, CodeState::Redeemed);
+    assert_eq!(rec.redeemed_license_key.as_ref(), Some(&l.key));
+    assert_eq!(rec.redeemed_at, Some(t(NOW)));
+
+    let events = s.list_events(&l.key, None, 100).await.unwrap();
+    let kinds: Vec<_> = events.iter().map(|e| e.event_type.as_str()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "issued",
+            "activated",
+            "renewal_refused",
+            "renewed",
+            "renewal_refused"
+        ]
+    );
+    assert_eq!(events[2].refusal_reason, "CLIENT_VERSION_OUTDATED");
+    assert_eq!(events[3].old_expires_at, Some(l.expires_at));
+    assert_eq!(events[3].new_expires_at, Some(renewed.expires_at));
+    assert_eq!(
+        events[3].renewal_code_id.as_deref(),
+        Some(record.id.as_str())
+    );
+    let page = s.list_events(&l.key, Some(events[1].id), 2).await.unwrap();
+    assert_eq!(
+        page.iter().map(|e| e.id).collect::<Vec<_>>(),
+        [events[2].id, events[3].id]
+    );
+
+    let unknown = Redeem {
+        code: RenewalCode::generate(),
+        ..redeem("4.10.0")
+    };
+    assert_eq!(
+        refusal(s.redeem(&unknown, &actor(), t(NOW)).await),
+        Refusal::RenewalCodeNotFound
+    );
+    assert_eq!(
+        s.list_events(&l.key, None, 100).await.unwrap().len(),
+        5,
+        "not-found writes nothing"
+    );
+}
+
+async fn r11_status_changes_and_voids(db: &TestDb, s: &SqlStore) {
+    let _ = db;
+    product(s, "ACME", "").await;
+    let l = s
+        .issue_license(&issue_cmd("r-1", 1), &actor(), t(NOW))
+        .await
+        .unwrap();
+    let sus = s
+        .change_status(
+            &l.key,
+            StatusAction::Suspend,
+            "late payment",
+            Some("s-1"),
+            &actor(),
+            t(NOW),
+        )
+        .await
+        .unwrap();
+    assert_eq!(sus.status, LicenseStatus::Suspended);
+    s.change_status(
+        &l.key,
+        StatusAction::Suspend,
+        "late payment",
+        Some("s-1"),
+        &actor(),
+        t(NOW),
+    )
+    .await
+    .unwrap();
+    let rev = s
+        .change_status(
+            &l.key,
+            StatusAction::Revoke,
+            "fraud",
+            None,
+            &actor(),
+            t(NOW),
+        )
+        .await
+        .unwrap();
+    assert_eq!(rev.status, LicenseStatus::Revoked);
+    assert_eq!(
+        refusal(
+            s.change_status(&l.key, StatusAction::Reinstate, "", None, &actor(), t(NOW))
+                .await
+        ),
+        Refusal::LicenseRevoked
+    );
+    let events = s.list_events(&l.key, None, 100).await.unwrap();
+    let kinds: Vec<_> = events.iter().map(|e| e.event_type.as_str()).collect();
+    assert_eq!(kinds, ["issued", "suspended", "revoked"]);
+    assert_eq!(events[1].detail, "late payment");
+
+    let (_, code) = s
+        .issue_renewal_code(&code_cmd("c-1", 1), &actor(), t(NOW))
+        .await
+        .unwrap();
+    let void = s
+        .void_renewal_code(&code, "refund", None, &actor(), t(NOW))
+        .await
+        .unwrap();
+    assert_eq!(
+        (void.state, void.void_reason.as_str()),
+        (CodeState::Void, "refund")
+    );
+    assert_eq!(void.voided_at, Some(t(NOW)));
+}
+
+async fn licenses_are_filtered_and_paged_by_expiry(db: &TestDb, s: &SqlStore) {
+    let _ = db;
+    product(s, "ACME", "").await;
+    product(s, "BETA", "").await;
+    let mut keys = Vec::new();
+    for (i, start) in [
+        "2025-03-01T00:00:00Z",
+        "2025-02-01T00:00:00Z",
+        "2025-04-01T00:00:00Z",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let mut cmd = issue_cmd(&format!("r-{i}"), 1);
+        cmd.starts_at = Some(t(start));
+        cmd.customer_ref = format!("c-{}", i % 2);
+        keys.push(s.issue_license(&cmd, &actor(), t(NOW)).await.unwrap().key);
+    }
+    let mut other = issue_cmd("r-beta", 1);
+    other.product = ProductCode::parse("BETA").unwrap();
+    s.issue_license(&other, &actor(), t(NOW)).await.unwrap();
+
+    let acme_only = LicenseFilter {
+        product: Some(acme()),
+        ..Default::default()
+    };
+    let page1 = s.list_licenses(&acme_only, None, 2).await.unwrap();
+    let page2 = s
+        .list_licenses(&acme_only, Some(page1[1].1), 2)
+        .await
+        .unwrap();
+    let order: Vec<&LicenseKey> = page1
+        .iter()
+        .chain(page2.iter())
+        .map(|(l, _)| &l.key)
+        .collect();
+    assert_eq!(order, [&keys[1], &keys[0], &keys[2]]);
+
+    let window = LicenseFilter {
+        expires_after: Some(t("2026-02-15T00:00:00Z")),
+        expires_before: Some(t("2026-03-15T00:00:00Z")),
+        ..Default::default()
+    };
+    let due = s.list_licenses(&window, None, 10).await.unwrap();
+    assert_eq!(due.len(), 1);
+    assert_eq!(due[0].0.key, keys[0]);
+    let by_customer = LicenseFilter {
+        customer_ref: Some("c-1".into()),
+        ..Default::default()
+    };
+    let theirs = s.list_licenses(&by_customer, None, 10).await.unwrap();
+    assert_eq!(theirs.len(), 2, "the second ACME license and the BETA one");
+    assert_eq!(theirs[0].0.key, keys[1]);
+    assert_eq!(theirs[1].0.product.as_str(), "BETA");
+    let both = LicenseFilter {
+        customer_ref: Some("c-1".into()),
+        product: Some(acme()),
+        ..Default::default()
+    };
+    assert_eq!(s.list_licenses(&both, None, 10).await.unwrap().len(), 1);
+}
+
+async fn validation_view_reports_the_fingerprint_binding(db: &TestDb, s: &SqlStore) {
+    let _ = db;
+    product(s, "ACME", "2.0").await;
+    let l = s
+        .issue_license(&issue_cmd("r-1", 2), &actor(), t(NOW))
+        .await
+        .unwrap();
+    s.activate(&l.key, "fp-1", "h1", "1.0", &actor(), t(NOW))
+        .await
+        .unwrap();
+    let v = s
+        .validation_view(&l.key, Some("fp-1"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(v.license.is_activated("fp-1"));
+    assert_eq!(v.latest_version.unwrap().as_str(), "2.0");
+    assert_eq!(v.license.seats_used, 1);
+    let v = s
+        .validation_view(&l.key, Some("fp-2"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!v.license.is_activated("fp-2"));
+    let unknown = LicenseKey::generate(&acme(), LicenseKind::Standard);
+    assert!(s.validation_view(&unknown, None).await.unwrap().is_none());
+}
+
+async fn renewal_codes_are_stored_only_as_hashes(db: &TestDb, s: &SqlStore) {
+    product(s, "ACME", "").await;
+    let mut codes = Vec::new();
+    for i in 0..5 {
+        codes.push(
+            s.issue_renewal_code(&code_cmd(&format!("c-{i}"), 1), &actor(), t(NOW))
+                .await
+                .unwrap()
+                .1,
+        );
+    }
+    s.close().await;
+    if db.is_postgres() {
+        let mut c = sqlx::PgConnection::connect(&db.url).await.unwrap();
+        for table in [
+            "renewal_codes",
+            "idempotency_keys",
+            "settings",
+            "license_events",
+        ] {
+            let dump: String = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+                "SELECT coalesce(string_agg(t::text, '|'), '') FROM {table} t"
+            )))
+            .fetch_one(&mut c)
+            .await
+            .unwrap();
+            for code in &codes {
+                assert!(
+                    !dump.contains(code.expose_normalized()),
+                    "{table} holds a code"
+                );
+                assert!(
+                    !dump.contains(&code.expose_display()),
+                    "{table} holds a code"
+                );
+            }
+        }
+    } else {
+        let path = licensd::store::sqlite::sqlite_path(&db.url);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let wal = path.with_extension("db-wal");
+        if let Ok(w) = std::fs::read(wal) {
+            bytes.extend(w);
+        }
+        let text = String::from_utf8_lossy(&bytes);
+        for code in &codes {
+            assert!(!text.contains(code.expose_normalized()));
+            assert!(!text.contains(&code.expose_display()));
+        }
+    }
+}
+
+async fn constraints_refuse_impossible_states(db: &TestDb, s: &SqlStore) {
+    product(s, "ACME", "").await;
+    let l = s
+        .issue_license(&issue_cmd("r-1", 1), &actor(), t(NOW))
+        .await
+        .unwrap();
+    s.activate(&l.key, "fp-1", "h", "1", &actor(), t(NOW))
+        .await
+        .unwrap();
+    let (_, code) = s
+        .issue_renewal_code(&code_cmd("c-1", 1), &actor(), t(NOW))
+        .await
+        .unwrap();
+    s.activate(&l.key, "fp-1", "h", "1", &actor(), t(NOW))
+        .await
+        .unwrap();
+    s.redeem(
+        &Redeem {
+            license_key: l.key.clone(),
+            code: code.clone(),
+            fingerprint: "fp-1".into(),
+            client_version: Version::parse("1").unwrap(),
+        },
+        &actor(),
+        t(NOW),
+    )
+    .await
+    .unwrap();
+    let key = l.key.normalized();
+    let id = format!("(SELECT id FROM licenses WHERE license_key = '{key}')");
+    // R7: a second workstation on a one-seat license.
+    assert!(raw(db, &format!(
+        "INSERT INTO activations (license_id, fingerprint, activated_at) VALUES ({id}, 'fp-2', 0)"
+    ))
+    .await
+    .is_err());
+    // The same fingerprint twice.
+    assert!(raw(db, &format!(
+        "INSERT INTO activations (license_id, fingerprint, activated_at) VALUES ({id}, 'fp-1', 0)"
+    ))
+    .await
+    .is_err());
+    // Seats below one; seats_used above seats.
+    assert!(
+        raw(
+            db,
+            &format!("UPDATE licenses SET seats = 0 WHERE license_key = '{key}'")
+        )
+        .await
+        .is_err()
+    );
+    assert!(
+        raw(
+            db,
+            &format!("UPDATE licenses SET seats_used = 2 WHERE license_key = '{key}'")
+        )
+        .await
+        .is_err()
+    );
+    // R4: a redeemed code cannot go back, nor be renewed from twice.
+    assert!(raw(db, "UPDATE renewal_codes SET state = 'UNREDEEMED', redeemed_at = NULL, redeemed_license_id = NULL").await.is_err());
+    let code_id = s.get_renewal_code(&code).await.unwrap().id;
+    assert!(raw(db, &format!(
+        "INSERT INTO license_events (license_id, type, at, actor, old_expires_at, new_expires_at, renewal_code_id) \
+         VALUES ({id}, 'renewed', 0, 'x', 1, 2, '{code_id}')"
+    ))
+    .await
+    .is_err());
+    // R9: a STANDARD key never carries a marker.
+    assert!(
+        raw(
+            db,
+            &format!("UPDATE licenses SET kind = 'PROMO' WHERE license_key = '{key}'")
+        )
+        .await
+        .is_err()
+    );
+    // The store still reads a consistent license.
+    let after = s.get_license(&l.key).await.unwrap();
+    assert_eq!(
+        (after.seats, after.seats_used, after.activations.len()),
+        (1, 1, 1)
+    );
+}
+
+async fn concurrent_writes_keep_every_rule(db: &TestDb, s: &SqlStore) {
+    let _ = db;
+    product(s, "ACME", "").await;
+    let s = Arc::new(s.clone());
+    let l = s
+        .issue_license(&issue_cmd("r-1", 5), &actor(), t(NOW))
+        .await
+        .unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..40 {
+        let (s, key) = (s.clone(), l.key.clone());
+        tasks.push(tokio::spawn(async move {
+            s.activate(&key, &format!("fp-{i}"), "h", "1", &actor(), t(NOW))
+                .await
+        }));
+    }
+    let mut ok = 0;
+    for task in tasks {
+        match task.await.unwrap() {
+            Ok(_) => ok += 1,
+            Err(StoreError::Refused(Refusal::SeatLimitReached { seats: 5 })) => {}
+            Err(e) => panic!("unexpected {e:?}"),
+        }
+    }
+    assert_eq!(ok, 5);
+    assert_eq!(s.get_license(&l.key).await.unwrap().seats_used, 5);
+
+    let (_, code) = s
+        .issue_renewal_code(&code_cmd("c-1", 5), &actor(), t(NOW))
+        .await
+        .unwrap();
+    let fp = s.get_license(&l.key).await.unwrap().activations[0]
+        .fingerprint
+        .clone();
+    let mut tasks = Vec::new();
+    for _ in 0..20 {
+        let cmd = Redeem {
+            license_key: l.key.clone(),
+            code: code.clone(),
+            fingerprint: fp.clone(),
+            client_version: Version::parse("1").unwrap(),
+        };
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            s.redeem(&cmd, &actor(), t(NOW)).await
+        }));
+    }
+    let mut ok = 0;
+    for task in tasks {
+        match task.await.unwrap() {
+            Ok(_) => ok += 1,
+            Err(StoreError::Refused(Refusal::RenewalCodeAlreadyRedeemed { .. })) => {}
+            Err(e) => panic!("unexpected {e:?}"),
+        }
+    }
+    assert_eq!(ok, 1);
+    assert_eq!(
+        s.get_license(&l.key).await.unwrap().expires_at,
+        l.expires_at + (t("2028-01-15T12:00:00Z") - t("2027-01-15T12:00:00Z"))
+    );
+
+    let mut tasks = Vec::new();
+    for _ in 0..20 {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            s.issue_license(&issue_cmd("same-request", 1), &actor(), t(NOW))
+                .await
+        }));
+    }
+    let mut keys = std::collections::HashSet::new();
+    for task in tasks {
+        keys.insert(task.await.unwrap().expect("idempotent retries succeed").key);
+    }
+    assert_eq!(keys.len(), 1);
+}
+
+// ---------------------------------------------------------------------------
+// One test per behaviour and backend
+// ---------------------------------------------------------------------------
+
+macro_rules! contract {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let db = super::TestDb::sqlite();
+                    let store = db.open().await;
+                    super::$name(&db, &store).await;
+                    store.close().await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let Some(db) = super::TestDb::postgres().await else { return };
+                    let store = db.open().await;
+                    super::$name(&db, &store).await;
+                    store.close().await;
+                    db.drop_db().await;
+                }
+            )*
+        }
+    };
+}
+
+contract!(
+    products_are_created_read_listed_and_updated,
+    r1_issue_is_idempotent_per_request_id,
+    r7_activation_takes_seats_up_to_the_limit,
+    r4_a_code_renews_once_and_refusals_are_recorded,
+    r11_status_changes_and_voids,
+    licenses_are_filtered_and_paged_by_expiry,
+    validation_view_reports_the_fingerprint_binding,
+    renewal_codes_are_stored_only_as_hashes,
+    constraints_refuse_impossible_states,
+    concurrent_writes_keep_every_rule,
+);
