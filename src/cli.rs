@@ -64,6 +64,13 @@ struct ServeArgs {
     /// PostgreSQL connections per replica.
     #[arg(long, env = "LICENSD_DB_MAX_CONNECTIONS", default_value_t = 16)]
     db_max_connections: u32,
+    /// SQLite only: MiB of the database file that Validate's readers map
+    /// into memory (SQLite's mmap_size). Lookups get cheaper (no read
+    /// system call and copy per page), but every mapped page a lookup
+    /// touches counts in the process's resident set, up to the file's size.
+    /// 0 (the default) maps nothing.
+    #[arg(long, env = "LICENSD_SQLITE_MMAP_MIB", default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=1_048_576))]
+    sqlite_mmap_mib: u64,
     /// Seconds in-flight calls may take to finish after SIGINT/SIGTERM.
     #[arg(long, env = "LICENSD_DRAIN_SECONDS", default_value_t = 10)]
     drain_seconds: u64,
@@ -148,6 +155,7 @@ async fn serve(a: ServeArgs) -> Result<(), BoxError> {
         listen: a.listen,
         database_url: a.db.database_url,
         db_max_connections: a.db_max_connections,
+        sqlite_mmap_mib: a.sqlite_mmap_mib,
         drain_timeout: Duration::from_secs(a.drain_seconds),
         limits: LimitConfig {
             activation_per_ip_per_sec: a.activation_rate_per_ip,

@@ -25,6 +25,7 @@ use crate::proto::activation_service_server::ActivationServiceServer;
 use crate::proto::license_service_server::LicenseServiceServer;
 use crate::proto::product_service_server::ProductServiceServer;
 use crate::store::postgres::PostgresOptions;
+use crate::store::sqlite::SqliteOptions;
 use crate::store::{DatabaseUrl, SqlStore, Store};
 
 /// Largest request message accepted (a licensing call is a few hundred bytes).
@@ -39,6 +40,9 @@ pub struct Config {
     pub database_url: String,
     /// PostgreSQL pool size per replica.
     pub db_max_connections: u32,
+    /// SQLite: MiB of the database file Validate's readers memory-map
+    /// (0: none).
+    pub sqlite_mmap_mib: u64,
     /// How long in-flight calls may take to finish after a shutdown signal.
     pub drain_timeout: Duration,
     /// Longest a single call may run.
@@ -71,6 +75,7 @@ impl Default for Config {
             listen: "127.0.0.1:50051".into(),
             database_url: "sqlite:licensd.db".into(),
             db_max_connections: PostgresOptions::default().max_connections,
+            sqlite_mmap_mib: 0,
             drain_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(30),
             limits: LimitConfig::default(),
@@ -112,7 +117,11 @@ pub async fn open_store(config: &Config) -> Result<SqlStore, ServerError> {
         max_connections: config.db_max_connections,
         ..PostgresOptions::default()
     };
-    Ok(url.open(pg).await?)
+    let lite = SqliteOptions {
+        mmap_bytes: config.sqlite_mmap_mib.saturating_mul(1024 * 1024),
+        ..SqliteOptions::default()
+    };
+    Ok(url.open_tuned(pg, lite).await?)
 }
 
 /// A bound, ready-to-run server.

@@ -333,3 +333,67 @@ async fn guessing_renewal_codes_is_throttled_per_license_key() {
     assert_eq!(error_info(&st).0, "RENEWAL_CODE_NOT_FOUND");
     s.stop().await;
 }
+
+/// With `--sqlite-mmap-mib`, Validate reads pages through the mapping: it
+/// must see exactly what the writer committed, at once (a deactivation, a
+/// suspension), like the `pread` path does.
+#[tokio::test]
+async fn validate_through_a_memory_mapped_file_sees_every_committed_change() {
+    let mut s = TestServer::start_with(Config {
+        sqlite_mmap_mib: 64,
+        ..Config::default()
+    })
+    .await;
+    s.product("ACME", "2.0.0").await;
+    let key = s.issue(license_req("ACME", 2, 1)).await.key;
+    s.activate(&key, "ws-1").await.unwrap();
+    let validate = |fingerprint: &str| pb::ValidateRequest {
+        license_key: key.clone(),
+        fingerprint: fingerprint.into(),
+        client_version: "1.0.0".into(),
+    };
+    let v = s
+        .activation
+        .validate(validate("ws-1"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(v.validity(), pb::Validity::Valid, "{v:?}");
+    assert_eq!((v.seats, v.seats_used), (2, 1));
+    assert_eq!(v.latest_version, "2.0.0");
+    assert!(v.update_available);
+
+    s.activation
+        .deactivate(pb::DeactivateRequest {
+            license_key: key.clone(),
+            fingerprint: "ws-1".into(),
+        })
+        .await
+        .unwrap();
+    let v = s
+        .activation
+        .validate(validate("ws-1"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(v.validity(), pb::Validity::NotActivated, "{v:?}");
+    assert_eq!(v.seats_used, 0);
+
+    s.activate(&key, "ws-2").await.unwrap();
+    s.licenses
+        .suspend_license(pb::SuspendLicenseRequest {
+            license_key: key.clone(),
+            reason: "chargeback".into(),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap();
+    let v = s
+        .activation
+        .validate(validate("ws-2"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(v.validity(), pb::Validity::Suspended, "{v:?}");
+    s.stop().await;
+}

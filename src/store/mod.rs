@@ -105,9 +105,18 @@ impl DatabaseUrl {
 
     /// Opens the store (migrating the schema first).
     pub async fn open(&self, pg: postgres::PostgresOptions) -> StoreResult<SqlStore> {
+        self.open_tuned(pg, sqlite::SqliteOptions::default()).await
+    }
+
+    /// Opens the store with the given tuning for whichever backend it is.
+    pub async fn open_tuned(
+        &self,
+        pg: postgres::PostgresOptions,
+        lite: sqlite::SqliteOptions,
+    ) -> StoreResult<SqlStore> {
         match self {
             DatabaseUrl::Postgres(url) => postgres::open(url, pg).await,
-            DatabaseUrl::Sqlite(path) => sqlite::open(path, sqlite::SqliteOptions::default()).await,
+            DatabaseUrl::Sqlite(path) => sqlite::open(path, lite).await,
         }
     }
 

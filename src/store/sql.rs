@@ -224,64 +224,114 @@ macro_rules! license_from {
     };
 }
 
-/// Column access shared by the sqlx rows and the SQLite fast path's rows,
-/// so that a license is mapped from its columns in one place.
+/// Positions of the columns of `license_select!` (and of the extra columns
+/// the queries built on it append). Rows are read by position: looking a
+/// column up by name costs a string search per column, which on Validate's
+/// hot path cost more than SQLite's own work on the row.
+pub(super) mod col {
+    pub const ID: usize = 0;
+    pub const LICENSE_KEY: usize = 1;
+    pub const PRODUCT_CODE: usize = 2;
+    pub const EDITION: usize = 3;
+    pub const KIND: usize = 4;
+    pub const SEATS: usize = 5;
+    pub const SEATS_USED: usize = 6;
+    pub const TERM_YEARS: usize = 7;
+    pub const STATUS: usize = 8;
+    pub const STARTS_AT: usize = 9;
+    pub const EXPIRES_AT: usize = 10;
+    pub const RENEWAL_COUNT: usize = 11;
+    pub const ORDER_REF: usize = 12;
+    pub const CUSTOMER_REF: usize = 13;
+    pub const RESELLER: usize = 14;
+    pub const CREATED_AT: usize = 15;
+    pub const GRACE_PERIOD_MONTHS: usize = 16;
+    pub const LATEST_VERSION: usize = 17;
+    /// The first column after `license_select!`'s.
+    pub const EXTRA: usize = 18;
+
+    /// Every column's name, by position (for error messages and the test
+    /// that keeps the positions in step with the query text).
+    pub const NAMES: [&str; EXTRA] = [
+        "id",
+        "license_key",
+        "product_code",
+        "edition",
+        "kind",
+        "seats",
+        "seats_used",
+        "term_years",
+        "status",
+        "starts_at",
+        "expires_at",
+        "renewal_count",
+        "order_ref",
+        "customer_ref",
+        "reseller",
+        "created_at",
+        "grace_period_months",
+        "latest_version",
+    ];
+}
+
+/// Column access by position, shared by the sqlx rows and the SQLite fast
+/// path's rows, so that a license is mapped from its columns in one place.
 pub(super) trait Columns {
     /// A TEXT column.
-    fn text(&self, name: &str) -> StoreResult<String>;
+    fn text(&self, at: usize) -> StoreResult<String>;
     /// An INTEGER/BIGINT column.
-    fn int(&self, name: &str) -> StoreResult<i64>;
+    fn int(&self, at: usize) -> StoreResult<i64>;
     /// A nullable INTEGER/BIGINT column.
-    fn opt_int(&self, name: &str) -> StoreResult<Option<i64>>;
+    fn opt_int(&self, at: usize) -> StoreResult<Option<i64>>;
     /// A nullable TEXT column.
-    fn opt_text(&self, name: &str) -> StoreResult<Option<String>>;
+    fn opt_text(&self, at: usize) -> StoreResult<Option<String>>;
 }
 
 impl Columns for AnyRow {
-    fn text(&self, name: &str) -> StoreResult<String> {
-        Ok(self.try_get(name)?)
+    fn text(&self, at: usize) -> StoreResult<String> {
+        Ok(self.try_get(at)?)
     }
-    fn int(&self, name: &str) -> StoreResult<i64> {
-        Ok(self.try_get(name)?)
+    fn int(&self, at: usize) -> StoreResult<i64> {
+        Ok(self.try_get(at)?)
     }
-    fn opt_int(&self, name: &str) -> StoreResult<Option<i64>> {
-        Ok(self.try_get(name)?)
+    fn opt_int(&self, at: usize) -> StoreResult<Option<i64>> {
+        Ok(self.try_get(at)?)
     }
-    fn opt_text(&self, name: &str) -> StoreResult<Option<String>> {
-        Ok(self.try_get(name)?)
+    fn opt_text(&self, at: usize) -> StoreResult<Option<String>> {
+        Ok(self.try_get(at)?)
     }
 }
 
-fn enum_of<T>(row: &impl Columns, col: &str, f: fn(&str) -> Option<T>) -> StoreResult<T> {
-    let s = row.text(col)?;
-    f(&s).ok_or_else(|| corrupt(col, &s))
+fn enum_of<T>(row: &impl Columns, at: usize, f: fn(&str) -> Option<T>) -> StoreResult<T> {
+    let s = row.text(at)?;
+    f(&s).ok_or_else(|| corrupt(col::NAMES[at], &s))
 }
 
 /// A license (without activations) and its row id, from the columns of
 /// `license_select!` (any backend).
 pub(super) fn license_from_row(row: &impl Columns) -> StoreResult<(i64, License)> {
-    let key = row.text("license_key")?;
-    let product = row.text("product_code")?;
+    let key = row.text(col::LICENSE_KEY)?;
+    let product = row.text(col::PRODUCT_CODE)?;
     let license = License {
         key: LicenseKey::parse(&key).map_err(|_| corrupt("license key", "<redacted>"))?,
         product: ProductCode::parse(&product).map_err(|_| corrupt("product code", &product))?,
-        edition: enum_of(row, "edition", Edition::from_str_opt)?,
-        kind: enum_of(row, "kind", LicenseKind::from_str_opt)?,
-        seats: row.int("seats")? as u32,
-        seats_used: row.int("seats_used")? as u32,
-        term_years: row.int("term_years")? as u32,
-        status: enum_of(row, "status", LicenseStatus::from_str_opt)?,
-        starts_at: from_micros(row.int("starts_at")?)?,
-        expires_at: from_micros(row.int("expires_at")?)?,
-        renewal_count: row.int("renewal_count")? as u32,
-        order_ref: row.text("order_ref")?,
-        customer_ref: row.text("customer_ref")?,
-        reseller: row.text("reseller")?,
-        created_at: from_micros(row.int("created_at")?)?,
-        grace_period_months: row.int("grace_period_months")? as u32,
+        edition: enum_of(row, col::EDITION, Edition::from_str_opt)?,
+        kind: enum_of(row, col::KIND, LicenseKind::from_str_opt)?,
+        seats: row.int(col::SEATS)? as u32,
+        seats_used: row.int(col::SEATS_USED)? as u32,
+        term_years: row.int(col::TERM_YEARS)? as u32,
+        status: enum_of(row, col::STATUS, LicenseStatus::from_str_opt)?,
+        starts_at: from_micros(row.int(col::STARTS_AT)?)?,
+        expires_at: from_micros(row.int(col::EXPIRES_AT)?)?,
+        renewal_count: row.int(col::RENEWAL_COUNT)? as u32,
+        order_ref: row.text(col::ORDER_REF)?,
+        customer_ref: row.text(col::CUSTOMER_REF)?,
+        reseller: row.text(col::RESELLER)?,
+        created_at: from_micros(row.int(col::CREATED_AT)?)?,
+        grace_period_months: row.int(col::GRACE_PERIOD_MONTHS)? as u32,
         activations: Vec::new(),
     };
-    Ok((row.int("id")?, license))
+    Ok((row.int(col::ID)?, license))
 }
 
 /// What Validate needs from one row of [`VALIDATION_SQL`].
@@ -290,14 +340,14 @@ pub(super) fn validation_from_row(
     fingerprint: Option<&str>,
 ) -> StoreResult<ValidationView> {
     let (_, mut license) = license_from_row(row)?;
-    if let (Some(fp), Some(at)) = (fingerprint, row.opt_int("activated_at")?) {
+    if let (Some(fp), Some(at)) = (fingerprint, row.opt_int(col::EXTRA + 1)?) {
         license.activations.push(Activation {
             fingerprint: fp.to_string(),
-            hostname: row.opt_text("hostname")?.unwrap_or_default(),
+            hostname: row.opt_text(col::EXTRA)?.unwrap_or_default(),
             activated_at: from_micros(at)?,
         });
     }
-    let latest = row.text("latest_version")?;
+    let latest = row.text(col::LATEST_VERSION)?;
     let latest_version = if latest.is_empty() {
         None
     } else {
@@ -333,6 +383,11 @@ fn token_from_row(row: &AnyRow) -> StoreResult<TokenRecord> {
     })
 }
 
+fn named_enum<T>(row: &AnyRow, col: &str, f: fn(&str) -> Option<T>) -> StoreResult<T> {
+    let s: String = row.try_get(col)?;
+    f(&s).ok_or_else(|| corrupt(col, &s))
+}
+
 fn code_from_row(row: &AnyRow) -> StoreResult<RenewalCodeRecord> {
     let product: String = row.try_get("product_code")?;
     let redeemed_key: Option<String> = row.try_get("redeemed_license_key")?;
@@ -344,10 +399,10 @@ fn code_from_row(row: &AnyRow) -> StoreResult<RenewalCodeRecord> {
     Ok(RenewalCodeRecord {
         id: row.try_get("id")?,
         product: ProductCode::parse(&product).map_err(|_| corrupt("product code", &product))?,
-        edition: enum_of(row, "edition", Edition::from_str_opt)?,
+        edition: named_enum(row, "edition", Edition::from_str_opt)?,
         seats: row.try_get::<i64, _>("seats")? as u32,
         term_years: row.try_get::<i64, _>("term_years")? as u32,
-        state: enum_of(row, "state", CodeState::from_str_opt)?,
+        state: named_enum(row, "state", CodeState::from_str_opt)?,
         issued_at: from_micros(row.try_get("issued_at")?)?,
         redeemed_at: opt_time("redeemed_at")?,
         redeemed_license_key: redeemed_key
@@ -426,11 +481,11 @@ async fn load_license(
     };
     let (id, mut license) = license_from_row(first)?;
     for row in &rows {
-        if let Some(fingerprint) = row.opt_text("a_fingerprint")? {
+        if let Some(fingerprint) = row.opt_text(col::EXTRA)? {
             license.activations.push(Activation {
                 fingerprint,
-                hostname: row.opt_text("a_hostname")?.unwrap_or_default(),
-                activated_at: from_micros(row.int("a_activated_at")?)?,
+                hostname: row.opt_text(col::EXTRA + 1)?.unwrap_or_default(),
+                activated_at: from_micros(row.int(col::EXTRA + 2)?)?,
             });
         }
     }
@@ -1226,6 +1281,7 @@ impl Store for SqlStore {
         token: &Token,
         now: DateTime<Utc>,
     ) -> StoreResult<()> {
+        let mut tx = self.begin_write().await?;
         let res = sqlx::query(
             "INSERT INTO api_tokens (id, name, role, secret_hash, created_at) VALUES ($1, $2, $3, $4, $5)",
         )
@@ -1234,14 +1290,15 @@ impl Store for SqlStore {
         .bind(role.as_str())
         .bind(token.secret_hash())
         .bind(micros(now))
-        .execute(&self.writer)
+        .execute(&mut *tx)
         .await;
         match res {
             Err(e) if is_unique_violation(&e) => Err(Refusal::InvalidField(
                 crate::domain::FieldViolation::new("name", "a live token already has this name"),
             )
             .into()),
-            other => other.map(|_| ()).map_err(Into::into),
+            Err(e) => Err(e.into()),
+            Ok(_) => Ok(tx.commit().await?),
         }
     }
 
@@ -1255,13 +1312,15 @@ impl Store for SqlStore {
     }
 
     async fn revoke_token(&self, name: &str, now: DateTime<Utc>) -> StoreResult<bool> {
+        let mut tx = self.begin_write().await?;
         let done = sqlx::query(
             "UPDATE api_tokens SET revoked_at = $1 WHERE name = $2 AND revoked_at IS NULL",
         )
         .bind(micros(now))
         .bind(name)
-        .execute(&self.writer)
+        .execute(&mut *tx)
         .await?;
+        tx.commit().await?;
         Ok(done.rows_affected() > 0)
     }
 
@@ -1278,5 +1337,44 @@ impl Store for SqlStore {
     async fn ping(&self) -> StoreResult<()> {
         sqlx::query("SELECT 1").execute(&self.readers).await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::col;
+
+    /// The names of the columns a query selects, in order (`l.x`, `a.x AS y`).
+    fn selected(sql: &str) -> Vec<String> {
+        let list = sql
+            .strip_prefix("SELECT ")
+            .and_then(|s| s.split(" FROM ").next())
+            .expect("a SELECT");
+        list.split(',')
+            .map(|c| {
+                let c = c.trim();
+                let c = c.rsplit(" AS ").next().unwrap_or(c);
+                c.rsplit('.').next().unwrap_or(c).to_string()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn column_positions_match_the_license_select() {
+        let names = selected(license_select!());
+        assert_eq!(names, col::NAMES, "license_select! and col:: disagree");
+    }
+
+    #[test]
+    fn extra_columns_follow_the_license_select() {
+        let v = selected(super::VALIDATION_SQL);
+        assert_eq!(&v[..col::EXTRA], col::NAMES);
+        assert_eq!(&v[col::EXTRA..], ["hostname", "activated_at"]);
+        let l = selected(super::LICENSE_WITH_ACTIVATIONS);
+        assert_eq!(&l[..col::EXTRA], col::NAMES);
+        assert_eq!(
+            &l[col::EXTRA..],
+            ["a_fingerprint", "a_hostname", "a_activated_at"]
+        );
     }
 }

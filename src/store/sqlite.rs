@@ -18,6 +18,9 @@ pub struct SqliteOptions {
     pub read_connections: u32,
     /// How long a call waits for a free connection before UNAVAILABLE.
     pub acquire_timeout: Duration,
+    /// Bytes of the file Validate's readers map into memory (SQLite's
+    /// `mmap_size`); 0 reads with `pread`. See `--sqlite-mmap-mib`.
+    pub mmap_bytes: u64,
 }
 
 impl Default for SqliteOptions {
@@ -25,6 +28,7 @@ impl Default for SqliteOptions {
         SqliteOptions {
             read_connections: 4,
             acquire_timeout: Duration::from_secs(10),
+            mmap_bytes: 0,
         }
     }
 }
@@ -59,6 +63,10 @@ fn any_options(path: &Path, mode: &str) -> StoreResult<AnyConnectOptions> {
         .map_err(|e| StoreError::Internal(format!("bad SQLite path: {e}")))
 }
 
+/// Per-connection settings (WAL itself is persistent).
+const CONNECTION_PRAGMAS: &str = "PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 5000; \
+     PRAGMA synchronous = NORMAL; PRAGMA temp_store = MEMORY;";
+
 /// Opens (creating and migrating if needed) the database at `path`.
 pub async fn open(path: &Path, opts: SqliteOptions) -> StoreResult<SqlStore> {
     sqlx::any::install_default_drivers();
@@ -68,14 +76,14 @@ pub async fn open(path: &Path, opts: SqliteOptions) -> StoreResult<SqlStore> {
             .max_connections(max)
             .min_connections(1)
             .acquire_timeout(opts.acquire_timeout)
+            // A local file cannot drop the connection under us, so the
+            // default ping before every checkout is a wasted round trip to
+            // the connection's worker thread (one of six per write).
+            .test_before_acquire(false)
             .after_connect(|conn, _| {
                 Box::pin(async move {
                     // Per-connection settings (WAL itself is persistent).
-                    conn.execute(
-                        "PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 5000; \
-                         PRAGMA synchronous = NORMAL; PRAGMA temp_store = MEMORY;",
-                    )
-                    .await?;
+                    conn.execute(CONNECTION_PRAGMAS).await?;
                     Ok(())
                 })
             })
@@ -84,7 +92,7 @@ pub async fn open(path: &Path, opts: SqliteOptions) -> StoreResult<SqlStore> {
     let readers = pool(opts.read_connections.max(1))
         .connect_with(any_options(path, "ro")?)
         .await?;
-    let fast = super::sqlite_fast::FastReader::open(path)?;
+    let fast = super::sqlite_fast::FastReader::open(path, opts.mmap_bytes)?;
     Ok(SqlStore::new(writer, readers, Dialect::Sqlite)
         .await?
         .with_fast_reads(fast))
