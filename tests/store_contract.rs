@@ -756,3 +756,72 @@ contract!(
     constraints_refuse_impossible_states,
     concurrent_writes_keep_every_rule,
 );
+
+/// Has PostgreSQL end every session on database `name`, as a restart would;
+/// one `true` per session ended.
+async fn terminate_connections(admin: &mut sqlx::PgConnection, name: &str) -> Vec<bool> {
+    sqlx::query_scalar("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1")
+        .bind(name)
+        .fetch_all(admin)
+        .await
+        .unwrap()
+}
+
+/// Pooled PostgreSQL connections are not pinged before use. When the
+/// database drops every connection (a restart, a failover), the next writes
+/// must still succeed: their BEGIN fails on a dead connection, nothing ran,
+/// and it is tried again on another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_writes_survive_the_database_dropping_every_connection() {
+    use sqlx::Connection;
+    let Some(db) = TestDb::postgres().await else {
+        return;
+    };
+    let store = db.open().await;
+    product(&store, "ACME", "").await;
+    // Fill the pool with idle connections.
+    let mut tasks = Vec::new();
+    for i in 0..12 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            store
+                .issue_license(&issue_cmd(&format!("warm-{i}"), 1), &actor(), t(NOW))
+                .await
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap().expect("issues");
+    }
+
+    let mut admin = sqlx::PgConnection::connect(db.admin_url.as_deref().unwrap())
+        .await
+        .unwrap();
+    let killed = terminate_connections(&mut admin, db.name.as_deref().unwrap()).await;
+    assert!(killed.len() >= 2, "the pool held connections: {killed:?}");
+    assert!(killed.iter().all(|k| *k));
+
+    let mut keys = Vec::new();
+    for i in 0..4 {
+        let l = store
+            .issue_license(&issue_cmd(&format!("after-{i}"), 1), &actor(), t(NOW))
+            .await
+            .expect("a write right after the database dropped every connection");
+        keys.push(l.key);
+    }
+
+    // Again, and this time the pool sits idle before the next calls: reads
+    // must not meet a dead connection either.
+    let killed = terminate_connections(&mut admin, db.name.as_deref().unwrap()).await;
+    assert!(!killed.is_empty());
+    tokio::time::sleep(std::time::Duration::from_millis(1_200)).await;
+    for key in &keys {
+        let l = store
+            .get_license(key)
+            .await
+            .expect("a read after a restart");
+        assert_eq!(&l.key, key);
+    }
+    store.close().await;
+    let _ = admin.close().await;
+    db.drop_db().await;
+}

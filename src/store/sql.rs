@@ -121,7 +121,20 @@ impl SqlStore {
     }
 
     async fn begin_write(&self) -> StoreResult<sqlx::Transaction<'static, sqlx::Any>> {
-        Ok(self.writer.begin_with(self.dialect.begin()).await?)
+        // Pooled connections are not pinged before use: one that died while
+        // idle (the database restarted) fails its BEGIN. Nothing ran, so
+        // BEGIN is tried on the next connection; every idle one may be dead,
+        // so up to the pool's size, then one fresh connection.
+        let mut left = self.writer.options().get_max_connections() + 1;
+        loop {
+            match self.writer.begin_with(self.dialect.begin()).await {
+                Err(e) if is_connection_lost(&e) && left > 1 => {
+                    left -= 1;
+                    tracing::debug!(error = %e, "a pooled connection was lost; trying another");
+                }
+                other => return Ok(other?),
+            }
+        }
     }
 
     /// Runs a write transaction, again after a deadlock or serialisation
@@ -661,6 +674,20 @@ async fn remember(
     .execute(&mut *conn)
     .await?;
     Ok(())
+}
+
+/// Whether `e` says the connection itself is gone: an I/O or protocol
+/// error, PostgreSQL's connection exceptions (class 08), or the server
+/// having terminated the session (57P01 admin_shutdown, 57P02
+/// crash_shutdown).
+fn is_connection_lost(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_) | sqlx::Error::Protocol(_) => true,
+        sqlx::Error::Database(db) => db
+            .code()
+            .is_some_and(|c| c.starts_with("08") || c == "57P01" || c == "57P02"),
+        _ => false,
+    }
 }
 
 fn is_unique_violation(e: &sqlx::Error) -> bool {

@@ -70,8 +70,8 @@ pub fn with_database(url: &str, name: &str) -> String {
 pub struct TestDb {
     /// The URL `licensd` is given.
     pub url: String,
-    admin_url: Option<String>,
-    name: Option<String>,
+    pub admin_url: Option<String>,
+    pub name: Option<String>,
     _dir: Option<TempDir>,
 }
 
