@@ -137,24 +137,8 @@ async fn redeem(
         .map(|r| r.into_inner())
 }
 
-async fn validate(
-    s: &mut TestServer,
-    key: &str,
-    fp: &str,
-    version: &str,
-) -> Result<pb::ValidateResponse, tonic::Status> {
-    s.activation
-        .validate(pb::ValidateRequest {
-            license_key: key.into(),
-            fingerprint: fp.into(),
-            client_version: version.into(),
-        })
-        .await
-        .map(|r| r.into_inner())
-}
-
 async fn validity(s: &mut TestServer, key: &str) -> i32 {
-    validate(s, key, "", "").await.expect("validate").validity
+    s.validate(key, "", "").await.expect("validate").validity
 }
 
 async fn deactivate(
@@ -668,7 +652,7 @@ async fn r2_r3_validity_of_licenses_issued_in_the_past() {
         assert_eq!(dt(&l.expires_at), plus_years(dt(&Some(starts_at)), 1));
         assert_eq!(l.validity, expected as i32, "issued {starts_at:?}");
         assert_eq!(s.license(&l.key).await.validity, expected as i32);
-        let v = validate(&mut s, &l.key, "", "").await.unwrap();
+        let v = s.validate(&l.key, "", "").await.unwrap();
         assert_eq!(v.validity, expected as i32);
         assert_eq!(v.valid, expected == pb::Validity::Valid);
     }
@@ -941,7 +925,7 @@ async fn r11_a_suspended_license_is_not_valid_until_reinstated() {
         .expect("suspend");
     assert_eq!(suspended.status, pb::LicenseStatus::Suspended as i32);
     assert_eq!(suspended.validity, pb::Validity::Suspended as i32);
-    let v = validate(&mut s, &l.key, "fp-1", "").await.unwrap();
+    let v = s.validate(&l.key, "fp-1", "").await.unwrap();
     assert_eq!(v.validity, pb::Validity::Suspended as i32);
     assert!(!v.valid);
     assert_refused(
@@ -954,7 +938,7 @@ async fn r11_a_suspended_license_is_not_valid_until_reinstated() {
     let back = reinstate(&mut s, &l.key, "paid").await.expect("reinstate");
     assert_eq!(back.status, pb::LicenseStatus::Active as i32);
     assert_eq!(back.validity, pb::Validity::Valid as i32);
-    let v = validate(&mut s, &l.key, "fp-1", "").await.unwrap();
+    let v = s.validate(&l.key, "fp-1", "").await.unwrap();
     assert_eq!(v.validity, pb::Validity::Valid as i32);
     assert!(v.valid);
     s.activate(&l.key, "fp-2")
@@ -1004,7 +988,7 @@ async fn r11_a_revoked_license_is_final() {
     let revoked = revoke(&mut s, &l.key, "fraud").await.expect("revoke");
     assert_eq!(revoked.status, pb::LicenseStatus::Revoked as i32);
     assert_eq!(revoked.validity, pb::Validity::Revoked as i32);
-    let v = validate(&mut s, &l.key, "", "").await.unwrap();
+    let v = s.validate(&l.key, "", "").await.unwrap();
     assert_eq!(v.validity, pb::Validity::Revoked as i32);
     assert!(!v.valid);
     assert_refused(
@@ -1306,7 +1290,7 @@ async fn r7_deactivate_frees_the_seat() {
     let lic = after.license.unwrap();
     assert_eq!(lic.seats_used, 0);
     assert!(lic.activations.is_empty());
-    let v = validate(&mut s, &l.key, "fp-1", "").await.unwrap();
+    let v = s.validate(&l.key, "fp-1", "").await.unwrap();
     assert_eq!(v.validity, pb::Validity::NotActivated as i32);
     let taken = s.activate(&l.key, "fp-2").await.expect("the freed seat");
     assert_eq!(taken.license.unwrap().seats_used, 1);
@@ -1422,9 +1406,7 @@ async fn r2_validate_reports_valid_with_the_license_figures() {
     s.product("ACME", LATEST).await;
     let l = s.issue(license_req("ACME", 2, 1)).await;
     s.activate(&l.key, "fp-1").await.unwrap();
-    let v = validate(&mut s, &l.key, "fp-1", LATEST)
-        .await
-        .expect("validate");
+    let v = s.validate(&l.key, "fp-1", LATEST).await.expect("validate");
     assert_eq!(
         v,
         pb::ValidateResponse {
@@ -1441,13 +1423,11 @@ async fn r2_validate_reports_valid_with_the_license_figures() {
         }
     );
     // Without a fingerprint, and with the key in lower case.
-    let v = validate(&mut s, &l.key.to_lowercase(), "", "")
-        .await
-        .unwrap();
+    let v = s.validate(&l.key.to_lowercase(), "", "").await.unwrap();
     assert_eq!(v.validity, pb::Validity::Valid as i32);
     assert!(v.valid);
     // A fingerprint that is not bound.
-    let v = validate(&mut s, &l.key, "fp-other", "").await.unwrap();
+    let v = s.validate(&l.key, "fp-other", "").await.unwrap();
     assert_eq!(v.validity, pb::Validity::NotActivated as i32);
     assert!(!v.valid);
     s.stop().await;
@@ -1458,7 +1438,7 @@ async fn r3_validate_reports_expired_renewable_inside_the_grace_month_and_expire
     let mut s = TestServer::start().await;
     s.product("ACME", LATEST).await;
     let grace = s.issue(license_from("ACME", 1, 1, ago(1, 5))).await;
-    let v = validate(&mut s, &grace.key, "", "").await.unwrap();
+    let v = s.validate(&grace.key, "", "").await.unwrap();
     assert_eq!(v.validity, pb::Validity::ExpiredRenewable as i32);
     assert!(!v.valid);
     assert_eq!(v.expires_at, grace.expires_at);
@@ -1468,7 +1448,7 @@ async fn r3_validate_reports_expired_renewable_inside_the_grace_month_and_expire
     );
 
     let old = s.issue(license_from("ACME", 1, 1, ago(2, 60))).await;
-    let v = validate(&mut s, &old.key, "", "").await.unwrap();
+    let v = s.validate(&old.key, "", "").await.unwrap();
     assert_eq!(v.validity, pb::Validity::Expired as i32);
     assert!(!v.valid);
     assert_eq!(dt(&v.renewable_until), plus_months(dt(&old.expires_at), 1));
@@ -1485,7 +1465,7 @@ async fn r9_validate_reports_an_expired_promo_or_nfr_license_as_expired_not_rene
             .await;
         assert_eq!(l.validity, pb::Validity::Expired as i32);
         assert_eq!(l.renewable_until, None);
-        let v = validate(&mut s, &l.key, "", "").await.unwrap();
+        let v = s.validate(&l.key, "", "").await.unwrap();
         assert_eq!(v.validity, pb::Validity::Expired as i32, "{kind:?}");
         assert!(!v.valid);
         assert_eq!(v.kind, kind as i32);
@@ -1499,9 +1479,7 @@ async fn r9_validate_reports_an_expired_promo_or_nfr_license_as_expired_not_rene
 async fn r8_validate_answers_not_found_and_renewal_code_without_an_error() {
     let mut s = TestServer::start().await;
     s.product("ACME", LATEST).await;
-    let v = validate(&mut s, &unknown_key(), "", "")
-        .await
-        .expect("OK answer");
+    let v = s.validate(&unknown_key(), "", "").await.expect("OK answer");
     assert_eq!(v.validity, pb::Validity::NotFound as i32);
     assert!(!v.valid);
     let c = s.code(code_req("ACME", 1, 1)).await;
@@ -1509,7 +1487,7 @@ async fn r8_validate_answers_not_found_and_renewal_code_without_an_error() {
         c.renewal_code.clone(),
         c.renewal_code.to_lowercase().replace('-', ""),
     ] {
-        let v = validate(&mut s, &value, "", "").await.expect("OK answer");
+        let v = s.validate(&value, "", "").await.expect("OK answer");
         assert_eq!(v.validity, pb::Validity::RenewalCode as i32);
         assert!(!v.valid);
     }
@@ -1531,7 +1509,7 @@ async fn r6_validate_tells_when_an_update_is_available() {
         ("4.10.1", false),
         ("", false),
     ] {
-        let v = validate(&mut s, &l.key, "", client).await.unwrap();
+        let v = s.validate(&l.key, "", client).await.unwrap();
         assert_eq!(v.update_available, expected, "client {client:?}");
         assert_eq!(v.latest_version, "4.10.0");
         assert_eq!(v.validity, pb::Validity::Valid as i32);
@@ -2057,7 +2035,7 @@ async fn api_a_mistyped_key_or_code_is_malformed_and_writes_nothing() {
     let md = check_key(get_license(&mut s, &typo).await.map(|_| ()));
     assert_eq!(md.get("field").map(String::as_str), Some("license_key"));
     check_key(s.activate(&typo, "fp-1").await.map(|_| ()));
-    check_key(validate(&mut s, &typo, "", "").await.map(|_| ()));
+    check_key(s.validate(&typo, "", "").await.map(|_| ()));
     check_key(deactivate(&mut s, &typo, "fp-1").await.map(|_| ()));
     check_key(
         redeem(&mut s, &typo, &c.renewal_code, "fp-1", LATEST)

@@ -347,17 +347,7 @@ async fn validate_through_a_memory_mapped_file_sees_every_committed_change() {
     s.product("ACME", "2.0.0").await;
     let key = s.issue(license_req("ACME", 2, 1)).await.key;
     s.activate(&key, "ws-1").await.unwrap();
-    let validate = |fingerprint: &str| pb::ValidateRequest {
-        license_key: key.clone(),
-        fingerprint: fingerprint.into(),
-        client_version: "1.0.0".into(),
-    };
-    let v = s
-        .activation
-        .validate(validate("ws-1"))
-        .await
-        .unwrap()
-        .into_inner();
+    let v = s.validate(&key, "ws-1", "1.0.0").await.unwrap();
     assert_eq!(v.validity(), pb::Validity::Valid, "{v:?}");
     assert_eq!((v.seats, v.seats_used), (2, 1));
     assert_eq!(v.latest_version, "2.0.0");
@@ -370,12 +360,7 @@ async fn validate_through_a_memory_mapped_file_sees_every_committed_change() {
         })
         .await
         .unwrap();
-    let v = s
-        .activation
-        .validate(validate("ws-1"))
-        .await
-        .unwrap()
-        .into_inner();
+    let v = s.validate(&key, "ws-1", "1.0.0").await.unwrap();
     assert_eq!(v.validity(), pb::Validity::NotActivated, "{v:?}");
     assert_eq!(v.seats_used, 0);
 
@@ -388,12 +373,7 @@ async fn validate_through_a_memory_mapped_file_sees_every_committed_change() {
         })
         .await
         .unwrap();
-    let v = s
-        .activation
-        .validate(validate("ws-2"))
-        .await
-        .unwrap()
-        .into_inner();
+    let v = s.validate(&key, "ws-2", "1.0.0").await.unwrap();
     assert_eq!(v.validity(), pb::Validity::Suspended, "{v:?}");
     s.stop().await;
 }

@@ -44,6 +44,13 @@ pub enum StoreError {
     Internal(String),
 }
 
+/// Whether PostgreSQL's SQLSTATE `code` says the session itself is gone: a
+/// connection exception (class 08), or the server terminated it (57P01
+/// admin_shutdown, 57P02 crash_shutdown).
+pub(super) fn session_ended(code: &str) -> bool {
+    code.starts_with("08") || code == "57P01" || code == "57P02"
+}
+
 impl From<sqlx::Error> for StoreError {
     fn from(e: sqlx::Error) -> Self {
         match &e {
@@ -55,10 +62,10 @@ impl From<sqlx::Error> for StoreError {
                 match code.as_ref() {
                     // PostgreSQL: serialization_failure, deadlock_detected.
                     "40001" | "40P01" => StoreError::Retryable(e.to_string()),
-                    // PostgreSQL: too_many_connections, admin/crash shutdown,
-                    // cannot_connect_now, connection exceptions (class 08).
-                    "53300" | "57P01" | "57P02" | "57P03" => StoreError::Unavailable(e.to_string()),
-                    c if c.starts_with("08") => StoreError::Unavailable(e.to_string()),
+                    // PostgreSQL: too_many_connections, cannot_connect_now,
+                    // or the session is gone.
+                    "53300" | "57P03" => StoreError::Unavailable(e.to_string()),
+                    c if session_ended(c) => StoreError::Unavailable(e.to_string()),
                     // SQLite: SQLITE_BUSY (5) / SQLITE_LOCKED (6) and their
                     // extended codes, after the busy timeout: overload.
                     _ if db.message().contains("database is locked")

@@ -677,15 +677,11 @@ async fn remember(
 }
 
 /// Whether `e` says the connection itself is gone: an I/O or protocol
-/// error, PostgreSQL's connection exceptions (class 08), or the server
-/// having terminated the session (57P01 admin_shutdown, 57P02
-/// crash_shutdown).
+/// error, or a PostgreSQL session that ended ([`super::session_ended`]).
 fn is_connection_lost(e: &sqlx::Error) -> bool {
     match e {
         sqlx::Error::Io(_) | sqlx::Error::Protocol(_) => true,
-        sqlx::Error::Database(db) => db
-            .code()
-            .is_some_and(|c| c.starts_with("08") || c == "57P01" || c == "57P02"),
+        sqlx::Error::Database(db) => db.code().is_some_and(|c| super::session_ended(&c)),
         _ => false,
     }
 }

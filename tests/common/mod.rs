@@ -368,6 +368,24 @@ impl TestServer {
             .map(|r| r.into_inner())
     }
 
+    /// Validates `key` for `fingerprint` and `client_version` (either may be
+    /// empty).
+    pub async fn validate(
+        &mut self,
+        key: &str,
+        fingerprint: &str,
+        client_version: &str,
+    ) -> Result<pb::ValidateResponse, tonic::Status> {
+        self.activation
+            .validate(pb::ValidateRequest {
+                license_key: key.into(),
+                fingerprint: fingerprint.into(),
+                client_version: client_version.into(),
+            })
+            .await
+            .map(|r| r.into_inner())
+    }
+
     /// Reads a license.
     pub async fn license(&mut self, key: &str) -> pb::License {
         self.licenses
