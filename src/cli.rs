@@ -71,6 +71,15 @@ struct ServeArgs {
     /// 0 (the default) maps nothing.
     #[arg(long, env = "LICENSD_SQLITE_MMAP_MIB", default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=1_048_576))]
     sqlite_mmap_mib: u64,
+    /// Answer Validate from the database on every call instead of from the
+    /// in-memory validation cache (which holds ~70 bytes per license and
+    /// shows any change made on another replica within 1 s).
+    #[arg(long, env = "LICENSD_NO_VALIDATE_CACHE")]
+    no_validate_cache: bool,
+    /// How often the validation cache polls the database for changes made
+    /// by other replicas (a replica sees its own changes at once).
+    #[arg(long, env = "LICENSD_VALIDATE_CACHE_REFRESH_MS", default_value_t = 100, value_parser = clap::value_parser!(u64).range(10..=500))]
+    validate_cache_refresh_ms: u64,
     /// Seconds in-flight calls may take to finish after SIGINT/SIGTERM.
     #[arg(long, env = "LICENSD_DRAIN_SECONDS", default_value_t = 10)]
     drain_seconds: u64,
@@ -156,6 +165,8 @@ async fn serve(a: ServeArgs) -> Result<(), BoxError> {
         database_url: a.db.database_url,
         db_max_connections: a.db_max_connections,
         sqlite_mmap_mib: a.sqlite_mmap_mib,
+        validate_cache_refresh: (!a.no_validate_cache)
+            .then(|| Duration::from_millis(a.validate_cache_refresh_ms)),
         drain_timeout: Duration::from_secs(a.drain_seconds),
         limits: LimitConfig {
             activation_per_ip_per_sec: a.activation_rate_per_ip,

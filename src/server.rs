@@ -31,6 +31,9 @@ use crate::store::{DatabaseUrl, SqlStore, Store};
 /// Largest request message accepted (a licensing call is a few hundred bytes).
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
 
+/// How often the validation cache polls for changes by default.
+pub const DEFAULT_VALIDATE_CACHE_REFRESH: Duration = Duration::from_millis(100);
+
 /// Server settings.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -43,6 +46,9 @@ pub struct Config {
     /// SQLite: MiB of the database file Validate's readers memory-map
     /// (0: none).
     pub sqlite_mmap_mib: u64,
+    /// How often the validation cache polls for changes; `None`: no cache,
+    /// Validate reads the database.
+    pub validate_cache_refresh: Option<Duration>,
     /// How long in-flight calls may take to finish after a shutdown signal.
     pub drain_timeout: Duration,
     /// Longest a single call may run.
@@ -76,6 +82,7 @@ impl Default for Config {
             database_url: "sqlite:licensd.db".into(),
             db_max_connections: PostgresOptions::default().max_connections,
             sqlite_mmap_mib: 0,
+            validate_cache_refresh: Some(DEFAULT_VALIDATE_CACHE_REFRESH),
             drain_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(30),
             limits: LimitConfig::default(),
@@ -121,7 +128,11 @@ pub async fn open_store(config: &Config) -> Result<SqlStore, ServerError> {
         mmap_bytes: config.sqlite_mmap_mib.saturating_mul(1024 * 1024),
         ..SqliteOptions::default()
     };
-    Ok(url.open_tuned(pg, lite).await?)
+    let store = url.open_tuned(pg, lite).await?;
+    Ok(match config.validate_cache_refresh {
+        Some(refresh) => store.with_validation_cache(refresh),
+        None => store,
+    })
 }
 
 /// A bound, ready-to-run server.

@@ -125,7 +125,22 @@ impl Replica {
                 replica.log_tail()
             ),
         }
+        // Validate must be answered from the validation cache, not from the
+        // database it falls back to while the cache loads.
+        let start = Instant::now();
+        while !replica.logged("validation cache loaded") {
+            assert!(
+                start.elapsed() < STARTUP_TIMEOUT,
+                "replica {index}'s validation cache did not load within {STARTUP_TIMEOUT:?}:\n{}",
+                replica.log_tail()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         replica
+    }
+
+    fn logged(&self, text: &str) -> bool {
+        self.log.lock().unwrap().iter().any(|l| l.contains(text))
     }
 
     fn log_tail(&self) -> String {
@@ -802,9 +817,247 @@ async fn churn_across_replicas(nodes: Nodes) {
     );
 }
 
+/// Longest a change may take to reach Validate on another replica.
+const VISIBLE_WITHIN: Duration = Duration::from_secs(1);
+
+/// After a write made on replica 0 returned at `written`: replica 0 answers
+/// `expected` at once (it sees its own writes), and on every other replica
+/// each Validate that *starts* `VISIBLE_WITHIN` or more after `written`
+/// answers `expected` (calls started earlier may still see the old state).
+/// Returns the longest lag observed: from `written` to the start of the
+/// first call that saw the change, per replica.
+async fn visible_everywhere(
+    nodes: &Nodes,
+    what: &str,
+    written: Instant,
+    req: &pb::ValidateRequest,
+    expected: impl Fn(&pb::ValidateResponse) -> bool,
+) -> Duration {
+    let own = nodes
+        .activation(0)
+        .validate(req.clone())
+        .await
+        .expect("validate")
+        .into_inner();
+    assert!(
+        expected(&own),
+        "{what}: the replica that wrote it answers {own:?}"
+    );
+    let mut worst = Duration::ZERO;
+    for r in 1..nodes.replicas() {
+        loop {
+            let started = Instant::now();
+            let got = nodes
+                .activation(r)
+                .validate(req.clone())
+                .await
+                .expect("validate")
+                .into_inner();
+            if expected(&got) {
+                worst = worst.max(started - written);
+                break;
+            }
+            assert!(
+                started - written < VISIBLE_WITHIN,
+                "{what}: replica {r} still answers {got:?} to a call started {:?} after the write",
+                started - written
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    worst
+}
+
+/// Each kind of change made on one replica (issue, activate, deactivate,
+/// suspend, reinstate, renew, product update, revoke) reaches Validate on
+/// every other replica within 1 s, and at once on the replica that made it.
+async fn changes_reach_validate_on_every_replica(nodes: Nodes) {
+    create_product(&nodes, "ACME", "1.0.0").await;
+    let validate = |fp: &str, version: &str| pb::ValidateRequest {
+        license_key: String::new(),
+        fingerprint: fp.into(),
+        client_version: version.into(),
+    };
+    let valid = pb::Validity::Valid as i32;
+    let mut lags = Vec::new();
+
+    let key = issue(&nodes, license_req("ACME", 3, 1)).await.key;
+    let on = |mut r: pb::ValidateRequest| {
+        r.license_key = key.clone();
+        r
+    };
+    let lag = visible_everywhere(
+        &nodes,
+        "issue",
+        Instant::now(),
+        &on(validate("", "")),
+        |v| v.validity == valid,
+    )
+    .await;
+    lags.push(("issue", lag));
+
+    let mut activation = nodes.activation(0);
+    activation
+        .activate(activate_req(&key, "fp-1"))
+        .await
+        .expect("activate");
+    let lag = visible_everywhere(
+        &nodes,
+        "activate",
+        Instant::now(),
+        &on(validate("fp-1", "")),
+        |v| v.validity == valid && v.seats_used == 1,
+    )
+    .await;
+    lags.push(("activate", lag));
+
+    activation
+        .deactivate(pb::DeactivateRequest {
+            license_key: key.clone(),
+            fingerprint: "fp-1".into(),
+        })
+        .await
+        .expect("deactivate");
+    let lag = visible_everywhere(
+        &nodes,
+        "deactivate",
+        Instant::now(),
+        &on(validate("fp-1", "")),
+        |v| v.validity == pb::Validity::NotActivated as i32 && v.seats_used == 0,
+    )
+    .await;
+    lags.push(("deactivate", lag));
+
+    activation
+        .activate(activate_req(&key, "fp-2"))
+        .await
+        .expect("activate");
+    nodes
+        .licenses(0)
+        .suspend_license(pb::SuspendLicenseRequest {
+            license_key: key.clone(),
+            reason: "chargeback".into(),
+            request_id: String::new(),
+        })
+        .await
+        .expect("suspend");
+    let lag = visible_everywhere(
+        &nodes,
+        "suspend",
+        Instant::now(),
+        &on(validate("fp-2", "")),
+        |v| v.validity == pb::Validity::Suspended as i32,
+    )
+    .await;
+    lags.push(("suspend", lag));
+
+    nodes
+        .licenses(0)
+        .reinstate_license(pb::ReinstateLicenseRequest {
+            license_key: key.clone(),
+            reason: "paid".into(),
+            request_id: String::new(),
+        })
+        .await
+        .expect("reinstate");
+    let lag = visible_everywhere(
+        &nodes,
+        "reinstate",
+        Instant::now(),
+        &on(validate("fp-2", "")),
+        |v| v.validity == valid && v.seats_used == 1,
+    )
+    .await;
+    lags.push(("reinstate", lag));
+
+    let before = get_license(&nodes, 0, &key).await.expires_at;
+    let code = nodes
+        .licenses(0)
+        .issue_renewal_code(code_req("ACME", 3, 2))
+        .await
+        .expect("issue code")
+        .into_inner()
+        .renewal_code;
+    let renewed = activation
+        .redeem_renewal_code(pb::RedeemRenewalCodeRequest {
+            license_key: key.clone(),
+            renewal_code: code,
+            fingerprint: "fp-2".into(),
+            client_version: "1.0.0".into(),
+        })
+        .await
+        .expect("redeem")
+        .into_inner();
+    let new_expiry = renewed.license.expect("license").expires_at;
+    assert!(to_chrono(new_expiry) > to_chrono(before));
+    let lag = visible_everywhere(
+        &nodes,
+        "renew",
+        Instant::now(),
+        &on(validate("fp-2", "")),
+        |v| v.expires_at == new_expiry,
+    )
+    .await;
+    lags.push(("renew", lag));
+
+    nodes
+        .products(0)
+        .update_product(pb::UpdateProductRequest {
+            product: Some(pb::Product {
+                code: "ACME".into(),
+                latest_version: "2.0.0".into(),
+                ..Default::default()
+            }),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["latest_version".into()],
+            }),
+        })
+        .await
+        .expect("update product");
+    let lag = visible_everywhere(
+        &nodes,
+        "product update",
+        Instant::now(),
+        &on(validate("fp-2", "1.0.0")),
+        |v| v.latest_version == "2.0.0" && v.update_available,
+    )
+    .await;
+    lags.push(("product update", lag));
+
+    nodes
+        .licenses(0)
+        .revoke_license(pb::RevokeLicenseRequest {
+            license_key: key.clone(),
+            reason: "fraud".into(),
+            request_id: String::new(),
+        })
+        .await
+        .expect("revoke");
+    let lag = visible_everywhere(
+        &nodes,
+        "revoke",
+        Instant::now(),
+        &on(validate("fp-2", "")),
+        |v| v.validity == pb::Validity::Revoked as i32,
+    )
+    .await;
+    lags.push(("revoke", lag));
+    eprintln!("longest lag before another replica's Validate saw the change: {lags:?}");
+}
+
 // ---------------------------------------------------------------------------
 // Tests
 // ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_every_change_reaches_validate_on_every_replica_within_1s() {
+    on_postgres(changes_reach_validate_on_every_replica).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlite_every_change_reaches_validate_on_every_replica_within_1s() {
+    on_sqlite(changes_reach_validate_on_every_replica).await;
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn postgres_r7_200_activations_across_3_replicas_take_exactly_5_seats() {

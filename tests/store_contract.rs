@@ -486,15 +486,17 @@ async fn validation_view_reports_the_fingerprint_binding(db: &TestDb, s: &SqlSto
         .await
         .unwrap()
         .unwrap();
-    assert!(v.license.is_activated("fp-1"));
+    assert_eq!(v.fingerprint_bound, Some(true));
     assert_eq!(v.latest_version.unwrap().as_str(), "2.0");
-    assert_eq!(v.license.seats_used, 1);
+    assert_eq!((v.seats, v.seats_used), (2, 1));
     let v = s
         .validation_view(&l.key, Some("fp-2"))
         .await
         .unwrap()
         .unwrap();
-    assert!(!v.license.is_activated("fp-2"));
+    assert_eq!(v.fingerprint_bound, Some(false));
+    let v = s.validation_view(&l.key, None).await.unwrap().unwrap();
+    assert_eq!(v.fingerprint_bound, None);
     let unknown = LicenseKey::generate(&acme(), LicenseKind::Standard);
     assert!(s.validation_view(&unknown, None).await.unwrap().is_none());
 }
@@ -712,6 +714,100 @@ async fn concurrent_writes_keep_every_rule(db: &TestDb, s: &SqlStore) {
     assert_eq!(keys.len(), 1);
 }
 
+/// With the validation cache on, Validate's view of every license equals the
+/// database's, whichever store made the change: the cache's compact record
+/// (status, kind, edition, expiry, seats, fingerprint hashes, product
+/// policy) loses nothing Validate answers.
+async fn the_validation_cache_answers_exactly_as_the_database(db: &TestDb, s: &SqlStore) {
+    use licensd::store::validation_cache::Answer;
+    product(s, "ACME", "2.0").await;
+    // A second store on the same database (another replica) with the cache,
+    // polling often so that the test is quick.
+    let cached = db
+        .open()
+        .await
+        .with_validation_cache(std::time::Duration::from_millis(20));
+    let mut keys = Vec::new();
+    for (i, (kind, edition, seats)) in [
+        (LicenseKind::Standard, Edition::Business, 3),
+        (LicenseKind::Standard, Edition::Personal, 1),
+        (LicenseKind::Promo, Edition::Business, 2),
+        (LicenseKind::Nfr, Edition::Personal, 5),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        // Half the writes on each store.
+        let w = if i % 2 == 0 { s } else { &cached };
+        let cmd = IssueLicense {
+            kind,
+            edition,
+            ..issue_cmd(&format!("cache-{i}"), seats)
+        };
+        let l = w.issue_license(&cmd, &actor(), t(NOW)).await.unwrap();
+        for f in 0..seats.min(2) {
+            w.activate(&l.key, &format!("fp-{f}"), "h", "1.0", &actor(), t(NOW))
+                .await
+                .unwrap();
+        }
+        keys.push(l.key);
+    }
+    s.change_status(&keys[0], StatusAction::Suspend, "", None, &actor(), t(NOW))
+        .await
+        .unwrap();
+    cached
+        .change_status(&keys[1], StatusAction::Revoke, "", None, &actor(), t(NOW))
+        .await
+        .unwrap();
+    cached
+        .deactivate(&keys[2], "fp-1", &actor(), t(NOW))
+        .await
+        .unwrap();
+    s.update_product(
+        &acme(),
+        &|spec| ProductSpec {
+            latest_version: "3.1".into(),
+            grace_period_months: Some(4),
+            ..spec
+        },
+        t(NOW),
+    )
+    .await
+    .unwrap();
+
+    // Wait until the cache has loaded and two polls have started since the
+    // last write: every change is in.
+    let cache = cached.validation_cache().expect("cache on");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !cache.stats().loaded {
+        assert!(std::time::Instant::now() < deadline, "cache did not load");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let epoch = cache.stats().epoch;
+    while cache.stats().epoch < epoch + 2 || cache.stats().pending > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "cache did not catch up"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+
+    let unknown = LicenseKey::generate(&acme(), LicenseKind::Standard);
+    for key in keys.iter().chain([&unknown]) {
+        for fp in [None, Some("fp-0"), Some("fp-1"), Some("fp-9")] {
+            let from_db = s.validation_view(key, fp).await.unwrap();
+            let from_cache = match cache.lookup(key, fp, std::time::Instant::now()) {
+                Answer::Found(v) => Some(v),
+                Answer::NotFound => None,
+                Answer::AskDatabase => panic!("the cache should answer"),
+            };
+            assert_eq!(from_cache, from_db, "{fp:?}");
+            assert_eq!(cached.validation_view(key, fp).await.unwrap(), from_db);
+        }
+    }
+    cached.close().await;
+}
+
 // ---------------------------------------------------------------------------
 // One test per behaviour and backend
 // ---------------------------------------------------------------------------
@@ -752,6 +848,7 @@ contract!(
     r11_status_changes_and_voids,
     licenses_are_filtered_and_paged_by_expiry,
     validation_view_reports_the_fingerprint_binding,
+    the_validation_cache_answers_exactly_as_the_database,
     renewal_codes_are_stored_only_as_hashes,
     constraints_refuse_impossible_states,
     concurrent_writes_keep_every_rule,

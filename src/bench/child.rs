@@ -32,6 +32,9 @@ pub struct ServerChild {
     pub addr: String,
     /// From spawn to health SERVING.
     pub start_to_serving: Duration,
+    /// Set, to the time since spawn, when the log says the validation cache
+    /// has loaded.
+    cache_loaded: tokio::sync::watch::Receiver<Option<Duration>>,
 }
 
 impl ServerChild {
@@ -64,7 +67,8 @@ impl ServerChild {
         .stderr(Stdio::piped())
         .kill_on_drop(true);
         if validate_ceiling {
-            cmd.arg("--validate-ceiling");
+            // Its Validate never reads the store: no cache to load.
+            cmd.args(["--validate-ceiling", "--no-validate-cache"]);
         }
         let spawned = Instant::now();
         let mut child = cmd.spawn()?;
@@ -75,12 +79,16 @@ impl ServerChild {
         // then keep draining it (a full pipe would stall the server).
         let kept = Arc::new(Mutex::new(VecDeque::new()));
         let (addr_tx, addr_rx) = tokio::sync::oneshot::channel::<String>();
+        let (loaded_tx, cache_loaded) = tokio::sync::watch::channel(None);
         tokio::spawn({
             let kept = kept.clone();
             async move {
                 let mut lines = BufReader::new(stderr).lines();
                 let mut addr_tx = Some(addr_tx);
                 while let Ok(Some(line)) = lines.next_line().await {
+                    if line.contains("validation cache loaded") {
+                        let _ = loaded_tx.send(Some(spawned.elapsed()));
+                    }
                     if let Some(tx) = addr_tx.take() {
                         match serving_addr(&line) {
                             Some(addr) => {
@@ -117,7 +125,18 @@ impl ServerChild {
             pid,
             addr,
             start_to_serving: spawned.elapsed(),
+            cache_loaded,
         })
+    }
+
+    /// Waits until the server's validation cache has loaded; returns the
+    /// time from spawn.
+    pub async fn wait_cache_loaded(&self, within: Duration) -> Result<Duration, BenchError> {
+        let mut rx = self.cache_loaded.clone();
+        match tokio::time::timeout(within, rx.wait_for(Option::is_some)).await {
+            Ok(Ok(at)) => Ok(at.expect("waited for Some")),
+            _ => Err(format!("the validation cache did not load within {within:?}").into()),
+        }
     }
 
     /// What `/proc` says about the server now.

@@ -232,6 +232,7 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
     let activations_seeded = seeded.activations;
 
     // 2. The servers.
+    let mut cache_loaded = None;
     let (server, ceiling) = match &args.target {
         Some(_) => (None, None),
         None => {
@@ -242,6 +243,14 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
                 s.addr,
                 s.start_to_serving.as_secs_f64()
             ));
+            if !args.server_arg.iter().any(|a| a == "--no-validate-cache") {
+                let at = s.wait_cache_loaded(Duration::from_secs(600)).await?;
+                progress(format_args!(
+                    "server's validation cache loaded {:.3} s after spawn",
+                    at.as_secs_f64()
+                ));
+                cache_loaded = Some(at.as_secs_f64());
+            }
             let c = ServerChild::start(&database_url, true, &args.server_arg).await?;
             progress(format_args!(
                 "ceiling server pid {} on {}: SERVING {:.3} s after spawn",
@@ -417,6 +426,7 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
         load_average_before: load_before,
         load_average_after: child::load_average(),
         start_to_serving_seconds: start_to_serving,
+        cache_loaded_seconds: cache_loaded,
         ceiling_start_to_serving_seconds: ceiling_start,
         workloads: reports,
         validate_to_ceiling_ratio: ratio,

@@ -304,6 +304,9 @@ pub struct Report {
     pub load_average_after: String,
     /// From spawning the server to health SERVING; `None` with `--target`.
     pub start_to_serving_seconds: Option<f64>,
+    /// From spawn until the server's validation cache had loaded (`None`:
+    /// no cache, or an external target).
+    pub cache_loaded_seconds: Option<f64>,
     /// The same for the ceiling server.
     pub ceiling_start_to_serving_seconds: Option<f64>,
     /// Every workload run, the ceiling's Validate included.
@@ -378,6 +381,11 @@ impl Report {
             "start to SERVING: {} s (ceiling server: {} s)",
             opt(self.start_to_serving_seconds, 3),
             opt(self.ceiling_start_to_serving_seconds, 3)
+        );
+        let _ = writeln!(
+            out,
+            "validation cache loaded (in the background; Validate reads the database until then): {} s after spawn",
+            opt(self.cache_loaded_seconds, 3),
         );
         let _ = writeln!(out);
         let header = [

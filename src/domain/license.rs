@@ -156,10 +156,54 @@ impl License {
         self.kind == LicenseKind::Standard
     }
 
+    /// What the license's validity depends on.
+    pub fn standing(&self) -> Standing {
+        Standing {
+            status: self.status,
+            kind: self.kind,
+            expires_at: self.expires_at,
+            grace_period_months: self.grace_period_months,
+        }
+    }
+
+    /// See [`Standing::renewable_until`].
+    pub fn renewable_until(&self) -> Option<DateTime<Utc>> {
+        self.standing().renewable_until()
+    }
+
+    /// See [`Standing::validity_at`].
+    pub fn validity_at(&self, now: DateTime<Utc>) -> Validity {
+        self.standing().validity_at(now)
+    }
+
+    /// Whether `fingerprint` is bound to this license.
+    pub fn is_activated(&self, fingerprint: &str) -> bool {
+        self.activations
+            .iter()
+            .any(|a| a.fingerprint == fingerprint)
+    }
+}
+
+/// The part of a license its validity depends on: administrative state,
+/// kind, expiry and its product's grace period. Validate answers from this
+/// alone, whether the store read it from the database or from memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Standing {
+    /// Administrative status.
+    pub status: LicenseStatus,
+    /// Kind.
+    pub kind: LicenseKind,
+    /// End (exclusive).
+    pub expires_at: DateTime<Utc>,
+    /// The product's grace period in months (R3).
+    pub grace_period_months: u32,
+}
+
+impl Standing {
     /// The last instant at which the license can be renewed: expiry plus the
     /// product's grace period (R3). `None` for PROMO/NFR licenses (R9).
     pub fn renewable_until(&self) -> Option<DateTime<Utc>> {
-        if !self.is_renewable_kind() {
+        if self.kind != LicenseKind::Standard {
             return None;
         }
         Some(
@@ -183,13 +227,6 @@ impl License {
             Some(until) if now <= until => Validity::ExpiredRenewable,
             _ => Validity::Expired,
         }
-    }
-
-    /// Whether `fingerprint` is bound to this license.
-    pub fn is_activated(&self, fingerprint: &str) -> bool {
-        self.activations
-            .iter()
-            .any(|a| a.fingerprint == fingerprint)
     }
 }
 

@@ -18,7 +18,7 @@ pub use error::{FieldViolation, Refusal};
 pub use keys::{LicenseKey, ParseError, RenewalCode};
 pub use license::{
     Activation, CodeState, Edition, License, LicenseKind, LicenseStatus, RenewalCodeRecord,
-    Validity,
+    Standing, Validity,
 };
 pub use product::{Product, ProductCode, RenewalBasis};
 pub use version::Version;

@@ -5,7 +5,7 @@ use chrono::{DateTime, Duration, Utc};
 
 use super::error::{FieldViolation, Refusal};
 use super::license::{
-    CodeState, Edition, License, LicenseKind, LicenseStatus, RenewalCodeRecord, Validity,
+    CodeState, Edition, License, LicenseKind, LicenseStatus, RenewalCodeRecord, Standing, Validity,
 };
 use super::product::{Product, RenewalBasis};
 use super::time::add_years;
@@ -231,16 +231,17 @@ pub struct ValidateAnswer {
 }
 
 /// Validate (R2, R11): the license's validity at `now`; a VALID license on a
-/// fingerprint that is not bound to it is `NotActivated`.
+/// fingerprint that is not bound to it is `NotActivated`. `fingerprint_bound`
+/// is `None` when the caller gave no fingerprint.
 pub fn validate(
-    license: &License,
-    fingerprint: Option<&str>,
+    standing: &Standing,
+    fingerprint_bound: Option<bool>,
     client_version: Option<&Version>,
     latest_version: Option<&Version>,
     now: DateTime<Utc>,
 ) -> ValidateAnswer {
-    let mut validity = license.validity_at(now);
-    if validity == Validity::Valid && fingerprint.is_some_and(|f| !license.is_activated(f)) {
+    let mut validity = standing.validity_at(now);
+    if validity == Validity::Valid && fingerprint_bound == Some(false) {
         validity = Validity::NotActivated;
     }
     let update_available = matches!((client_version, latest_version), (Some(c), Some(l)) if c < l);

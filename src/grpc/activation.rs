@@ -178,26 +178,25 @@ impl ActivationService for ActivationApi {
             return Ok(Response::new(validity_only(Validity::NotFound)));
         };
         let now = self.ctx.now();
-        let l = &view.license;
         let answer = rules::validate(
-            l,
-            fingerprint.as_deref(),
+            &view.standing,
+            view.fingerprint_bound,
             client_version.as_ref(),
-            view.latest_version.as_ref(),
+            view.latest_version.as_deref(),
             now,
         );
         Ok(Response::new(pb::ValidateResponse {
             validity: convert::validity_to_proto(answer.validity) as i32,
             valid: answer.validity == Validity::Valid,
-            kind: convert::kind_to_proto(l.kind) as i32,
-            edition: convert::edition_to_proto(l.edition) as i32,
-            expires_at: Some(convert::timestamp(l.expires_at)),
-            renewable_until: l.renewable_until().map(convert::timestamp),
-            seats: l.seats,
-            seats_used: l.seats_used,
+            kind: convert::kind_to_proto(view.standing.kind) as i32,
+            edition: convert::edition_to_proto(view.edition) as i32,
+            expires_at: Some(convert::timestamp(view.standing.expires_at)),
+            renewable_until: view.standing.renewable_until().map(convert::timestamp),
+            seats: view.seats,
+            seats_used: view.seats_used,
             latest_version: view
                 .latest_version
-                .map(|v| v.to_string())
+                .map(|v| v.as_str().to_string())
                 .unwrap_or_default(),
             update_available: answer.update_available,
         }))

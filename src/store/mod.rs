@@ -6,10 +6,12 @@
 //! SQL lives only below this module.
 
 pub mod bulk;
+mod cache_feed;
 pub mod postgres;
 pub mod sql;
 pub mod sqlite;
 mod sqlite_fast;
+pub mod validation_cache;
 
 pub use sql::{Dialect, SqlStore};
 
@@ -23,8 +25,9 @@ use crate::domain::product::ProductSpec;
 use crate::domain::rules::StatusAction;
 use crate::domain::{
     Activation, Edition, License, LicenseKey, LicenseKind, Product, ProductCode, Refusal,
-    RenewalCode, RenewalCodeRecord, Version,
+    RenewalCode, RenewalCodeRecord, Standing, Version,
 };
+use std::sync::Arc;
 
 /// Why a store call failed.
 #[derive(Debug, thiserror::Error)]
@@ -285,14 +288,22 @@ pub struct LicenseEvent {
     pub detail: String,
 }
 
-/// What Validate needs: the license (its `activations` hold at most the
-/// asked-for fingerprint) and the product's latest version.
-#[derive(Debug, Clone)]
+/// What Validate needs about one license, whether read from the database or
+/// from the validation cache.
+#[derive(Debug, Clone, PartialEq)]
 pub struct ValidationView {
-    /// The license.
-    pub license: License,
+    /// Status, kind, expiry and the product's grace period.
+    pub standing: Standing,
+    /// Edition.
+    pub edition: Edition,
+    /// Seats bought.
+    pub seats: u32,
+    /// Seats taken now.
+    pub seats_used: u32,
+    /// Whether the asked-for fingerprint is bound; `None` if none was asked.
+    pub fingerprint_bound: Option<bool>,
     /// The product's latest version.
-    pub latest_version: Option<Version>,
+    pub latest_version: Option<Arc<Version>>,
 }
 
 /// An API token as stored (its secret only as a hash).

@@ -23,6 +23,7 @@
 //! one `renewed` event per code, a code's state moves only once.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -31,6 +32,7 @@ use sqlx::Row;
 use sqlx::any::AnyRow;
 use sqlx::{AnyConnection, AnyPool};
 
+use super::validation_cache::{Answer, ValidationCache};
 use super::{
     Actor, IssueLicense, IssueRenewalCode, LicenseCursor, LicenseEvent, LicenseFilter, Redeem,
     Store, StoreError, StoreResult, TokenRecord, ValidationView, code_hash, derive_renewal_code,
@@ -42,7 +44,7 @@ use crate::domain::product::ProductSpec;
 use crate::domain::rules::{self, ActivateDecision, StatusAction};
 use crate::domain::{
     Activation, CodeState, Edition, License, LicenseKey, LicenseKind, LicenseStatus, Product,
-    ProductCode, Refusal, RenewalBasis, RenewalCode, RenewalCodeRecord, Version,
+    ProductCode, Refusal, RenewalBasis, RenewalCode, RenewalCodeRecord, Standing, Version,
 };
 
 /// The SQL a backend speaks differently.
@@ -84,6 +86,8 @@ pub struct SqlStore {
     dialect: Dialect,
     /// SQLite only: Validate's lookups without sqlx's per-query overhead.
     fast_reads: Option<std::sync::Arc<super::sqlite_fast::FastReader>>,
+    /// Validate's answers from memory, if switched on.
+    cache: Option<Arc<ValidationCache>>,
 }
 
 impl SqlStore {
@@ -100,7 +104,44 @@ impl SqlStore {
             code_secret,
             dialect,
             fast_reads: None,
+            cache: None,
         })
+    }
+
+    /// Answers Validate from a [`ValidationCache`] of every license, loaded
+    /// in the background and refreshed every `refresh` (see
+    /// [`super::validation_cache`]). Must be called inside a Tokio runtime.
+    pub fn with_validation_cache(mut self, refresh: Duration) -> Self {
+        let cache = Arc::new(ValidationCache::new());
+        let feed =
+            super::cache_feed::Feed::new(&cache, self.readers.clone(), self.dialect, refresh);
+        tokio::spawn(feed.run());
+        self.cache = Some(cache);
+        self
+    }
+
+    /// The validation cache, if switched on.
+    pub fn validation_cache(&self) -> Option<&ValidationCache> {
+        self.cache.as_deref()
+    }
+
+    /// After a write to the license `key` that committed, or may have:
+    /// this replica's Validate reads it from the database until re-read.
+    fn touched<T>(&self, key: &LicenseKey, result: &StoreResult<T>) {
+        if let Some(cache) = &self.cache
+            && !matches!(result, Err(StoreError::Refused(_)))
+        {
+            cache.mark_changed(key);
+        }
+    }
+
+    /// After a product write that committed, or may have.
+    fn touched_products<T>(&self, result: &StoreResult<T>) {
+        if let Some(cache) = &self.cache
+            && !matches!(result, Err(StoreError::Refused(_)))
+        {
+            cache.mark_products_changed();
+        }
     }
 
     /// Serves Validate's lookups through `reader` (SQLite).
@@ -226,7 +267,7 @@ macro_rules! license_select {
     () => {
         "SELECT l.id, l.license_key, l.product_code, l.edition, l.kind, l.seats, l.seats_used, l.term_years, \
          l.status, l.starts_at, l.expires_at, l.renewal_count, l.order_ref, l.customer_ref, l.reseller, \
-         l.created_at, p.grace_period_months, p.latest_version"
+         l.created_at, p.grace_period_months"
     };
 }
 
@@ -259,12 +300,12 @@ pub(super) mod col {
     pub const RESELLER: usize = 14;
     pub const CREATED_AT: usize = 15;
     pub const GRACE_PERIOD_MONTHS: usize = 16;
-    pub const LATEST_VERSION: usize = 17;
     /// The first column after `license_select!`'s.
-    pub const EXTRA: usize = 18;
+    pub const EXTRA: usize = 17;
 
     /// Every column's name, by position (for error messages and the test
     /// that keeps the positions in step with the query text).
+    #[cfg(test)]
     pub const NAMES: [&str; EXTRA] = [
         "id",
         "license_key",
@@ -283,7 +324,6 @@ pub(super) mod col {
         "reseller",
         "created_at",
         "grace_period_months",
-        "latest_version",
     ];
 }
 
@@ -317,7 +357,7 @@ impl Columns for AnyRow {
 
 fn enum_of<T>(row: &impl Columns, at: usize, f: fn(&str) -> Option<T>) -> StoreResult<T> {
     let s = row.text(at)?;
-    f(&s).ok_or_else(|| corrupt(col::NAMES[at], &s))
+    f(&s).ok_or_else(|| corrupt(std::any::type_name::<T>(), &s))
 }
 
 /// A license (without activations) and its row id, from the columns of
@@ -352,34 +392,64 @@ pub(super) fn validation_from_row(
     row: &impl Columns,
     fingerprint: Option<&str>,
 ) -> StoreResult<ValidationView> {
-    let (_, mut license) = license_from_row(row)?;
-    if let (Some(fp), Some(at)) = (fingerprint, row.opt_int(col::EXTRA + 1)?) {
-        license.activations.push(Activation {
-            fingerprint: fp.to_string(),
-            hostname: row.opt_text(col::EXTRA)?.unwrap_or_default(),
-            activated_at: from_micros(at)?,
-        });
-    }
-    let latest = row.text(col::LATEST_VERSION)?;
+    let latest = row.text(vcol::LATEST_VERSION)?;
     let latest_version = if latest.is_empty() {
         None
     } else {
-        Some(Version::parse(&latest).map_err(|_| corrupt("version", &latest))?)
+        Some(Arc::new(
+            Version::parse(&latest).map_err(|_| corrupt("version", &latest))?,
+        ))
     };
     Ok(ValidationView {
-        license,
+        standing: Standing {
+            status: enum_of(row, vcol::STATUS, LicenseStatus::from_str_opt)?,
+            kind: enum_of(row, vcol::KIND, LicenseKind::from_str_opt)?,
+            expires_at: from_micros(row.int(vcol::EXPIRES_AT)?)?,
+            grace_period_months: row.int(vcol::GRACE_PERIOD_MONTHS)? as u32,
+        },
+        edition: enum_of(row, vcol::EDITION, Edition::from_str_opt)?,
+        seats: row.int(vcol::SEATS)? as u32,
+        seats_used: row.int(vcol::SEATS_USED)? as u32,
+        fingerprint_bound: fingerprint
+            .map(|_| row.opt_int(vcol::BOUND).map(|b| b.is_some()))
+            .transpose()?,
         latest_version,
     })
 }
 
-/// Validate's one query: the license, its product's policy, and whether the
-/// given fingerprint is bound.
-pub(super) const VALIDATION_SQL: &str = concat!(
-    license_select!(),
-    ", a.hostname, a.activated_at",
-    license_from!(),
-    "LEFT JOIN activations a ON a.license_id = l.id AND a.fingerprint = $2 WHERE l.license_key = $1"
-);
+/// Validate's one query: the license's standing, its product's policy, and
+/// whether the given fingerprint is bound.
+pub(super) const VALIDATION_SQL: &str = "SELECT l.status, l.kind, l.edition, l.expires_at, l.seats, l.seats_used, \
+     p.grace_period_months, p.latest_version, a.activated_at \
+     FROM licenses l JOIN products p ON p.code = l.product_code \
+     LEFT JOIN activations a ON a.license_id = l.id AND a.fingerprint = $2 WHERE l.license_key = $1";
+
+/// Positions of [`VALIDATION_SQL`]'s columns.
+pub(super) mod vcol {
+    pub const STATUS: usize = 0;
+    pub const KIND: usize = 1;
+    pub const EDITION: usize = 2;
+    pub const EXPIRES_AT: usize = 3;
+    pub const SEATS: usize = 4;
+    pub const SEATS_USED: usize = 5;
+    pub const GRACE_PERIOD_MONTHS: usize = 6;
+    pub const LATEST_VERSION: usize = 7;
+    /// Not NULL iff the fingerprint is bound.
+    pub const BOUND: usize = 8;
+    /// Every column's name, by position.
+    #[cfg(test)]
+    pub const NAMES: [&str; 9] = [
+        "status",
+        "kind",
+        "edition",
+        "expires_at",
+        "seats",
+        "seats_used",
+        "grace_period_months",
+        "latest_version",
+        "activated_at",
+    ];
+}
 
 fn token_from_row(row: &AnyRow) -> StoreResult<TokenRecord> {
     let role: String = row.try_get("role")?;
@@ -697,7 +767,7 @@ fn is_unique_violation(e: &sqlx::Error) -> bool {
 #[async_trait]
 impl Store for SqlStore {
     async fn create_product(&self, product: &Product, now: DateTime<Utc>) -> StoreResult<Product> {
-        self.retrying(move || async move {
+        let result = self.retrying(move || async move {
             let mut tx = self.begin_write().await?;
             let res = sqlx::query(
                 "INSERT INTO products (code, display_name, latest_version, personal_terms, business_terms, \
@@ -723,7 +793,9 @@ impl Store for SqlStore {
             tx.commit().await?;
             Ok(product.clone())
         })
-        .await
+        .await;
+        self.touched_products(&result);
+        result
     }
 
     async fn get_product(&self, code: &ProductCode) -> StoreResult<Product> {
@@ -750,7 +822,7 @@ impl Store for SqlStore {
         update: &(dyn Fn(ProductSpec) -> ProductSpec + Send + Sync),
         now: DateTime<Utc>,
     ) -> StoreResult<Product> {
-        self.retrying(move || async move {
+        let result = self.retrying(move || async move {
             let mut tx = self.begin_write().await?;
             let current = require_product(&mut tx, code, Lock::ForUpdate(self.dialect)).await?;
             let updated =
@@ -772,7 +844,9 @@ impl Store for SqlStore {
             tx.commit().await?;
             Ok(updated)
         })
-        .await
+        .await;
+        self.touched_products(&result);
+        result
     }
 
     async fn issue_license(
@@ -781,7 +855,7 @@ impl Store for SqlStore {
         actor: &Actor,
         now: DateTime<Utc>,
     ) -> StoreResult<License> {
-        self.retrying(move || async move {
+        let result = self.retrying(move || async move {
             let mut tx = self.begin_write().await?;
             let hash = cmd.payload_hash();
             if let Idem::Replay(key) =
@@ -843,7 +917,11 @@ impl Store for SqlStore {
             let license = commit_with_license(tx, &key).await?;
             Ok(license)
         })
-        .await
+        .await;
+        if let Ok(license) = &result {
+            self.touched(&license.key, &result);
+        }
+        result
     }
 
     async fn get_license(&self, key: &LicenseKey) -> StoreResult<License> {
@@ -903,46 +981,49 @@ impl Store for SqlStore {
         actor: &Actor,
         now: DateTime<Utc>,
     ) -> StoreResult<License> {
-        self.retrying(move || async move {
-            let mut tx = self.begin_write().await?;
-            let op = action.event_type();
-            let hash = super::digest_fields(&[op, key.normalized(), reason]);
-            if let Some(rid) = request_id
-                && let Idem::Replay(_) =
-                    check_idempotency(&mut tx, self.dialect, rid, op, &hash).await?
-            {
-                return Ok(require_license(&mut tx, key, Lock::ForUpdate(self.dialect))
-                    .await?
-                    .1);
-            }
-            let (id, license) =
-                require_license(&mut tx, key, Lock::ForUpdate(self.dialect)).await?;
-            if let Some(status) = rules::change_status(&license, action)? {
-                sqlx::query("UPDATE licenses SET status = $1 WHERE id = $2")
-                    .bind(status.as_str())
-                    .bind(id)
-                    .execute(&mut *tx)
+        let result = self
+            .retrying(move || async move {
+                let mut tx = self.begin_write().await?;
+                let op = action.event_type();
+                let hash = super::digest_fields(&[op, key.normalized(), reason]);
+                if let Some(rid) = request_id
+                    && let Idem::Replay(_) =
+                        check_idempotency(&mut tx, self.dialect, rid, op, &hash).await?
+                {
+                    return Ok(require_license(&mut tx, key, Lock::ForUpdate(self.dialect))
+                        .await?
+                        .1);
+                }
+                let (id, license) =
+                    require_license(&mut tx, key, Lock::ForUpdate(self.dialect)).await?;
+                if let Some(status) = rules::change_status(&license, action)? {
+                    sqlx::query("UPDATE licenses SET status = $1 WHERE id = $2")
+                        .bind(status.as_str())
+                        .bind(id)
+                        .execute(&mut *tx)
+                        .await?;
+                    record_event(
+                        &mut tx,
+                        id,
+                        actor,
+                        now,
+                        NewEvent {
+                            event_type: op,
+                            detail: reason,
+                            ..Default::default()
+                        },
+                    )
                     .await?;
-                record_event(
-                    &mut tx,
-                    id,
-                    actor,
-                    now,
-                    NewEvent {
-                        event_type: op,
-                        detail: reason,
-                        ..Default::default()
-                    },
-                )
-                .await?;
-            }
-            if let Some(rid) = request_id {
-                remember(&mut tx, rid, op, &hash, key.normalized(), now).await?;
-            }
-            let license = commit_with_license(tx, key).await?;
-            Ok(license)
-        })
-        .await
+                }
+                if let Some(rid) = request_id {
+                    remember(&mut tx, rid, op, &hash, key.normalized(), now).await?;
+                }
+                let license = commit_with_license(tx, key).await?;
+                Ok(license)
+            })
+            .await;
+        self.touched(key, &result);
+        result
     }
 
     async fn list_events(
@@ -1097,7 +1178,7 @@ impl Store for SqlStore {
         actor: &Actor,
         now: DateTime<Utc>,
     ) -> StoreResult<(License, Activation)> {
-        self.retrying(move || async move {
+        let result = self.retrying(move || async move {
             let mut tx = self.begin_write().await?;
             let (id, license) = require_license(&mut tx, key, Lock::ForUpdate(self.dialect)).await?;
             match rules::activate(&license, fingerprint, now)? {
@@ -1151,7 +1232,9 @@ impl Store for SqlStore {
                 }
             }
         })
-        .await
+        .await;
+        self.touched(key, &result);
+        result
     }
 
     async fn deactivate(
@@ -1161,36 +1244,39 @@ impl Store for SqlStore {
         actor: &Actor,
         now: DateTime<Utc>,
     ) -> StoreResult<License> {
-        self.retrying(move || async move {
-            let mut tx = self.begin_write().await?;
-            let (id, license) =
-                require_license(&mut tx, key, Lock::ForUpdate(self.dialect)).await?;
-            rules::deactivate(&license, fingerprint)?;
-            sqlx::query("DELETE FROM activations WHERE license_id = $1 AND fingerprint = $2")
-                .bind(id)
-                .bind(fingerprint)
-                .execute(&mut *tx)
+        let result = self
+            .retrying(move || async move {
+                let mut tx = self.begin_write().await?;
+                let (id, license) =
+                    require_license(&mut tx, key, Lock::ForUpdate(self.dialect)).await?;
+                rules::deactivate(&license, fingerprint)?;
+                sqlx::query("DELETE FROM activations WHERE license_id = $1 AND fingerprint = $2")
+                    .bind(id)
+                    .bind(fingerprint)
+                    .execute(&mut *tx)
+                    .await?;
+                record_event(
+                    &mut tx,
+                    id,
+                    actor,
+                    now,
+                    NewEvent {
+                        event_type: "deactivated",
+                        fingerprint,
+                        ..Default::default()
+                    },
+                )
                 .await?;
-            record_event(
-                &mut tx,
-                id,
-                actor,
-                now,
-                NewEvent {
-                    event_type: "deactivated",
-                    fingerprint,
-                    ..Default::default()
-                },
-            )
-            .await?;
-            tx.commit().await?;
-            // As loaded (the row was locked) minus this seat.
-            let mut license = license;
-            license.seats_used -= 1;
-            license.activations.retain(|a| a.fingerprint != fingerprint);
-            Ok(license)
-        })
-        .await
+                tx.commit().await?;
+                // As loaded (the row was locked) minus this seat.
+                let mut license = license;
+                license.seats_used -= 1;
+                license.activations.retain(|a| a.fingerprint != fingerprint);
+                Ok(license)
+            })
+            .await;
+        self.touched(key, &result);
+        result
     }
 
     async fn validation_view(
@@ -1198,6 +1284,13 @@ impl Store for SqlStore {
         key: &LicenseKey,
         fingerprint: Option<&str>,
     ) -> StoreResult<Option<ValidationView>> {
+        if let Some(cache) = &self.cache {
+            match cache.lookup(key, fingerprint, std::time::Instant::now()) {
+                Answer::Found(view) => return Ok(Some(view)),
+                Answer::NotFound => return Ok(None),
+                Answer::AskDatabase => {}
+            }
+        }
         if let Some(fast) = &self.fast_reads {
             return fast.validation_view(key, fingerprint);
         }
@@ -1216,7 +1309,7 @@ impl Store for SqlStore {
         actor: &Actor,
         now: DateTime<Utc>,
     ) -> StoreResult<(License, DateTime<Utc>)> {
-        self.retrying(move || async move {
+        let result = self.retrying(move || async move {
             let mut tx = self.begin_write().await?;
             let (license_id, license) = require_license(&mut tx, &cmd.license_key, Lock::ForUpdate(self.dialect)).await?;
             let code = load_code_by_hash(&mut tx, &code_hash(&cmd.code), Lock::ForUpdate(self.dialect))
@@ -1294,7 +1387,9 @@ impl Store for SqlStore {
             let license = commit_with_license(tx, &cmd.license_key).await?;
             Ok((license, decision.previous_expires_at))
         })
-        .await
+        .await;
+        self.touched(&cmd.license_key, &result);
+        result
     }
 
     async fn create_token(
@@ -1390,9 +1485,7 @@ mod tests {
 
     #[test]
     fn extra_columns_follow_the_license_select() {
-        let v = selected(super::VALIDATION_SQL);
-        assert_eq!(&v[..col::EXTRA], col::NAMES);
-        assert_eq!(&v[col::EXTRA..], ["hostname", "activated_at"]);
+        assert_eq!(selected(super::VALIDATION_SQL), super::vcol::NAMES);
         let l = selected(super::LICENSE_WITH_ACTIVATIONS);
         assert_eq!(&l[..col::EXTRA], col::NAMES);
         assert_eq!(

@@ -448,9 +448,9 @@ fn r2_license_is_expired_renewable_exactly_at_expires_at() {
 #[test]
 fn r2_validate_reports_valid_before_and_expired_renewable_at_expiry_for_a_bound_fingerprint() {
     let l = std_license();
-    let before = validate(&l, Some(FP), None, None, at(EXPIRY) - secs(1));
+    let before = validate_license(&l, Some(FP), None, None, at(EXPIRY) - secs(1));
     assert_eq!(before.validity, Validity::Valid);
-    let at_expiry = validate(&l, Some(FP), None, None, at(EXPIRY));
+    let at_expiry = validate_license(&l, Some(FP), None, None, at(EXPIRY));
     assert_eq!(at_expiry.validity, Validity::ExpiredRenewable);
 }
 
@@ -630,11 +630,11 @@ fn r3_a_grace_period_of_zero_months_allows_renewal_only_up_to_expires_at() {
 fn r3_validate_reports_expired_renewable_and_expired_around_the_window_end() {
     let l = std_license();
     assert_eq!(
-        validate(&l, None, None, None, at(RENEWABLE_UNTIL)).validity,
+        validate_license(&l, None, None, None, at(RENEWABLE_UNTIL)).validity,
         Validity::ExpiredRenewable
     );
     assert_eq!(
-        validate(&l, None, None, None, at(RENEWABLE_UNTIL) + secs(1)).validity,
+        validate_license(&l, None, None, None, at(RENEWABLE_UNTIL) + secs(1)).validity,
         Validity::Expired
     );
 }
@@ -982,7 +982,7 @@ fn r6_validate_reports_update_available_only_for_an_older_client() {
     let latest = v("4.10.0");
     let ans = |client: Option<&str>, latest: Option<&Version>| {
         let c = client.map(v);
-        validate(&l, Some(FP), c.as_ref(), latest, now)
+        validate_license(&l, Some(FP), c.as_ref(), latest, now)
     };
     assert_eq!(
         ans(Some("4.9.2"), Some(&latest)),
@@ -1000,7 +1000,7 @@ fn r6_validate_reports_update_available_only_for_an_older_client() {
 #[test]
 fn r6_an_outdated_client_does_not_change_validity() {
     let l = std_license();
-    let ans = validate(
+    let ans = validate_license(
         &l,
         Some(FP),
         Some(&v("1.0")),
@@ -1226,7 +1226,7 @@ fn r9_promo_and_nfr_are_expired_not_expired_renewable_right_at_expires_at() {
         );
         assert_eq!(l.validity_at(at(EXPIRY)), Validity::Expired, "{kind}");
         assert_eq!(
-            validate(&l, Some(FP), None, None, at(EXPIRY)).validity,
+            validate_license(&l, Some(FP), None, None, at(EXPIRY)).validity,
             Validity::Expired,
             "{kind}"
         );
@@ -1318,7 +1318,7 @@ fn r11_a_suspended_license_is_suspended_even_when_not_expired() {
     let now = at("2025-01-10T00:00:00Z");
     assert_eq!(l.validity_at(now), Validity::Suspended);
     assert_eq!(
-        validate(&l, Some(FP), None, None, now).validity,
+        validate_license(&l, Some(FP), None, None, now).validity,
         Validity::Suspended
     );
 }
@@ -1484,11 +1484,29 @@ fn r11_void_code_refuses_a_redeemed_code() {
 // Validate
 // ---------------------------------------------------------------------------
 
+/// Validate as the store answers it: the license's standing and whether the
+/// fingerprint (if any) is bound.
+fn validate_license(
+    l: &License,
+    fingerprint: Option<&str>,
+    client_version: Option<&Version>,
+    latest_version: Option<&Version>,
+    now: DateTime<Utc>,
+) -> ValidateAnswer {
+    validate(
+        &l.standing(),
+        fingerprint.map(|f| l.is_activated(f)),
+        client_version,
+        latest_version,
+        now,
+    )
+}
+
 #[test]
 fn validate_an_unbound_fingerprint_on_a_valid_license_is_not_activated() {
     let l = std_license();
     assert_eq!(
-        validate(
+        validate_license(
             &l,
             Some("fp-elsewhere"),
             None,
@@ -1505,7 +1523,7 @@ fn validate_an_unbound_fingerprint_on_a_valid_license_is_not_activated() {
 #[test]
 fn validate_a_bound_fingerprint_on_a_valid_license_is_valid() {
     assert_eq!(
-        validate(
+        validate_license(
             &std_license(),
             Some(FP),
             None,
@@ -1522,7 +1540,7 @@ fn validate_a_bound_fingerprint_on_a_valid_license_is_valid() {
 #[test]
 fn validate_without_fingerprint_reports_the_license_validity() {
     assert_eq!(
-        validate(&std_license(), None, None, None, at(EXPIRY) - secs(1)).validity,
+        validate_license(&std_license(), None, None, None, at(EXPIRY) - secs(1)).validity,
         Validity::Valid
     );
 }
@@ -1531,7 +1549,7 @@ fn validate_without_fingerprint_reports_the_license_validity() {
 fn validate_suspended_and_revoked_take_precedence_over_not_activated() {
     let now = at("2025-01-10T00:00:00Z");
     assert_eq!(
-        validate(
+        validate_license(
             &with_status(std_license(), LicenseStatus::Suspended),
             Some("fp-elsewhere"),
             None,
@@ -1542,7 +1560,7 @@ fn validate_suspended_and_revoked_take_precedence_over_not_activated() {
         Validity::Suspended
     );
     assert_eq!(
-        validate(
+        validate_license(
             &with_status(std_license(), LicenseStatus::Revoked),
             Some("fp-elsewhere"),
             None,

@@ -1,0 +1,374 @@
+//! Keeps a [`ValidationCache`] in step with the database: a full load, then a
+//! poll every refresh interval of the licenses that `license_events` says
+//! changed, plus the licenses this replica marked, plus every product.
+//!
+//! Which events a poll must look at:
+//! * **SQLite** has one writer at a time, and an event's id is allocated
+//!   inside its write transaction, so ids become visible in increasing
+//!   order: every event newer than the last one seen has a larger id.
+//! * **PostgreSQL** allocates ids from a sequence: a transaction can take id
+//!   100, commit after the one that took 101, and a reader that moved past
+//!   101 would never see 100. So each event also records the id of the
+//!   transaction that wrote it (`txid`, migration 0003). Every transaction
+//!   older than a snapshot's `xmin` has finished, so a poll asks for the
+//!   events of transactions from the previous poll's `xmin` on (events of
+//!   earlier ones were visible to the previous poll) and skips the event
+//!   ids it has applied already.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use sqlx::any::AnyRow;
+use sqlx::{AnyConnection, AnyPool, Row};
+use tokio_stream::StreamExt;
+
+use super::sql::Dialect;
+use super::validation_cache::{LicenseRow, ProductPolicy, ValidationCache};
+use super::{StoreError, StoreResult};
+use crate::domain::{Edition, LicenseKind, LicenseStatus, Version};
+
+/// Licenses re-read per statement.
+const BATCH: usize = 500;
+
+/// What a license row of the cache is read from: one statement, so
+/// `seats_used` and the activations listed come from one snapshot.
+macro_rules! cache_select {
+    () => {
+        "SELECT l.id, l.license_key, l.product_code, l.edition, l.kind, l.status, l.expires_at, l.seats, \
+         l.seats_used, a.fingerprint FROM licenses l LEFT JOIN activations a ON a.license_id = l.id "
+    };
+}
+
+/// Where the feed is in the event log.
+enum Cursor {
+    /// The largest event id applied.
+    Sqlite { last_id: i64 },
+    /// The `xmin` of the last poll, and the events applied since (id -> txid).
+    Postgres { xmin: i64, seen: HashMap<i64, i64> },
+}
+
+/// The task that feeds one cache.
+pub(super) struct Feed {
+    cache: Weak<ValidationCache>,
+    readers: AnyPool,
+    dialect: Dialect,
+    refresh: Duration,
+}
+
+impl Feed {
+    pub(super) fn new(
+        cache: &Arc<ValidationCache>,
+        readers: AnyPool,
+        dialect: Dialect,
+        refresh: Duration,
+    ) -> Self {
+        Feed {
+            cache: Arc::downgrade(cache),
+            readers,
+            dialect,
+            refresh,
+        }
+    }
+
+    /// Loads, then polls until the store is closed or dropped.
+    pub(super) async fn run(self) {
+        let mut cursor = loop {
+            let Some(cache) = self.cache.upgrade() else {
+                return;
+            };
+            let started = Instant::now();
+            match self.load(&cache).await {
+                Ok(cursor) => {
+                    cache.finish_load();
+                    tracing::info!(
+                        licenses = cache.stats().licenses,
+                        seconds = started.elapsed().as_secs_f64(),
+                        "validation cache loaded"
+                    );
+                    break cursor;
+                }
+                Err(e) if self.readers.is_closed() => {
+                    tracing::debug!(error = %e, "validation cache: store closed while loading");
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "validation cache: load failed; Validate reads the database; retrying");
+                    drop(cache);
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        };
+        let mut tick = tokio::time::interval(self.refresh);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut failing = false;
+        loop {
+            tick.tick().await;
+            let Some(cache) = self.cache.upgrade() else {
+                return;
+            };
+            if self.readers.is_closed() {
+                return;
+            }
+            match self.poll(&cache, &mut cursor).await {
+                Ok(()) if failing => {
+                    failing = false;
+                    tracing::info!("validation cache: polling again");
+                }
+                Ok(()) => {}
+                Err(e) if !failing => {
+                    failing = true;
+                    tracing::warn!(error = %e, "validation cache: poll failed; Validate reads the database until a poll succeeds");
+                }
+                Err(_) => {}
+            }
+        }
+    }
+
+    /// The full load: every product and license, as of one snapshot taken
+    /// after the returned cursor's position.
+    async fn load(&self, cache: &ValidationCache) -> StoreResult<Cursor> {
+        let poll = cache.begin_poll();
+        let mut conn = self.readers.acquire().await?;
+        let start = self.start_position(&mut conn).await?;
+        sqlx::query(match self.dialect {
+            Dialect::Sqlite => "BEGIN",
+            Dialect::Postgres => "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
+        })
+        .execute(&mut *conn)
+        .await?;
+        let result = async {
+            // SQLite: the event position in the same snapshot as the rows.
+            let cursor = match start {
+                Cursor::Sqlite { .. } => Cursor::Sqlite {
+                    last_id: sqlx::query_scalar("SELECT COALESCE(MAX(id), 0) FROM license_events")
+                        .fetch_one(&mut *conn)
+                        .await?,
+                },
+                pg => pg,
+            };
+            cache.apply_products(&poll, read_products(&mut conn).await?);
+            let mut rows = sqlx::query(concat!(cache_select!(), "ORDER BY l.id")).fetch(&mut *conn);
+            let mut group = Grouper::default();
+            let mut batch = Vec::with_capacity(10_000);
+            while let Some(row) = rows.next().await.transpose()? {
+                if let Some(done) = group.push(&row)? {
+                    batch.push(done);
+                    if batch.len() == batch.capacity() {
+                        cache.apply(&poll, &batch);
+                        batch.clear();
+                    }
+                }
+            }
+            drop(rows);
+            batch.extend(group.finish());
+            cache.apply(&poll, &batch);
+            Ok::<_, StoreError>(cursor)
+        }
+        .await;
+        let end = sqlx::query("COMMIT").execute(&mut *conn).await;
+        let cursor = result?;
+        end?;
+        cache.finish_poll(&poll);
+        Ok(cursor)
+    }
+
+    /// Where the event log stands before the load's snapshot.
+    async fn start_position(&self, conn: &mut AnyConnection) -> StoreResult<Cursor> {
+        Ok(match self.dialect {
+            Dialect::Sqlite => Cursor::Sqlite { last_id: 0 },
+            Dialect::Postgres => Cursor::Postgres {
+                xmin: pg_xmin(conn).await?,
+                seen: HashMap::new(),
+            },
+        })
+    }
+
+    /// One poll: re-read what changed, apply it, move the cursor.
+    async fn poll(&self, cache: &ValidationCache, cursor: &mut Cursor) -> StoreResult<()> {
+        let poll = cache.begin_poll();
+        let mut conn = self.readers.acquire().await?;
+        let mut licenses: Vec<i64> = Vec::new();
+        let next = match cursor {
+            Cursor::Sqlite { last_id } => {
+                let events: Vec<(i64, i64)> = sqlx::query_as(
+                    "SELECT id, license_id FROM license_events WHERE id > $1 ORDER BY id",
+                )
+                .bind(*last_id)
+                .fetch_all(&mut *conn)
+                .await?;
+                let last = events.last().map_or(*last_id, |e| e.0);
+                licenses.extend(events.iter().map(|e| e.1));
+                Cursor::Sqlite { last_id: last }
+            }
+            Cursor::Postgres { xmin, seen } => {
+                let now_xmin = pg_xmin(&mut conn).await?;
+                let events: Vec<(i64, i64, i64)> = sqlx::query_as(
+                    "SELECT id, license_id, txid::text::bigint FROM license_events \
+                     WHERE txid >= $1::bigint::text::xid8",
+                )
+                .bind(*xmin)
+                .fetch_all(&mut *conn)
+                .await?;
+                let mut seen = std::mem::take(seen);
+                for (id, license, txid) in events {
+                    if seen.insert(id, txid).is_none() {
+                        licenses.push(license);
+                    }
+                }
+                // Later polls ask from `now_xmin` on: forget what they cannot return.
+                seen.retain(|_, txid| *txid >= now_xmin);
+                Cursor::Postgres {
+                    xmin: now_xmin,
+                    seen,
+                }
+            }
+        };
+        licenses.sort_unstable();
+        licenses.dedup();
+        let mut rows = Vec::new();
+        for ids in licenses.chunks(BATCH) {
+            rows.extend(
+                read_licenses(&mut conn, "l.id", ids.iter().map(|id| Bind::Int(*id))).await?,
+            );
+        }
+        for keys in poll.pending.chunks(BATCH) {
+            rows.extend(
+                read_licenses(
+                    &mut conn,
+                    "l.license_key",
+                    keys.iter().map(|k| Bind::Text(k)),
+                )
+                .await?,
+            );
+        }
+        // Products after licenses: every product a license row names is in.
+        let products = read_products(&mut conn).await?;
+        drop(conn);
+        cache.apply_products(&poll, products);
+        cache.apply(&poll, &rows);
+        let read: std::collections::HashSet<&str> = rows.iter().map(|r| r.key.as_str()).collect();
+        let missing: Vec<String> = poll
+            .pending
+            .iter()
+            .filter(|k| !read.contains(k.as_str()))
+            .cloned()
+            .collect();
+        cache.drop_pending_missing(&poll, &missing);
+        cache.finish_poll(&poll);
+        *cursor = next;
+        Ok(())
+    }
+}
+
+async fn pg_xmin(conn: &mut AnyConnection) -> StoreResult<i64> {
+    Ok(
+        sqlx::query_scalar("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint")
+            .fetch_one(&mut *conn)
+            .await?,
+    )
+}
+
+enum Bind<'a> {
+    Int(i64),
+    Text(&'a str),
+}
+
+/// The licenses whose `column` is one of `values`, with their activations.
+async fn read_licenses<'a>(
+    conn: &mut AnyConnection,
+    column: &str,
+    values: impl ExactSizeIterator<Item = Bind<'a>>,
+) -> StoreResult<Vec<LicenseRow>> {
+    let n = values.len();
+    if n == 0 {
+        return Ok(Vec::new());
+    }
+    let placeholders: Vec<String> = (1..=n).map(|i| format!("${i}")).collect();
+    let sql = format!(
+        concat!(cache_select!(), "WHERE {} IN ({}) ORDER BY l.id"),
+        column,
+        placeholders.join(", ")
+    );
+    let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+    for v in values {
+        query = match v {
+            Bind::Int(i) => query.bind(i),
+            Bind::Text(s) => query.bind(s.to_string()),
+        };
+    }
+    let rows = query.fetch_all(&mut *conn).await?;
+    let mut group = Grouper::default();
+    let mut out = Vec::new();
+    for row in &rows {
+        out.extend(group.push(row)?);
+    }
+    out.extend(group.finish());
+    Ok(out)
+}
+
+async fn read_products(conn: &mut AnyConnection) -> StoreResult<Vec<ProductPolicy>> {
+    let rows = sqlx::query("SELECT code, grace_period_months, latest_version FROM products")
+        .fetch_all(&mut *conn)
+        .await?;
+    rows.iter()
+        .map(|r| {
+            let latest: String = r.try_get(2)?;
+            Ok(ProductPolicy {
+                code: r.try_get(0)?,
+                grace_period_months: r.try_get::<i64, _>(1)? as u32,
+                latest_version: if latest.is_empty() {
+                    None
+                } else {
+                    Some(Arc::new(Version::parse(&latest).map_err(|_| {
+                        StoreError::Internal(format!("unexpected version in database: {latest}"))
+                    })?))
+                },
+            })
+        })
+        .collect()
+}
+
+/// Folds the rows of [`cache_select!`] (one per activation, ordered by
+/// license) into licenses.
+#[derive(Default)]
+struct Grouper {
+    current: Option<(i64, LicenseRow)>,
+}
+
+impl Grouper {
+    /// Adds a row; returns the previous license once all its rows are in.
+    fn push(&mut self, row: &AnyRow) -> StoreResult<Option<LicenseRow>> {
+        let id: i64 = row.try_get(0)?;
+        let fingerprint: Option<String> = row.try_get(9)?;
+        if let Some((cur, license)) = &mut self.current
+            && *cur == id
+        {
+            license.fingerprints.extend(fingerprint);
+            return Ok(None);
+        }
+        let text = |at: usize| -> StoreResult<String> { Ok(row.try_get(at)?) };
+        let bad = |what: &str, v: &str| {
+            StoreError::Internal(format!("unexpected {what} in database: {v}"))
+        };
+        let edition = text(3)?;
+        let kind = text(4)?;
+        let status = text(5)?;
+        let license = LicenseRow {
+            key: text(1)?,
+            product: text(2)?,
+            edition: Edition::from_str_opt(&edition).ok_or_else(|| bad("edition", &edition))?,
+            kind: LicenseKind::from_str_opt(&kind).ok_or_else(|| bad("kind", &kind))?,
+            status: LicenseStatus::from_str_opt(&status).ok_or_else(|| bad("status", &status))?,
+            expires_at: row.try_get(6)?,
+            seats: row.try_get::<i64, _>(7)? as u32,
+            seats_used: row.try_get::<i64, _>(8)? as u32,
+            fingerprints: fingerprint.into_iter().collect(),
+        };
+        Ok(self.current.replace((id, license)).map(|(_, l)| l))
+    }
+
+    fn finish(self) -> Option<LicenseRow> {
+        self.current.map(|(_, l)| l)
+    }
+}

@@ -1,0 +1,282 @@
+use super::*;
+use crate::domain::ProductCode;
+
+fn product(code: &str, grace: u32, latest: &str) -> ProductPolicy {
+    ProductPolicy {
+        code: code.into(),
+        grace_period_months: grace,
+        latest_version: Some(Arc::new(Version::parse(latest).unwrap())),
+    }
+}
+
+fn key() -> LicenseKey {
+    LicenseKey::generate(&ProductCode::parse("ACME").unwrap(), LicenseKind::Standard)
+}
+
+fn row(key: &LicenseKey, fps: &[&str]) -> LicenseRow {
+    LicenseRow {
+        key: key.normalized().to_string(),
+        product: "ACME".into(),
+        edition: Edition::Business,
+        kind: LicenseKind::Standard,
+        status: LicenseStatus::Active,
+        expires_at: 1_800_000_000_000_000,
+        seats: 3,
+        seats_used: fps.len() as u32,
+        fingerprints: fps.iter().map(|f| f.to_string()).collect(),
+    }
+}
+
+/// A cache loaded with `rows` by one complete poll.
+fn loaded(rows: &[LicenseRow]) -> ValidationCache {
+    let c = ValidationCache::new();
+    poll(&c, rows);
+    c.finish_load();
+    c
+}
+
+fn poll(c: &ValidationCache, rows: &[LicenseRow]) -> Instant {
+    let p = c.begin_poll();
+    c.apply_products(&p, vec![product("ACME", 1, "2.0")]);
+    c.apply(&p, rows);
+    c.finish_poll(&p);
+    p.started
+}
+
+fn found(a: Answer) -> ValidationView {
+    match a {
+        Answer::Found(v) => v,
+        other => panic!("expected an answer from memory, got {other:?}"),
+    }
+}
+
+#[test]
+fn an_entry_stays_within_56_bytes() {
+    assert!(
+        std::mem::size_of::<Entry>() <= 56,
+        "{}",
+        std::mem::size_of::<Entry>()
+    );
+}
+
+#[test]
+fn nothing_is_answered_before_the_first_load_finishes() {
+    let k = key();
+    let c = ValidationCache::new();
+    assert_eq!(c.lookup(&k, None, Instant::now()), Answer::AskDatabase);
+    poll(&c, &[row(&k, &[])]);
+    assert_eq!(c.lookup(&k, None, Instant::now()), Answer::AskDatabase);
+    c.finish_load();
+    assert!(matches!(
+        c.lookup(&k, None, Instant::now()),
+        Answer::Found(_)
+    ));
+}
+
+#[test]
+fn a_loaded_license_is_answered_with_every_field_and_its_fingerprints() {
+    let k = key();
+    let c = loaded(&[row(&k, &["fp-1", "fp-2"])]);
+    let now = Instant::now();
+    let v = found(c.lookup(&k, Some("fp-2"), now));
+    assert_eq!(
+        v,
+        ValidationView {
+            standing: Standing {
+                status: LicenseStatus::Active,
+                kind: LicenseKind::Standard,
+                expires_at: DateTime::from_timestamp_micros(1_800_000_000_000_000).unwrap(),
+                grace_period_months: 1,
+            },
+            edition: Edition::Business,
+            seats: 3,
+            seats_used: 2,
+            fingerprint_bound: Some(true),
+            latest_version: Some(Arc::new(Version::parse("2.0").unwrap())),
+        }
+    );
+    assert_eq!(
+        found(c.lookup(&k, Some("fp-3"), now)).fingerprint_bound,
+        Some(false)
+    );
+    assert_eq!(found(c.lookup(&k, None, now)).fingerprint_bound, None);
+    assert_eq!(c.lookup(&key(), None, now), Answer::NotFound);
+}
+
+#[test]
+fn every_status_kind_and_edition_round_trips() {
+    let c = loaded(&[]);
+    for status in [
+        LicenseStatus::Active,
+        LicenseStatus::Suspended,
+        LicenseStatus::Revoked,
+    ] {
+        for kind in [LicenseKind::Standard, LicenseKind::Promo, LicenseKind::Nfr] {
+            for edition in [Edition::Personal, Edition::Business] {
+                let k = LicenseKey::generate(&ProductCode::parse("ACME").unwrap(), kind);
+                let r = LicenseRow {
+                    status,
+                    kind,
+                    edition,
+                    ..row(&k, &["fp"])
+                };
+                poll(&c, &[r]);
+                let v = found(c.lookup(&k, None, Instant::now()));
+                assert_eq!(
+                    (v.standing.status, v.standing.kind, v.edition),
+                    (status, kind, edition)
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn the_cache_stops_answering_when_polls_stop() {
+    let k = key();
+    let c = loaded(&[row(&k, &[])]);
+    let started = poll(&c, &[]);
+    assert!(matches!(
+        c.lookup(&k, None, started + MAX_STALENESS - Duration::from_millis(1)),
+        Answer::Found(_)
+    ));
+    assert_eq!(
+        c.lookup(&k, None, started + MAX_STALENESS),
+        Answer::AskDatabase
+    );
+    // The next poll makes it answer again.
+    let started = poll(&c, &[]);
+    assert!(matches!(c.lookup(&k, None, started), Answer::Found(_)));
+}
+
+#[test]
+fn a_local_write_is_read_from_the_database_until_a_later_poll_rereads_it() {
+    let k = key();
+    let c = loaded(&[row(&k, &["fp-1"])]);
+    // A poll starts, reads the license as it was...
+    let early = c.begin_poll();
+    let before_write = row(&k, &["fp-1"]);
+    // ...a write on this replica commits and marks it...
+    c.mark_changed(&k);
+    assert_eq!(c.stats().pending, 1);
+    assert_eq!(c.lookup(&k, None, Instant::now()), Answer::AskDatabase);
+    // ...and the early poll's (possibly older) copy does not clear the mark.
+    c.apply_products(&early, vec![product("ACME", 1, "2.0")]);
+    c.apply(&early, &[before_write]);
+    c.finish_poll(&early);
+    assert_eq!(
+        c.lookup(&k, Some("fp-1"), Instant::now()),
+        Answer::AskDatabase
+    );
+    // A poll that started after the mark re-reads it and clears it.
+    let later = c.begin_poll();
+    assert_eq!(later.pending, vec![k.normalized().to_string()]);
+    c.apply_products(&later, vec![product("ACME", 1, "2.0")]);
+    c.apply(&later, &[row(&k, &[])]);
+    c.finish_poll(&later);
+    assert_eq!(c.stats().pending, 0);
+    let v = found(c.lookup(&k, Some("fp-1"), Instant::now()));
+    assert_eq!((v.fingerprint_bound, v.seats_used), (Some(false), 0));
+}
+
+#[test]
+fn a_license_issued_here_is_not_reported_missing_before_it_is_read() {
+    let c = loaded(&[]);
+    let k = key();
+    assert_eq!(c.lookup(&k, None, Instant::now()), Answer::NotFound);
+    c.mark_changed(&k);
+    assert_eq!(c.lookup(&k, None, Instant::now()), Answer::AskDatabase);
+    let p = c.begin_poll();
+    c.apply_products(&p, vec![product("ACME", 1, "2.0")]);
+    c.apply(&p, &[row(&k, &[])]);
+    c.finish_poll(&p);
+    assert!(matches!(
+        c.lookup(&k, None, Instant::now()),
+        Answer::Found(_)
+    ));
+}
+
+#[test]
+fn a_mark_for_a_license_that_never_committed_is_dropped_and_the_database_keeps_answering() {
+    let c = loaded(&[]);
+    let k = key();
+    c.mark_changed(&k);
+    let p = c.begin_poll();
+    c.drop_pending_missing(&p, &p.pending.clone());
+    c.finish_poll(&p);
+    assert_eq!(c.stats().pending, 0);
+    assert_eq!(c.lookup(&k, None, Instant::now()), Answer::AskDatabase);
+}
+
+#[test]
+fn a_product_change_here_is_read_from_the_database_until_a_later_poll_rereads_products() {
+    let k = key();
+    let c = loaded(&[row(&k, &[])]);
+    let early = c.begin_poll();
+    c.mark_products_changed();
+    assert_eq!(c.lookup(&k, None, Instant::now()), Answer::AskDatabase);
+    c.apply_products(&early, vec![product("ACME", 1, "2.0")]);
+    c.finish_poll(&early);
+    assert_eq!(c.lookup(&k, None, Instant::now()), Answer::AskDatabase);
+    let later = c.begin_poll();
+    c.apply_products(&later, vec![product("ACME", 6, "3.1")]);
+    c.finish_poll(&later);
+    let v = found(c.lookup(&k, None, Instant::now()));
+    assert_eq!(v.standing.grace_period_months, 6);
+    assert_eq!(v.latest_version.unwrap().as_str(), "3.1");
+}
+
+#[test]
+fn a_row_whose_seat_count_disagrees_with_its_activations_is_left_to_the_database() {
+    let k = key();
+    let mut r = row(&k, &["fp-1"]);
+    r.seats_used = 2;
+    let c = loaded(&[r]);
+    assert_eq!(c.lookup(&k, None, Instant::now()), Answer::AskDatabase);
+}
+
+#[test]
+fn a_license_of_an_unknown_product_is_left_to_the_database_and_reread() {
+    let k = key();
+    let c = loaded(&[]);
+    let p = c.begin_poll();
+    c.apply(
+        &p,
+        &[LicenseRow {
+            product: "NEWP".into(),
+            ..row(&k, &[])
+        }],
+    );
+    c.finish_poll(&p);
+    assert_eq!(c.lookup(&k, None, Instant::now()), Answer::AskDatabase);
+    assert_eq!(c.begin_poll().pending, vec![k.normalized().to_string()]);
+}
+
+#[test]
+fn more_licenses_than_one_chunk_are_all_found_and_updated_in_place() {
+    let keys: Vec<LicenseKey> = (0..CHUNK + 100).map(|_| key()).collect();
+    let rows: Vec<LicenseRow> = keys.iter().map(|k| row(k, &["fp"])).collect();
+    let c = loaded(&rows);
+    assert_eq!(c.stats().licenses, keys.len());
+    let now = Instant::now();
+    for k in &keys {
+        assert_eq!(
+            found(c.lookup(k, Some("fp"), now)).fingerprint_bound,
+            Some(true)
+        );
+    }
+    // Re-reading a license replaces its entry; it does not add one.
+    let last = keys.last().unwrap();
+    poll(
+        &c,
+        &[LicenseRow {
+            status: LicenseStatus::Revoked,
+            ..row(last, &["fp"])
+        }],
+    );
+    assert_eq!(c.stats().licenses, keys.len());
+    assert_eq!(
+        found(c.lookup(last, None, Instant::now())).standing.status,
+        LicenseStatus::Revoked
+    );
+}
