@@ -19,11 +19,11 @@ use std::collections::HashMap;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
-use sqlx::any::AnyRow;
-use sqlx::{AnyConnection, AnyPool, Row};
+use sqlx::{AnyConnection, AnyPool};
 use tokio_stream::StreamExt;
 
-use super::sql::Dialect;
+use super::sql::{Columns, Dialect};
+use super::sqlite_fast::FastReader;
 use super::validation_cache::{LicenseRow, ProductPolicy, ValidationCache};
 use super::{StoreError, StoreResult};
 use crate::domain::{Edition, LicenseKind, LicenseStatus, Version};
@@ -40,6 +40,19 @@ macro_rules! cache_select {
     };
 }
 
+/// The full load: every license with its activations, grouped by license.
+pub(super) const LOAD_SQL: &str = concat!(cache_select!(), "ORDER BY l.id");
+
+/// Every product's policy.
+pub(super) const PRODUCTS_SQL: &str =
+    "SELECT code, grace_period_months, latest_version FROM products";
+
+/// The newest event (SQLite: the position a load starts from).
+pub(super) const LAST_EVENT_SQL: &str = "SELECT COALESCE(MAX(id), 0) FROM license_events";
+
+/// Licenses applied to the cache per write lock during a load.
+pub(super) const LOAD_BATCH: usize = 10_000;
+
 /// Where the feed is in the event log.
 enum Cursor {
     /// The largest event id applied.
@@ -54,6 +67,9 @@ pub(super) struct Feed {
     readers: AnyPool,
     dialect: Dialect,
     refresh: Duration,
+    /// SQLite: the load runs on a blocking thread through rusqlite (about
+    /// five times faster than through sqlx for a million rows).
+    fast: Option<Arc<FastReader>>,
 }
 
 impl Feed {
@@ -62,12 +78,14 @@ impl Feed {
         readers: AnyPool,
         dialect: Dialect,
         refresh: Duration,
+        fast: Option<Arc<FastReader>>,
     ) -> Self {
         Feed {
             cache: Arc::downgrade(cache),
             readers,
             dialect,
             refresh,
+            fast,
         }
     }
 
@@ -127,7 +145,18 @@ impl Feed {
 
     /// The full load: every product and license, as of one snapshot taken
     /// after the returned cursor's position.
-    async fn load(&self, cache: &ValidationCache) -> StoreResult<Cursor> {
+    async fn load(&self, cache: &Arc<ValidationCache>) -> StoreResult<Cursor> {
+        if let (Dialect::Sqlite, Some(fast)) = (self.dialect, &self.fast) {
+            let (fast, cache, readers) = (fast.clone(), cache.clone(), self.readers.clone());
+            return tokio::task::spawn_blocking(move || {
+                let poll = cache.begin_poll();
+                let last_id = fast.load_cache(&cache, &poll, &|| readers.is_closed())?;
+                cache.finish_poll(&poll);
+                Ok(Cursor::Sqlite { last_id })
+            })
+            .await
+            .map_err(|e| StoreError::Internal(format!("cache load: {e}")))?;
+        }
         let poll = cache.begin_poll();
         let mut conn = self.readers.acquire().await?;
         let start = self.start_position(&mut conn).await?;
@@ -141,20 +170,23 @@ impl Feed {
             // SQLite: the event position in the same snapshot as the rows.
             let cursor = match start {
                 Cursor::Sqlite { .. } => Cursor::Sqlite {
-                    last_id: sqlx::query_scalar("SELECT COALESCE(MAX(id), 0) FROM license_events")
+                    last_id: sqlx::query_scalar(LAST_EVENT_SQL)
                         .fetch_one(&mut *conn)
                         .await?,
                 },
                 pg => pg,
             };
             cache.apply_products(&poll, read_products(&mut conn).await?);
-            let mut rows = sqlx::query(concat!(cache_select!(), "ORDER BY l.id")).fetch(&mut *conn);
+            let mut rows = sqlx::query(LOAD_SQL).fetch(&mut *conn);
             let mut group = Grouper::default();
-            let mut batch = Vec::with_capacity(10_000);
+            let mut batch = Vec::with_capacity(LOAD_BATCH);
             while let Some(row) = rows.next().await.transpose()? {
                 if let Some(done) = group.push(&row)? {
                     batch.push(done);
                     if batch.len() == batch.capacity() {
+                        if self.readers.is_closed() {
+                            return Err(StoreError::Unavailable("the store is closing".into()));
+                        }
                         cache.apply(&poll, &batch);
                         batch.clear();
                     }
@@ -308,67 +340,66 @@ async fn read_licenses<'a>(
 }
 
 async fn read_products(conn: &mut AnyConnection) -> StoreResult<Vec<ProductPolicy>> {
-    let rows = sqlx::query("SELECT code, grace_period_months, latest_version FROM products")
-        .fetch_all(&mut *conn)
-        .await?;
-    rows.iter()
-        .map(|r| {
-            let latest: String = r.try_get(2)?;
-            Ok(ProductPolicy {
-                code: r.try_get(0)?,
-                grace_period_months: r.try_get::<i64, _>(1)? as u32,
-                latest_version: if latest.is_empty() {
-                    None
-                } else {
-                    Some(Arc::new(Version::parse(&latest).map_err(|_| {
-                        StoreError::Internal(format!("unexpected version in database: {latest}"))
-                    })?))
-                },
-            })
-        })
-        .collect()
+    let rows = sqlx::query(PRODUCTS_SQL).fetch_all(&mut *conn).await?;
+    rows.iter().map(product_policy).collect()
+}
+
+/// A product's policy from a row of [`PRODUCTS_SQL`].
+pub(super) fn product_policy(row: &impl Columns) -> StoreResult<ProductPolicy> {
+    let latest = row.text(2)?;
+    Ok(ProductPolicy {
+        code: row.text(0)?,
+        grace_period_months: row.int(1)? as u32,
+        latest_version: if latest.is_empty() {
+            None
+        } else {
+            Some(Arc::new(Version::parse(&latest).map_err(|_| {
+                StoreError::Internal(format!("unexpected version in database: {latest}"))
+            })?))
+        },
+    })
 }
 
 /// Folds the rows of [`cache_select!`] (one per activation, ordered by
 /// license) into licenses.
 #[derive(Default)]
-struct Grouper {
+pub(super) struct Grouper {
     current: Option<(i64, LicenseRow)>,
 }
 
 impl Grouper {
     /// Adds a row; returns the previous license once all its rows are in.
-    fn push(&mut self, row: &AnyRow) -> StoreResult<Option<LicenseRow>> {
-        let id: i64 = row.try_get(0)?;
-        let fingerprint: Option<String> = row.try_get(9)?;
+    pub(super) fn push(&mut self, row: &impl Columns) -> StoreResult<Option<LicenseRow>> {
+        let id = row.int(0)?;
+        let fingerprint = row.opt_text(9)?;
         if let Some((cur, license)) = &mut self.current
             && *cur == id
         {
             license.fingerprints.extend(fingerprint);
             return Ok(None);
         }
-        let text = |at: usize| -> StoreResult<String> { Ok(row.try_get(at)?) };
         let bad = |what: &str, v: &str| {
             StoreError::Internal(format!("unexpected {what} in database: {v}"))
         };
-        let edition = text(3)?;
-        let kind = text(4)?;
-        let status = text(5)?;
+        let edition = row.text(3)?;
+        let kind = row.text(4)?;
+        let status = row.text(5)?;
         let license = LicenseRow {
-            key: text(1)?,
-            product: text(2)?,
+            key: row.text(1)?,
+            product: row.text(2)?,
             edition: Edition::from_str_opt(&edition).ok_or_else(|| bad("edition", &edition))?,
             kind: LicenseKind::from_str_opt(&kind).ok_or_else(|| bad("kind", &kind))?,
             status: LicenseStatus::from_str_opt(&status).ok_or_else(|| bad("status", &status))?,
-            expires_at: row.try_get(6)?,
-            seats: row.try_get::<i64, _>(7)? as u32,
-            seats_used: row.try_get::<i64, _>(8)? as u32,
+            expires_at: row.int(6)?,
+            seats: row.int(7)? as u32,
+            seats_used: row.int(8)? as u32,
             fingerprints: fingerprint.into_iter().collect(),
         };
         Ok(self.current.replace((id, license)).map(|(_, l)| l))
     }
 
-    fn finish(self) -> Option<LicenseRow> {
+    /// The last license.
+    pub(super) fn finish(self) -> Option<LicenseRow> {
         self.current.map(|(_, l)| l)
     }
 }

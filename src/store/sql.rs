@@ -113,8 +113,13 @@ impl SqlStore {
     /// [`super::validation_cache`]). Must be called inside a Tokio runtime.
     pub fn with_validation_cache(mut self, refresh: Duration) -> Self {
         let cache = Arc::new(ValidationCache::new());
-        let feed =
-            super::cache_feed::Feed::new(&cache, self.readers.clone(), self.dialect, refresh);
+        let feed = super::cache_feed::Feed::new(
+            &cache,
+            self.readers.clone(),
+            self.dialect,
+            refresh,
+            self.fast_reads.clone(),
+        );
         tokio::spawn(feed.run());
         self.cache = Some(cache);
         self

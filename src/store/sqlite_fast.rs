@@ -18,7 +18,11 @@ use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags};
 
+use super::cache_feed::{
+    Grouper, LAST_EVENT_SQL, LOAD_BATCH, LOAD_SQL, PRODUCTS_SQL, product_policy,
+};
 use super::sql::{Columns, VALIDATION_SQL, validation_from_row};
+use super::validation_cache::{Poll, ValidationCache};
 use super::{StoreError, StoreResult, ValidationView};
 use crate::domain::LicenseKey;
 
@@ -52,7 +56,8 @@ impl FastReader {
         Ok(reader)
     }
 
-    fn connect(&self) -> StoreResult<Connection> {
+    /// A read-only connection, waiting up to 5 s for a busy database.
+    fn open_read_only(&self) -> StoreResult<Connection> {
         let conn = Connection::open_with_flags(
             &self.path,
             OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
@@ -60,6 +65,11 @@ impl FastReader {
         .map_err(unavailable_or_internal)?;
         conn.busy_timeout(Duration::from_secs(5))
             .map_err(unavailable_or_internal)?;
+        Ok(conn)
+    }
+
+    fn connect(&self) -> StoreResult<Connection> {
+        let conn = self.open_read_only()?;
         conn.set_prepared_statement_cache_capacity(8);
         if self.mmap_bytes > 0 {
             // Pages are read from the mapping instead of copied by a system
@@ -101,6 +111,57 @@ impl FastReader {
             idle.push(conn);
         }
         result
+    }
+}
+
+impl FastReader {
+    /// The validation cache's full load (blocking: run it on a blocking
+    /// thread): every product, then every license with its activations, from
+    /// one snapshot; returns the newest event id in that snapshot. Its own
+    /// connection, never memory-mapped: a full scan would map the whole file
+    /// into the process. Gives up when `cancelled` says so (checked between
+    /// batches), so that a server shutting down does not wait for it.
+    pub fn load_cache(
+        &self,
+        cache: &ValidationCache,
+        poll: &Poll,
+        cancelled: &dyn Fn() -> bool,
+    ) -> StoreResult<i64> {
+        let conn = self.open_read_only()?;
+        conn.execute_batch("BEGIN")
+            .map_err(unavailable_or_internal)?;
+        let last_id: i64 = conn
+            .query_row(LAST_EVENT_SQL, [], |r| r.get(0))
+            .map_err(unavailable_or_internal)?;
+        let mut products = Vec::new();
+        let mut stmt = conn
+            .prepare(PRODUCTS_SQL)
+            .map_err(unavailable_or_internal)?;
+        let mut rows = stmt.query([]).map_err(unavailable_or_internal)?;
+        while let Some(r) = rows.next().map_err(unavailable_or_internal)? {
+            products.push(product_policy(&FastRow(r))?);
+        }
+        cache.apply_products(poll, products);
+        let mut stmt = conn.prepare(LOAD_SQL).map_err(unavailable_or_internal)?;
+        let mut rows = stmt.query([]).map_err(unavailable_or_internal)?;
+        let mut group = Grouper::default();
+        let mut batch = Vec::with_capacity(LOAD_BATCH);
+        while let Some(r) = rows.next().map_err(unavailable_or_internal)? {
+            if let Some(done) = group.push(&FastRow(r))? {
+                batch.push(done);
+                if batch.len() == LOAD_BATCH {
+                    if cancelled() {
+                        return Err(StoreError::Unavailable("the store is closing".into()));
+                    }
+                    cache.apply(poll, &batch);
+                    batch.clear();
+                }
+            }
+        }
+        batch.extend(group.finish());
+        cache.apply(poll, &batch);
+        // Dropping the connection ends the read transaction.
+        Ok(last_id)
     }
 }
 
