@@ -922,3 +922,99 @@ async fn postgres_writes_survive_the_database_dropping_every_connection() {
     let _ = admin.close().await;
     db.drop_db().await;
 }
+
+/// The cache's status for `key`, once it answers from memory.
+async fn cached_status(
+    cache: &licensd::store::validation_cache::ValidationCache,
+    key: &LicenseKey,
+) -> Option<LicenseStatus> {
+    match cache.lookup(key, None, std::time::Instant::now()) {
+        licensd::store::validation_cache::Answer::Found(v) => Some(v.standing.status),
+        _ => None,
+    }
+}
+
+/// PostgreSQL hands out event ids from a sequence, so an event can commit
+/// after one with a higher id. The cache must still apply it: each poll asks
+/// for the events of every transaction that was still running at the
+/// previous poll (by `txid` against the snapshot's `xmin`), not for ids above
+/// the highest seen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_cache_applies_an_event_that_commits_after_a_later_one() {
+    use std::time::{Duration, Instant};
+    let Some(db) = TestDb::postgres().await else {
+        return;
+    };
+    let s = db.open().await;
+    product(&s, "ACME", "").await;
+    let a = s
+        .issue_license(&issue_cmd("a", 1), &actor(), t(NOW))
+        .await
+        .unwrap();
+    let b = s
+        .issue_license(&issue_cmd("b", 1), &actor(), t(NOW))
+        .await
+        .unwrap();
+    let cached = db
+        .open()
+        .await
+        .with_validation_cache(Duration::from_millis(20));
+    let cache = cached.validation_cache().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while cached_status(cache, &a.key).await.is_none() {
+        assert!(Instant::now() < deadline, "the cache did not load");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    // A transaction suspends `a`, taking an event id, and stays open...
+    let mut slow = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut slow).await.unwrap();
+    sqlx::query("UPDATE licenses SET status = 'SUSPENDED' WHERE license_key = $1")
+        .bind(a.key.normalized())
+        .execute(&mut slow)
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO license_events (license_id, type, at, actor) \
+         SELECT id, 'suspended', 0, 'test' FROM licenses WHERE license_key = $1",
+    )
+    .bind(a.key.normalized())
+    .execute(&mut slow)
+    .await
+    .unwrap();
+    // ...while a later change, with a higher event id, commits and the
+    // cache's polls move past it.
+    s.change_status(&b.key, StatusAction::Suspend, "", None, &actor(), t(NOW))
+        .await
+        .unwrap();
+    while cached_status(cache, &b.key).await != Some(LicenseStatus::Suspended) {
+        assert!(
+            Instant::now() < deadline,
+            "the cache did not see b's change"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let epoch = cache.stats().epoch;
+    while cache.stats().epoch < epoch + 3 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        cached_status(cache, &a.key).await,
+        Some(LicenseStatus::Active),
+        "not committed yet"
+    );
+
+    // Once the older event commits, the cache applies it.
+    sqlx::query("COMMIT").execute(&mut slow).await.unwrap();
+    let committed = Instant::now();
+    while cached_status(cache, &a.key).await != Some(LicenseStatus::Suspended) {
+        assert!(
+            committed.elapsed() < Duration::from_secs(5),
+            "the cache never applied the event that committed late"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    cached.close().await;
+    s.close().await;
+    db.drop_db().await;
+}

@@ -31,6 +31,9 @@ use crate::domain::{Edition, LicenseKind, LicenseStatus, Version};
 /// Licenses re-read per statement.
 const BATCH: usize = 500;
 
+/// Events read per statement.
+const EVENT_PAGE: i64 = 10_000;
+
 /// What a license row of the cache is read from: one statement, so
 /// `seats_used` and the activations listed come from one snapshot.
 macro_rules! cache_select {
@@ -220,32 +223,50 @@ impl Feed {
     async fn poll(&self, cache: &ValidationCache, cursor: &mut Cursor) -> StoreResult<()> {
         let poll = cache.begin_poll();
         let mut conn = self.readers.acquire().await?;
-        let mut licenses: Vec<i64> = Vec::new();
+        // The licenses named by new events, read a page at a time (a poll
+        // after a long outage may find many events).
+        let mut licenses = std::collections::BTreeSet::new();
         let next = match cursor {
             Cursor::Sqlite { last_id } => {
-                let events: Vec<(i64, i64)> = sqlx::query_as(
-                    "SELECT id, license_id FROM license_events WHERE id > $1 ORDER BY id",
-                )
-                .bind(*last_id)
-                .fetch_all(&mut *conn)
-                .await?;
-                let last = events.last().map_or(*last_id, |e| e.0);
-                licenses.extend(events.iter().map(|e| e.1));
+                let mut last = *last_id;
+                loop {
+                    let page: Vec<(i64, i64)> = sqlx::query_as(
+                        "SELECT id, license_id FROM license_events WHERE id > $1 ORDER BY id LIMIT $2",
+                    )
+                    .bind(last)
+                    .bind(EVENT_PAGE)
+                    .fetch_all(&mut *conn)
+                    .await?;
+                    last = page.last().map_or(last, |e| e.0);
+                    licenses.extend(page.iter().map(|e| e.1));
+                    if page.len() < EVENT_PAGE as usize {
+                        break;
+                    }
+                }
                 Cursor::Sqlite { last_id: last }
             }
             Cursor::Postgres { xmin, seen } => {
                 let now_xmin = pg_xmin(&mut conn).await?;
-                let events: Vec<(i64, i64, i64)> = sqlx::query_as(
-                    "SELECT id, license_id, txid::text::bigint FROM license_events \
-                     WHERE txid >= $1::bigint::text::xid8",
-                )
-                .bind(*xmin)
-                .fetch_all(&mut *conn)
-                .await?;
-                let mut seen = std::mem::take(seen);
-                for (id, license, txid) in events {
-                    if seen.insert(id, txid).is_none() {
-                        licenses.push(license);
+                let mut seen = seen.clone();
+                let mut after = i64::MIN;
+                loop {
+                    let page: Vec<(i64, i64, i64)> = sqlx::query_as(
+                        "SELECT id, license_id, txid::text::bigint FROM license_events \
+                         WHERE txid >= $1::bigint::text::xid8 AND id > $2 ORDER BY id LIMIT $3",
+                    )
+                    .bind(*xmin)
+                    .bind(after)
+                    .bind(EVENT_PAGE)
+                    .fetch_all(&mut *conn)
+                    .await?;
+                    after = page.last().map_or(after, |e| e.0);
+                    for &(id, license, txid) in &page {
+                        if seen.insert(id, txid).is_none() {
+                            licenses.insert(license);
+                        }
+                    }
+                    if page.len() < EVENT_PAGE as usize {
+                        break;
                     }
                 }
                 // Later polls ask from `now_xmin` on: forget what they cannot return.
@@ -256,8 +277,7 @@ impl Feed {
                 }
             }
         };
-        licenses.sort_unstable();
-        licenses.dedup();
+        let licenses: Vec<i64> = licenses.into_iter().collect();
         let mut rows = Vec::new();
         for ids in licenses.chunks(BATCH) {
             rows.extend(
