@@ -1,13 +1,17 @@
-//! Validate's read path on SQLite, without sqlx.
+//! Validate's database reads on SQLite, without sqlx, and the validation
+//! cache's full load.
 //!
-//! Validate is the hot path: one indexed lookup. Through sqlx every query
-//! crosses to the connection's worker thread and back and is converted into
-//! an `AnyRow`, which costs several times the lookup itself (about 130 µs of
-//! CPU per call against ~10 µs for SQLite's work, measured with
-//! `licensd bench`). Here the lookup runs on the calling task with a cached
-//! prepared statement on a pooled read-only connection. It is short and
-//! never waits for a writer (WAL readers read a snapshot), so running it
-//! inline on the runtime is cheaper than any hand-off to another thread.
+//! Validate is the hot path. It is answered from the validation cache
+//! (`super::validation_cache`) when it can be; this is the read it falls back
+//! to (cache off, still loading, or a license just written here): one indexed
+//! lookup. Through sqlx every query crosses to the connection's worker thread
+//! and back and is converted into an `AnyRow`, which costs several times the
+//! lookup itself (about 130 µs of CPU per call against ~10 µs for SQLite's
+//! work, measured with `licensd bench`). Here the lookup runs on the calling
+//! task with a cached prepared statement on a pooled read-only connection. It
+//! is short and never waits for a writer (WAL readers read a snapshot), so
+//! running it inline on the runtime is cheaper than any hand-off to another
+//! thread.
 //!
 //! Same database file, same SQL (`VALIDATION_SQL`), same row mapping as the
 //! sqlx path; only the driver differs.

@@ -7,6 +7,14 @@
 //! in a compact record (56 bytes, fingerprints as 64-bit keyed hashes), so
 //! a million licenses take about 70 MB.
 //!
+//! Fingerprints are kept as 64-bit SipHash values under a key drawn at
+//! random per process. A fingerprint that is not bound would be answered as
+//! bound only if its hash equalled one of that license's bound fingerprints'
+//! hashes: a chance of (bound fingerprints) × 2⁻⁶⁴ per call, which nobody can
+//! aim for without the process's key. Only Validate's answer could be
+//! affected; Activate, Deactivate and redemption compare the stored
+//! fingerprints themselves. Keys are kept as 128-bit SipHash values.
+//!
 //! **It serves Validate only.** Every write still decides on rows it locked
 //! in the database, so no write rule ever reads the cache.
 //!
