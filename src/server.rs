@@ -19,6 +19,8 @@ use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
+use crate::store::validation_cache::ValidationCache;
+
 use crate::grpc::auth::{FailureWindow, Gate, GateLayer, LimitConfig};
 use crate::grpc::{ActivationApi, Clock, Ctx, LicenseApi, ProductApi, system_clock};
 use crate::proto::activation_service_server::ActivationServiceServer;
@@ -205,6 +207,10 @@ impl Application {
         let (health, health_service) = tonic_health::server::health_reporter();
         set_all(&health, ServingStatus::Serving).await;
         let watchdog = tokio::spawn(watch_database(store.clone(), health.clone()));
+        let cache_watch = self
+            .store
+            .validation_cache()
+            .map(|cache| tokio::spawn(watch_cache(cache.clone(), health.clone())));
 
         let reflection_v1 = reflection()
             .build_v1()
@@ -252,6 +258,7 @@ impl Application {
             res = &mut server => {
                 // The transport stopped on its own: report why.
                 watchdog.abort();
+                cache_watch.iter().for_each(|t| t.abort());
                 janitor.abort();
                 self.store.close().await;
                 return res.map_err(|e| ServerError::Store(crate::store::StoreError::Internal(e.to_string())))?
@@ -262,6 +269,12 @@ impl Application {
 
         tracing::info!("shutting down: draining in-flight calls");
         watchdog.abort();
+        cache_watch.iter().for_each(|t| t.abort());
+        if cache_watch.is_some() {
+            health
+                .set_service_status(CACHE_HEALTH, ServingStatus::NotServing)
+                .await;
+        }
         janitor.abort();
         set_all(&health, ServingStatus::NotServing).await;
         let _ = stop_tx.send(());
@@ -312,6 +325,36 @@ async fn set_all(health: &HealthReporter, status: ServingStatus) {
     health
         .set_service_status("licensing.v1.ActivationService", status)
         .await;
+}
+
+/// The health service name that reports whether Validate is answered from
+/// the validation cache (SERVING) or from the database (NOT_SERVING: still
+/// loading, or polls failing). Unknown to health when the cache is off.
+pub const CACHE_HEALTH: &str = "licensd.ValidationCache";
+
+/// Keeps [`CACHE_HEALTH`] in step with the cache, and logs each change.
+async fn watch_cache(cache: Arc<ValidationCache>, health: HealthReporter) {
+    let mut fresh = None;
+    loop {
+        let now = cache.is_fresh(std::time::Instant::now());
+        if fresh != Some(now) {
+            match (fresh, now) {
+                (Some(_), true) => tracing::info!("validation cache answers Validate again"),
+                (Some(_), false) => {
+                    tracing::warn!("validation cache is behind; Validate reads the database")
+                }
+                (None, _) => {}
+            }
+            fresh = Some(now);
+            let status = if now {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            };
+            health.set_service_status(CACHE_HEALTH, status).await;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }
 
 /// Reports NOT_SERVING while the database does not answer.

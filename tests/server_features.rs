@@ -129,6 +129,42 @@ async fn health_reports_serving_overall_and_per_service() {
     s.stop().await;
 }
 
+async fn cache_health(s: &TestServer) -> Result<ServingStatus, tonic::Code> {
+    HealthClient::new(s.channel.clone())
+        .check(HealthCheckRequest {
+            service: licensd::server::CACHE_HEALTH.into(),
+        })
+        .await
+        .map(|r| r.into_inner().status())
+        .map_err(|e| e.code())
+}
+
+/// `licensd.ValidationCache` says whether Validate is answered from memory:
+/// SERVING once the cache has loaded (and while its polls succeed: the
+/// cache's unit tests cover it going stale), unknown with the cache off.
+#[tokio::test]
+async fn health_reports_whether_validate_is_answered_from_the_cache() {
+    let s = TestServer::start().await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while cache_health(&s).await != Ok(ServingStatus::Serving) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the cache never reported SERVING: {:?}",
+            cache_health(&s).await
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    s.stop().await;
+
+    let off = TestServer::start_with(Config {
+        validate_cache_refresh: None,
+        ..Config::default()
+    })
+    .await;
+    assert_eq!(cache_health(&off).await, Err(tonic::Code::NotFound));
+    off.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn shutdown_under_load_finishes_in_flight_calls_within_the_drain_time() {
     // No per-address limit: this test is the load.
@@ -341,6 +377,8 @@ async fn guessing_renewal_codes_is_throttled_per_license_key() {
 async fn validate_through_a_memory_mapped_file_sees_every_committed_change() {
     let mut s = TestServer::start_with(Config {
         sqlite_mmap_mib: 64,
+        // Every Validate reads the file, none the validation cache.
+        validate_cache_refresh: None,
         ..Config::default()
     })
     .await;

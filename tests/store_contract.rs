@@ -808,6 +808,77 @@ async fn the_validation_cache_answers_exactly_as_the_database(db: &TestDb, s: &S
     cached.close().await;
 }
 
+/// When the cache's polls fail, it stops answering within 800 ms of the last
+/// poll that succeeded, and Validate reads the database: a change made
+/// meanwhile is answered, never the cache's old copy. When polls succeed
+/// again, the cache answers again, with the change.
+async fn a_cache_whose_polls_fail_leaves_validate_to_the_database(db: &TestDb, s: &SqlStore) {
+    use licensd::store::validation_cache::Answer;
+    use std::time::{Duration, Instant};
+    product(s, "ACME", "").await;
+    let l = s
+        .issue_license(&issue_cmd("r-1", 1), &actor(), t(NOW))
+        .await
+        .unwrap();
+    let cached = db
+        .open()
+        .await
+        .with_validation_cache(Duration::from_millis(20));
+    let cache = cached.validation_cache().unwrap().clone();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !matches!(cache.lookup(&l.key, None, Instant::now()), Answer::Found(_)) {
+        assert!(Instant::now() < deadline, "the cache did not load");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Polls now fail (the event log is out of reach); the license changes
+    // behind the cache's back.
+    raw(
+        db,
+        "ALTER TABLE license_events RENAME TO license_events_away",
+    )
+    .await
+    .unwrap();
+    raw(
+        db,
+        &format!(
+            "UPDATE licenses SET status = 'SUSPENDED' WHERE license_key = '{}'",
+            l.key.normalized()
+        ),
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    assert_eq!(
+        cache.lookup(&l.key, None, Instant::now()),
+        Answer::AskDatabase
+    );
+    let v = cached.validation_view(&l.key, None).await.unwrap().unwrap();
+    assert_eq!(v.standing.status, LicenseStatus::Suspended);
+
+    // Polls succeed again: the cache answers again, with the change. (It
+    // was made without an event, so it reaches the cache only on a license's
+    // next event; an event makes it visible.)
+    raw(
+        db,
+        "ALTER TABLE license_events_away RENAME TO license_events",
+    )
+    .await
+    .unwrap();
+    s.change_status(&l.key, StatusAction::Reinstate, "", None, &actor(), t(NOW))
+        .await
+        .unwrap();
+    loop {
+        match cache.lookup(&l.key, None, Instant::now()) {
+            Answer::Found(v) if v.standing.status == LicenseStatus::Active => break,
+            _ => {
+                assert!(Instant::now() < deadline, "the cache did not answer again");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+    cached.close().await;
+}
+
 // ---------------------------------------------------------------------------
 // One test per behaviour and backend
 // ---------------------------------------------------------------------------
@@ -849,6 +920,7 @@ contract!(
     licenses_are_filtered_and_paged_by_expiry,
     validation_view_reports_the_fingerprint_binding,
     the_validation_cache_answers_exactly_as_the_database,
+    a_cache_whose_polls_fail_leaves_validate_to_the_database,
     renewal_codes_are_stored_only_as_hashes,
     constraints_refuse_impossible_states,
     concurrent_writes_keep_every_rule,

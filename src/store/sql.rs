@@ -126,8 +126,8 @@ impl SqlStore {
     }
 
     /// The validation cache, if switched on.
-    pub fn validation_cache(&self) -> Option<&ValidationCache> {
-        self.cache.as_deref()
+    pub fn validation_cache(&self) -> Option<&Arc<ValidationCache>> {
+        self.cache.as_ref()
     }
 
     /// After a write to the license `key` that committed, or may have:
