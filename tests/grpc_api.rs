@@ -6,7 +6,7 @@ mod common;
 
 use std::collections::{HashMap, HashSet};
 
-use chrono::{DateTime, Duration, Months, SecondsFormat, Utc};
+use chrono::{DateTime, Datelike, Duration, Months, SecondsFormat, Utc};
 use common::{
     TestServer, assert_refused, bad_fields, code_req, days_ago, error_info, license_req, rid,
 };
@@ -323,21 +323,40 @@ async fn assert_redeem_refused_and_unchanged(
     metadata
 }
 
+/// The clock for tests that make a license lapse in seconds: real time,
+/// moved on by a day while a 29 February is near. No calendar-year term ends
+/// on a 29 February, so on that day no license can expire "in 3 seconds".
+/// Returns the shift and the server's clock.
+fn lapse_clock() -> (Duration, licensd::grpc::Clock) {
+    let leap_day = |t: DateTime<Utc>| t.month() == 2 && t.day() == 29;
+    let now = Utc::now();
+    let shift = if leap_day(now) || leap_day(now + Duration::minutes(1)) {
+        Duration::days(1)
+    } else {
+        Duration::zero()
+    };
+    (shift, std::sync::Arc::new(move || Utc::now() + shift))
+}
+
 /// A BUSINESS 1-year license of `product` that expires about 3 seconds from
-/// now, activated on `fp`, then waited out: it has lapsed and lies inside the
-/// grace period.
-/// (On a 29 February no 1-year license can expire "in 3 seconds"; the
-/// expiry assertion below then fails loudly rather than testing the wrong thing.)
-async fn lapsed_license(s: &mut TestServer, product: &str, seats: u32, fp: &str) -> pb::License {
-    let expiry = now_secs() + Duration::seconds(3);
+/// the server's now (real time + `shift`, see [`lapse_clock`]), activated on
+/// `fp`, then waited out: it has lapsed and lies inside the grace period.
+async fn lapsed_license(
+    s: &mut TestServer,
+    shift: Duration,
+    product: &str,
+    seats: u32,
+    fp: &str,
+) -> pb::License {
+    let expiry = now_secs() + shift + Duration::seconds(3);
     let starts = expiry.checked_sub_months(Months::new(12)).unwrap();
     let l = s.issue(license_from(product, seats, 1, pts(starts))).await;
     assert_eq!(dt(&l.expires_at), expiry);
     s.activate(&l.key, fp)
         .await
         .expect("activate before expiry");
-    let wait =
-        (expiry - Utc::now()).to_std().unwrap_or_default() + std::time::Duration::from_millis(300);
+    let wait = (expiry - (Utc::now() + shift)).to_std().unwrap_or_default()
+        + std::time::Duration::from_millis(300);
     tokio::time::sleep(wait).await;
     let l = s.license(&l.key).await;
     assert_eq!(l.validity, pb::Validity::ExpiredRenewable as i32);
@@ -1607,9 +1626,10 @@ async fn r4_renewals_redeemed_early_stack() {
 
 #[tokio::test]
 async fn r3_r4_a_lapsed_license_inside_the_grace_month_renews_from_its_old_expiry() {
-    let mut s = TestServer::start().await;
+    let (shift, clock) = lapse_clock();
+    let mut s = TestServer::start_with_clock(clock).await;
     s.product("ACME", LATEST).await;
-    let l = lapsed_license(&mut s, "ACME", 1, "fp-1").await;
+    let l = lapsed_license(&mut s, shift, "ACME", 1, "fp-1").await;
     let c = s.code(code_req("ACME", 1, 1)).await;
     let res = redeem(&mut s, &l.key, &c.renewal_code, "fp-1", LATEST)
         .await
@@ -1624,7 +1644,8 @@ async fn r3_r4_a_lapsed_license_inside_the_grace_month_renews_from_its_old_expir
 
 #[tokio::test]
 async fn r4_with_from_now_if_expired_a_lapsed_license_restarts_from_the_renewal() {
-    let mut s = TestServer::start().await;
+    let (shift, clock) = lapse_clock();
+    let mut s = TestServer::start_with_clock(clock).await;
     s.products
         .create_product(pb::CreateProductRequest {
             product: Some(pb::Product {
@@ -1647,13 +1668,13 @@ async fn r4_with_from_now_if_expired_a_lapsed_license_restarts_from_the_renewal(
         .into_inner();
     assert_eq!(got.renewal_basis, pb::RenewalBasis::FromNowIfExpired as i32);
 
-    let l = lapsed_license(&mut s, "FLEX", 1, "fp-1").await;
+    let l = lapsed_license(&mut s, shift, "FLEX", 1, "fp-1").await;
     let c = s.code(code_req("FLEX", 1, 1)).await;
-    let before = Utc::now() - Duration::milliseconds(5);
+    let before = Utc::now() + shift - Duration::milliseconds(5);
     let res = redeem(&mut s, &l.key, &c.renewal_code, "fp-1", LATEST)
         .await
         .expect("redeem");
-    let after = Utc::now() + Duration::milliseconds(5);
+    let after = Utc::now() + shift + Duration::milliseconds(5);
     assert_eq!(res.previous_expires_at, l.expires_at);
     let new_expiry = dt(&res.license.unwrap().expires_at);
     assert!(

@@ -120,6 +120,18 @@ impl TestDb {
         })
     }
 
+    /// The API suite's database: SQLite, or PostgreSQL when
+    /// `LICENSD_TEST_BACKEND=postgres`.
+    pub async fn for_api_tests() -> TestDb {
+        if std::env::var("LICENSD_TEST_BACKEND").as_deref() == Ok("postgres") {
+            TestDb::postgres()
+                .await
+                .expect("LICENSD_TEST_BACKEND=postgres needs LICENSD_TEST_POSTGRES_URL")
+        } else {
+            TestDb::sqlite()
+        }
+    }
+
     /// Whether this is PostgreSQL.
     pub fn is_postgres(&self) -> bool {
         self.name.is_some()
@@ -227,13 +239,7 @@ impl TestServer {
     /// Starts a server on a fresh database: SQLite, or PostgreSQL when
     /// `LICENSD_TEST_BACKEND=postgres` (CI runs the API suite both ways).
     pub async fn start() -> TestServer {
-        if std::env::var("LICENSD_TEST_BACKEND").as_deref() == Ok("postgres") {
-            let db = TestDb::postgres()
-                .await
-                .expect("LICENSD_TEST_BACKEND=postgres needs LICENSD_TEST_POSTGRES_URL");
-            return Self::start_on(db).await;
-        }
-        Self::start_on(TestDb::sqlite()).await
+        Self::start_on(TestDb::for_api_tests().await).await
     }
 
     /// Starts a server on a fresh PostgreSQL database, or `None` (skipped).
@@ -243,16 +249,26 @@ impl TestServer {
 
     /// Starts a server on `db` with the default configuration.
     pub async fn start_on(db: TestDb) -> TestServer {
-        Self::start_configured(db, Config::default()).await
+        Self::start_configured(db, Config::default(), None).await
+    }
+
+    /// Like [`start`](Self::start), with the server reading `clock`.
+    pub async fn start_with_clock(clock: licensd::grpc::Clock) -> TestServer {
+        let db = TestDb::for_api_tests().await;
+        Self::start_configured(db, Config::default(), Some(clock)).await
     }
 
     /// Starts a server on a fresh SQLite database with `config` (its listen
     /// address and database are replaced).
     pub async fn start_with(config: Config) -> TestServer {
-        Self::start_configured(TestDb::sqlite(), config).await
+        Self::start_configured(TestDb::sqlite(), config, None).await
     }
 
-    async fn start_configured(db: TestDb, config: Config) -> TestServer {
+    async fn start_configured(
+        db: TestDb,
+        config: Config,
+        clock: Option<licensd::grpc::Clock>,
+    ) -> TestServer {
         licensd::telemetry::init_for_tests();
         let db_path = licensd::store::sqlite::sqlite_path(&db.url);
         let config = Config {
@@ -261,7 +277,10 @@ impl TestServer {
             ..config
         };
         let admin_token = create_token(&db.url, "admin", "test-admin").await;
-        let app = Application::build(config).await.expect("server builds");
+        let mut app = Application::build(config).await.expect("server builds");
+        if let Some(clock) = clock {
+            app = app.with_clock(clock);
+        }
         let addr = app.local_addr();
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
