@@ -22,11 +22,11 @@ use std::time::{Duration, Instant};
 use sqlx::{AnyConnection, AnyPool};
 use tokio_stream::StreamExt;
 
-use super::sql::{Columns, Dialect};
+use super::sql::{Columns, Dialect, enum_of, latest_version};
 use super::sqlite_fast::FastReader;
-use super::validation_cache::{LicenseRow, ProductPolicy, ValidationCache};
+use super::validation_cache::{LicenseRow, Poll, ProductPolicy, ValidationCache};
 use super::{StoreError, StoreResult};
-use crate::domain::{Edition, LicenseKind, LicenseStatus, Version};
+use crate::domain::{Edition, LicenseKind, LicenseStatus};
 
 /// Licenses re-read per statement.
 const BATCH: usize = 500;
@@ -149,74 +149,53 @@ impl Feed {
     /// The full load: every product and license, as of one snapshot taken
     /// after the returned cursor's position.
     async fn load(&self, cache: &Arc<ValidationCache>) -> StoreResult<Cursor> {
-        if let (Dialect::Sqlite, Some(fast)) = (self.dialect, &self.fast) {
-            let (fast, cache, readers) = (fast.clone(), cache.clone(), self.readers.clone());
-            return tokio::task::spawn_blocking(move || {
-                let poll = cache.begin_poll();
-                let last_id = fast.load_cache(&cache, &poll, &|| readers.is_closed())?;
-                cache.finish_poll(&poll);
-                Ok(Cursor::Sqlite { last_id })
-            })
-            .await
-            .map_err(|e| StoreError::Internal(format!("cache load: {e}")))?;
+        match (self.dialect, &self.fast) {
+            (Dialect::Sqlite, Some(fast)) => {
+                let (fast, cache, readers) = (fast.clone(), cache.clone(), self.readers.clone());
+                tokio::task::spawn_blocking(move || {
+                    let poll = cache.begin_poll();
+                    let last_id = fast.load_cache(&cache, &poll, &|| readers.is_closed())?;
+                    cache.finish_poll(&poll);
+                    Ok(Cursor::Sqlite { last_id })
+                })
+                .await
+                .map_err(|e| StoreError::Internal(format!("cache load: {e}")))?
+            }
+            (Dialect::Sqlite, None) => Err(StoreError::Internal(
+                "the SQLite validation cache loads through the fast reader".into(),
+            )),
+            (Dialect::Postgres, _) => self.load_postgres(cache).await,
         }
+    }
+
+    /// PostgreSQL's load, through sqlx: `xmin` first, then one snapshot.
+    async fn load_postgres(&self, cache: &ValidationCache) -> StoreResult<Cursor> {
         let poll = cache.begin_poll();
         let mut conn = self.readers.acquire().await?;
-        let start = self.start_position(&mut conn).await?;
-        sqlx::query(match self.dialect {
-            Dialect::Sqlite => "BEGIN",
-            Dialect::Postgres => "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
-        })
-        .execute(&mut *conn)
-        .await?;
+        let cursor = Cursor::Postgres {
+            xmin: pg_xmin(&mut conn).await?,
+            seen: HashMap::new(),
+        };
+        sqlx::query("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            .execute(&mut *conn)
+            .await?;
         let result = async {
-            // SQLite: the event position in the same snapshot as the rows.
-            let cursor = match start {
-                Cursor::Sqlite { .. } => Cursor::Sqlite {
-                    last_id: sqlx::query_scalar(LAST_EVENT_SQL)
-                        .fetch_one(&mut *conn)
-                        .await?,
-                },
-                pg => pg,
-            };
             cache.apply_products(&poll, read_products(&mut conn).await?);
             let mut rows = sqlx::query(LOAD_SQL).fetch(&mut *conn);
-            let mut group = Grouper::default();
-            let mut batch = Vec::with_capacity(LOAD_BATCH);
+            let cancelled = || self.readers.is_closed();
+            let mut loader = Loader::new(cache, &poll, &cancelled);
             while let Some(row) = rows.next().await.transpose()? {
-                if let Some(done) = group.push(&row)? {
-                    batch.push(done);
-                    if batch.len() == batch.capacity() {
-                        if self.readers.is_closed() {
-                            return Err(StoreError::Unavailable("the store is closing".into()));
-                        }
-                        cache.apply(&poll, &batch);
-                        batch.clear();
-                    }
-                }
+                loader.push(&row)?;
             }
-            drop(rows);
-            batch.extend(group.finish());
-            cache.apply(&poll, &batch);
-            Ok::<_, StoreError>(cursor)
+            loader.finish();
+            Ok::<_, StoreError>(())
         }
         .await;
         let end = sqlx::query("COMMIT").execute(&mut *conn).await;
-        let cursor = result?;
+        result?;
         end?;
         cache.finish_poll(&poll);
         Ok(cursor)
-    }
-
-    /// Where the event log stands before the load's snapshot.
-    async fn start_position(&self, conn: &mut AnyConnection) -> StoreResult<Cursor> {
-        Ok(match self.dialect {
-            Dialect::Sqlite => Cursor::Sqlite { last_id: 0 },
-            Dialect::Postgres => Cursor::Postgres {
-                xmin: pg_xmin(conn).await?,
-                seen: HashMap::new(),
-            },
-        })
     }
 
     /// One poll: re-read what changed, apply it, move the cursor.
@@ -366,18 +345,59 @@ async fn read_products(conn: &mut AnyConnection) -> StoreResult<Vec<ProductPolic
 
 /// A product's policy from a row of [`PRODUCTS_SQL`].
 pub(super) fn product_policy(row: &impl Columns) -> StoreResult<ProductPolicy> {
-    let latest = row.text(2)?;
     Ok(ProductPolicy {
         code: row.text(0)?,
         grace_period_months: row.int(1)? as u32,
-        latest_version: if latest.is_empty() {
-            None
-        } else {
-            Some(Arc::new(Version::parse(&latest).map_err(|_| {
-                StoreError::Internal(format!("unexpected version in database: {latest}"))
-            })?))
-        },
+        latest_version: latest_version(&row.text(2)?)?,
     })
+}
+
+/// Applies the rows of [`LOAD_SQL`] to the cache, [`LOAD_BATCH`] licenses
+/// per write lock, giving up between batches when `cancelled` says so (a
+/// server shutting down does not wait for a load).
+pub(super) struct Loader<'a> {
+    cache: &'a ValidationCache,
+    poll: &'a Poll,
+    cancelled: &'a (dyn Fn() -> bool + Sync),
+    group: Grouper,
+    batch: Vec<LicenseRow>,
+}
+
+impl<'a> Loader<'a> {
+    pub(super) fn new(
+        cache: &'a ValidationCache,
+        poll: &'a Poll,
+        cancelled: &'a (dyn Fn() -> bool + Sync),
+    ) -> Self {
+        Loader {
+            cache,
+            poll,
+            cancelled,
+            group: Grouper::default(),
+            batch: Vec::with_capacity(LOAD_BATCH),
+        }
+    }
+
+    /// Adds one row.
+    pub(super) fn push(&mut self, row: &impl Columns) -> StoreResult<()> {
+        if let Some(done) = self.group.push(row)? {
+            self.batch.push(done);
+            if self.batch.len() == LOAD_BATCH {
+                if (self.cancelled)() {
+                    return Err(StoreError::Unavailable("the store is closing".into()));
+                }
+                self.cache.apply(self.poll, &self.batch);
+                self.batch.clear();
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies what is left.
+    pub(super) fn finish(mut self) {
+        self.batch.extend(self.group.finish());
+        self.cache.apply(self.poll, &self.batch);
+    }
 }
 
 /// Folds the rows of [`cache_select!`] (one per activation, ordered by
@@ -398,18 +418,12 @@ impl Grouper {
             license.fingerprints.extend(fingerprint);
             return Ok(None);
         }
-        let bad = |what: &str, v: &str| {
-            StoreError::Internal(format!("unexpected {what} in database: {v}"))
-        };
-        let edition = row.text(3)?;
-        let kind = row.text(4)?;
-        let status = row.text(5)?;
         let license = LicenseRow {
             key: row.text(1)?,
             product: row.text(2)?,
-            edition: Edition::from_str_opt(&edition).ok_or_else(|| bad("edition", &edition))?,
-            kind: LicenseKind::from_str_opt(&kind).ok_or_else(|| bad("kind", &kind))?,
-            status: LicenseStatus::from_str_opt(&status).ok_or_else(|| bad("status", &status))?,
+            edition: enum_of(row, 3, Edition::from_str_opt)?,
+            kind: enum_of(row, 4, LicenseKind::from_str_opt)?,
+            status: enum_of(row, 5, LicenseStatus::from_str_opt)?,
             expires_at: row.int(6)?,
             seats: row.int(7)? as u32,
             seats_used: row.int(8)? as u32,

@@ -130,21 +130,25 @@ impl SqlStore {
         self.cache.as_ref()
     }
 
-    /// After a write to the license `key` that committed, or may have:
-    /// this replica's Validate reads it from the database until re-read.
+    /// The cache to tell about a write with this `result`: any outcome but
+    /// a refusal may have committed a change.
+    fn cache_after<T>(&self, result: &StoreResult<T>) -> Option<&ValidationCache> {
+        self.cache
+            .as_deref()
+            .filter(|_| !matches!(result, Err(StoreError::Refused(_))))
+    }
+
+    /// After a write to the license `key`: this replica's Validate reads it
+    /// from the database until it is re-read.
     fn touched<T>(&self, key: &LicenseKey, result: &StoreResult<T>) {
-        if let Some(cache) = &self.cache
-            && !matches!(result, Err(StoreError::Refused(_)))
-        {
+        if let Some(cache) = self.cache_after(result) {
             cache.mark_changed(key);
         }
     }
 
-    /// After a product write that committed, or may have.
+    /// After a product write.
     fn touched_products<T>(&self, result: &StoreResult<T>) {
-        if let Some(cache) = &self.cache
-            && !matches!(result, Err(StoreError::Refused(_)))
-        {
+        if let Some(cache) = self.cache_after(result) {
             cache.mark_products_changed();
         }
     }
@@ -308,8 +312,8 @@ pub(super) mod col {
     /// The first column after `license_select!`'s.
     pub const EXTRA: usize = 17;
 
-    /// Every column's name, by position (for error messages and the test
-    /// that keeps the positions in step with the query text).
+    /// Every column's name, by position (for the test that keeps the
+    /// positions in step with the query text).
     #[cfg(test)]
     pub const NAMES: [&str; EXTRA] = [
         "id",
@@ -360,7 +364,11 @@ impl Columns for AnyRow {
     }
 }
 
-fn enum_of<T>(row: &impl Columns, at: usize, f: fn(&str) -> Option<T>) -> StoreResult<T> {
+pub(super) fn enum_of<T>(
+    row: &impl Columns,
+    at: usize,
+    f: fn(&str) -> Option<T>,
+) -> StoreResult<T> {
     let s = row.text(at)?;
     f(&s).ok_or_else(|| corrupt(std::any::type_name::<T>(), &s))
 }
@@ -397,14 +405,6 @@ pub(super) fn validation_from_row(
     row: &impl Columns,
     fingerprint: Option<&str>,
 ) -> StoreResult<ValidationView> {
-    let latest = row.text(vcol::LATEST_VERSION)?;
-    let latest_version = if latest.is_empty() {
-        None
-    } else {
-        Some(Arc::new(
-            Version::parse(&latest).map_err(|_| corrupt("version", &latest))?,
-        ))
-    };
     Ok(ValidationView {
         standing: Standing {
             status: enum_of(row, vcol::STATUS, LicenseStatus::from_str_opt)?,
@@ -418,8 +418,18 @@ pub(super) fn validation_from_row(
         fingerprint_bound: fingerprint
             .map(|_| row.opt_int(vcol::BOUND).map(|b| b.is_some()))
             .transpose()?,
-        latest_version,
+        latest_version: latest_version(&row.text(vcol::LATEST_VERSION)?)?,
     })
+}
+
+/// A product's stored `latest_version` ('' when unset).
+pub(super) fn latest_version(text: &str) -> StoreResult<Option<Arc<Version>>> {
+    if text.is_empty() {
+        return Ok(None);
+    }
+    Version::parse(text)
+        .map(|v| Some(Arc::new(v)))
+        .map_err(|_| corrupt("version", text))
 }
 
 /// Validate's one query: the license's standing, its product's policy, and

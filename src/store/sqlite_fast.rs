@@ -22,9 +22,7 @@ use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags};
 
-use super::cache_feed::{
-    Grouper, LAST_EVENT_SQL, LOAD_BATCH, LOAD_SQL, PRODUCTS_SQL, product_policy,
-};
+use super::cache_feed::{LAST_EVENT_SQL, LOAD_SQL, Loader, PRODUCTS_SQL, product_policy};
 use super::sql::{Columns, VALIDATION_SQL, validation_from_row};
 use super::validation_cache::{Poll, ValidationCache};
 use super::{StoreError, StoreResult, ValidationView};
@@ -129,7 +127,7 @@ impl FastReader {
         &self,
         cache: &ValidationCache,
         poll: &Poll,
-        cancelled: &dyn Fn() -> bool,
+        cancelled: &(dyn Fn() -> bool + Sync),
     ) -> StoreResult<i64> {
         let conn = self.open_read_only()?;
         conn.execute_batch("BEGIN")
@@ -148,22 +146,11 @@ impl FastReader {
         cache.apply_products(poll, products);
         let mut stmt = conn.prepare(LOAD_SQL).map_err(unavailable_or_internal)?;
         let mut rows = stmt.query([]).map_err(unavailable_or_internal)?;
-        let mut group = Grouper::default();
-        let mut batch = Vec::with_capacity(LOAD_BATCH);
+        let mut loader = Loader::new(cache, poll, cancelled);
         while let Some(r) = rows.next().map_err(unavailable_or_internal)? {
-            if let Some(done) = group.push(&FastRow(r))? {
-                batch.push(done);
-                if batch.len() == LOAD_BATCH {
-                    if cancelled() {
-                        return Err(StoreError::Unavailable("the store is closing".into()));
-                    }
-                    cache.apply(poll, &batch);
-                    batch.clear();
-                }
-            }
+            loader.push(&FastRow(r))?;
         }
-        batch.extend(group.finish());
-        cache.apply(poll, &batch);
+        loader.finish();
         // Dropping the connection ends the read transaction.
         Ok(last_id)
     }
