@@ -792,19 +792,24 @@ async fn the_validation_cache_answers_exactly_as_the_database(db: &TestDb, s: &S
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
 
-    let unknown = LicenseKey::generate(&acme(), LicenseKind::Standard);
-    for key in keys.iter().chain([&unknown]) {
+    for key in &keys {
         for fp in [None, Some("fp-0"), Some("fp-1"), Some("fp-9")] {
             let from_db = s.validation_view(key, fp).await.unwrap();
             let from_cache = match cache.lookup(key, fp, std::time::Instant::now()) {
                 Answer::Found(v) => Some(v),
-                Answer::NotFound => None,
                 Answer::AskDatabase => panic!("the cache should answer"),
             };
             assert_eq!(from_cache, from_db, "{fp:?}");
             assert_eq!(cached.validation_view(key, fp).await.unwrap(), from_db);
         }
     }
+    // A key it does not hold is the database's to answer: no such license.
+    let unknown = LicenseKey::generate(&acme(), LicenseKind::Standard);
+    assert_eq!(
+        cache.lookup(&unknown, None, std::time::Instant::now()),
+        Answer::AskDatabase
+    );
+    assert_eq!(cached.validation_view(&unknown, None).await.unwrap(), None);
     cached.close().await;
 }
 
@@ -921,6 +926,7 @@ contract!(
     validation_view_reports_the_fingerprint_binding,
     the_validation_cache_answers_exactly_as_the_database,
     a_cache_whose_polls_fail_leaves_validate_to_the_database,
+    a_license_issued_elsewhere_is_found_at_once,
     renewal_codes_are_stored_only_as_hashes,
     constraints_refuse_impossible_states,
     concurrent_writes_keep_every_rule,
@@ -1089,4 +1095,182 @@ async fn postgres_cache_applies_an_event_that_commits_after_a_later_one() {
     cached.close().await;
     s.close().await;
     db.drop_db().await;
+}
+
+/// PostgreSQL: a change made through another replica reaches the cache by
+/// `LISTEN/NOTIFY`, long before its next poll; a flood of notifications
+/// naming unknown keys, malformed ones or a forged sender changes nothing the
+/// cache answers; and when the database drops the listening connection, the
+/// cache stops answering until it listens again and a poll that started
+/// afterwards has caught up with what was missed meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_changes_are_pushed_and_a_lost_listener_silences_the_cache_until_caught_up() {
+    use licensd::store::validation_cache::Answer;
+    use sqlx::Connection;
+    use std::time::{Duration, Instant};
+    let Some(db) = TestDb::postgres().await else {
+        return;
+    };
+    let s = db.open().await;
+    product(&s, "ACME", "").await;
+    let l = s
+        .issue_license(&issue_cmd("pushed", 1), &actor(), t(NOW))
+        .await
+        .unwrap();
+    // This replica polls every 10 s of its own accord: whatever reaches it
+    // sooner was pushed.
+    let cached = db
+        .open()
+        .await
+        .with_validation_cache(Duration::from_secs(10));
+    let cache = cached.validation_cache().unwrap().clone();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while cached_status(&cache, &l.key).await != Some(LicenseStatus::Active) {
+        assert!(Instant::now() < deadline, "the cache did not load");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(cache.stats().listening);
+
+    // A change on the other replica: pushed, then re-read by the poll the
+    // notification asked for.
+    s.change_status(&l.key, StatusAction::Suspend, "", None, &actor(), t(NOW))
+        .await
+        .unwrap();
+    let written = Instant::now();
+    while cached_status(&cache, &l.key).await != Some(LicenseStatus::Suspended) {
+        assert!(
+            written.elapsed() < Duration::from_secs(3),
+            "the change was not pushed (the next poll is 10 s away)"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+
+    // A flood of notifications that name nothing real.
+    let mut admin = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    let unknown = LicenseKey::generate(&acme(), LicenseKind::Standard);
+    for i in 0..2_000 {
+        let payload = match i % 4 {
+            0 => format!("1:{i} {}", unknown.normalized()),
+            1 => format!("garbage {i} ' ; -- *"),
+            2 => format!("ffff:{i} NOT-A-KEY {}", "Z".repeat(200)),
+            _ => format!("abc:{i} {} *", l.key.normalized()),
+        };
+        sqlx::query("SELECT pg_notify('licensd_changes', $1)")
+            .bind(payload)
+            .execute(&mut admin)
+            .await
+            .unwrap();
+    }
+    let flooded = Instant::now();
+    loop {
+        assert_ne!(
+            cached_status(&cache, &l.key).await,
+            Some(LicenseStatus::Active),
+            "an old answer"
+        );
+        if cache.stats().pending == 0
+            && cached_status(&cache, &l.key).await == Some(LicenseStatus::Suspended)
+        {
+            break;
+        }
+        assert!(
+            flooded.elapsed() < Duration::from_secs(5),
+            "the cache did not settle after the flood: {:?}",
+            cache.stats()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(
+        cache.stats().licenses,
+        1,
+        "nothing is held for unknown keys"
+    );
+    assert_eq!(cached.validation_view(&unknown, None).await.unwrap(), None);
+
+    // The database drops the listening connection.
+    let killed: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = $1 AND query LIKE 'LISTEN%'",
+    )
+    .bind(db.name.as_deref().unwrap())
+    .fetch_all(&mut admin)
+    .await
+    .unwrap();
+    assert_eq!(killed, vec![true], "one listening connection");
+    let dropped = Instant::now();
+    while cache.stats().listening {
+        assert!(
+            dropped.elapsed() < Duration::from_secs(3),
+            "the cache did not notice"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    // Meanwhile a change is made that it cannot hear of.
+    assert_eq!(
+        cache.lookup(&l.key, None, Instant::now()),
+        Answer::AskDatabase,
+        "no answers from memory while not listening"
+    );
+    s.change_status(&l.key, StatusAction::Reinstate, "", None, &actor(), t(NOW))
+        .await
+        .unwrap();
+    assert_eq!(
+        cached
+            .validation_view(&l.key, None)
+            .await
+            .unwrap()
+            .unwrap()
+            .standing
+            .status,
+        LicenseStatus::Active
+    );
+    // It listens again, catches up, and answers again: with the change.
+    loop {
+        match cache.lookup(&l.key, None, Instant::now()) {
+            Answer::Found(v) => {
+                assert_eq!(v.standing.status, LicenseStatus::Active, "caught up");
+                break;
+            }
+            Answer::AskDatabase => {
+                assert!(
+                    dropped.elapsed() < Duration::from_secs(5),
+                    "the cache did not answer again: {:?}",
+                    cache.stats()
+                );
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    }
+    assert!(cache.stats().listening);
+    let _ = admin.close().await;
+    cached.close().await;
+    s.close().await;
+    db.drop_db().await;
+}
+
+/// A license issued through one store is found at once through another
+/// store whose cache has loaded (it does not hold the key yet): the cache
+/// never answers "no such license" itself.
+async fn a_license_issued_elsewhere_is_found_at_once(db: &TestDb, s: &SqlStore) {
+    use std::time::{Duration, Instant};
+    product(s, "ACME", "").await;
+    let cached = db
+        .open()
+        .await
+        .with_validation_cache(Duration::from_secs(10));
+    let cache = cached.validation_cache().unwrap().clone();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !cache.stats().loaded {
+        assert!(Instant::now() < deadline, "the cache did not load");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    for i in 0..20 {
+        let l = s
+            .issue_license(&issue_cmd(&format!("elsewhere-{i}"), 1), &actor(), t(NOW))
+            .await
+            .unwrap();
+        let v = cached.validation_view(&l.key, None).await.unwrap();
+        assert!(v.is_some(), "issued elsewhere, answered missing");
+    }
+    cached.close().await;
 }

@@ -34,6 +34,10 @@ const BATCH: usize = 500;
 /// Events read per statement.
 const EVENT_PAGE: i64 = 10_000;
 
+/// Shortest pause between a change notification and the poll it asks for,
+/// so that a flood of notifications costs at most one poll per pause.
+const NUDGE_GAP: Duration = Duration::from_millis(20);
+
 /// What a license row of the cache is read from: one statement, so
 /// `seats_used` and the activations listed come from one snapshot.
 macro_rules! cache_select {
@@ -124,10 +128,18 @@ impl Feed {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut failing = false;
         loop {
-            tick.tick().await;
+            // A tick, or sooner when a change notification asks for it (at
+            // most one poll per NUDGE_GAP then, however many arrive).
             let Some(cache) = self.cache.upgrade() else {
                 return;
             };
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = cache.nudged() => {
+                    tokio::time::sleep(NUDGE_GAP).await;
+                    tick.reset();
+                }
+            }
             if self.readers.is_closed() {
                 return;
             }

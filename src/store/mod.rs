@@ -7,6 +7,7 @@
 
 pub mod bulk;
 mod cache_feed;
+pub mod change_notify;
 pub mod postgres;
 pub mod sql;
 pub mod sqlite;

@@ -85,5 +85,8 @@ pub async fn open(url: &str, opts: PostgresOptions) -> StoreResult<SqlStore> {
         })
         .connect_with(AnyConnectOptions::from_str(url).map_err(|e| StoreError::Unavailable(e.to_string()))?)
         .await?;
-    SqlStore::new(pool.clone(), pool, Dialect::Postgres).await
+    let changes = super::change_notify::Changes::new(url, opts.statement_timeout)?;
+    Ok(SqlStore::new(pool.clone(), pool, Dialect::Postgres)
+        .await?
+        .with_changes(changes))
 }

@@ -32,6 +32,7 @@ use sqlx::Row;
 use sqlx::any::AnyRow;
 use sqlx::{AnyConnection, AnyPool};
 
+use super::change_notify::{Change, Changes};
 use super::validation_cache::{Answer, ValidationCache};
 use super::{
     Actor, IssueLicense, IssueRenewalCode, LicenseCursor, LicenseEvent, LicenseFilter, Redeem,
@@ -88,6 +89,8 @@ pub struct SqlStore {
     fast_reads: Option<std::sync::Arc<super::sqlite_fast::FastReader>>,
     /// Validate's answers from memory, if switched on.
     cache: Option<Arc<ValidationCache>>,
+    /// PostgreSQL: change notifications to and from the other replicas.
+    changes: Option<Arc<Changes>>,
 }
 
 impl SqlStore {
@@ -105,7 +108,15 @@ impl SqlStore {
             dialect,
             fast_reads: None,
             cache: None,
+            changes: None,
         })
+    }
+
+    /// Announces every committed change to the other replicas, and (with a
+    /// cache) hears theirs (see [`super::change_notify`]).
+    pub(super) fn with_changes(mut self, changes: Arc<Changes>) -> Self {
+        self.changes = Some(changes);
+        self
     }
 
     /// Answers Validate from a [`ValidationCache`] of every license, loaded
@@ -120,9 +131,23 @@ impl SqlStore {
             refresh,
             self.fast_reads.clone(),
         );
+        if let Some(changes) = &self.changes {
+            // Not answering until the listener is up (no window in which a
+            // notification could be missed unnoticed).
+            cache.listener_lost();
+            tokio::spawn(super::change_notify::listen(
+                changes.clone(),
+                Arc::downgrade(&cache),
+            ));
+        }
         tokio::spawn(feed.run());
         self.cache = Some(cache);
         self
+    }
+
+    /// The change notifications, on PostgreSQL.
+    pub fn changes(&self) -> Option<&Arc<Changes>> {
+        self.changes.as_ref()
     }
 
     /// The validation cache, if switched on.
@@ -130,27 +155,33 @@ impl SqlStore {
         self.cache.as_ref()
     }
 
-    /// The cache to tell about a write with this `result`: any outcome but
-    /// a refusal may have committed a change.
-    fn cache_after<T>(&self, result: &StoreResult<T>) -> Option<&ValidationCache> {
-        self.cache
-            .as_deref()
-            .filter(|_| !matches!(result, Err(StoreError::Refused(_))))
+    /// After a write with this `result` (any outcome but a refusal may have
+    /// committed `change`), before its caller hears back: this replica's
+    /// Validate reads the change from the database until a poll re-reads
+    /// it, and every other replica is told.
+    async fn announce<T>(&self, change: Change, result: &StoreResult<T>) {
+        if matches!(result, Err(StoreError::Refused(_))) {
+            return;
+        }
+        if let Some(cache) = &self.cache {
+            match &change {
+                Change::License(key) => cache.mark_changed(key),
+                Change::Products => cache.mark_products_changed(),
+            }
+        }
+        if let Some(changes) = &self.changes {
+            changes.announce(change).await;
+        }
     }
 
-    /// After a write to the license `key`: this replica's Validate reads it
-    /// from the database until it is re-read.
-    fn touched<T>(&self, key: &LicenseKey, result: &StoreResult<T>) {
-        if let Some(cache) = self.cache_after(result) {
-            cache.mark_changed(key);
-        }
+    /// After a write to the license `key`.
+    async fn touched<T>(&self, key: &LicenseKey, result: &StoreResult<T>) {
+        self.announce(Change::License(key.clone()), result).await;
     }
 
     /// After a product write.
-    fn touched_products<T>(&self, result: &StoreResult<T>) {
-        if let Some(cache) = self.cache_after(result) {
-            cache.mark_products_changed();
-        }
+    async fn touched_products<T>(&self, result: &StoreResult<T>) {
+        self.announce(Change::Products, result).await;
     }
 
     /// Serves Validate's lookups through `reader` (SQLite).
@@ -166,6 +197,9 @@ impl SqlStore {
 
     /// Closes the pools (SQLite checkpoints its WAL).
     pub async fn close(&self) {
+        if let Some(changes) = &self.changes {
+            changes.close().await;
+        }
         self.readers.close().await;
         self.writer.close().await;
     }
@@ -809,7 +843,7 @@ impl Store for SqlStore {
             Ok(product.clone())
         })
         .await;
-        self.touched_products(&result);
+        self.touched_products(&result).await;
         result
     }
 
@@ -860,7 +894,7 @@ impl Store for SqlStore {
             Ok(updated)
         })
         .await;
-        self.touched_products(&result);
+        self.touched_products(&result).await;
         result
     }
 
@@ -934,7 +968,7 @@ impl Store for SqlStore {
         })
         .await;
         if let Ok(license) = &result {
-            self.touched(&license.key, &result);
+            self.touched(&license.key, &result).await;
         }
         result
     }
@@ -1037,7 +1071,7 @@ impl Store for SqlStore {
                 Ok(license)
             })
             .await;
-        self.touched(key, &result);
+        self.touched(key, &result).await;
         result
     }
 
@@ -1248,7 +1282,7 @@ impl Store for SqlStore {
             }
         })
         .await;
-        self.touched(key, &result);
+        self.touched(key, &result).await;
         result
     }
 
@@ -1290,7 +1324,7 @@ impl Store for SqlStore {
                 Ok(license)
             })
             .await;
-        self.touched(key, &result);
+        self.touched(key, &result).await;
         result
     }
 
@@ -1302,7 +1336,6 @@ impl Store for SqlStore {
         if let Some(cache) = &self.cache {
             match cache.lookup(key, fingerprint, std::time::Instant::now()) {
                 Answer::Found(view) => return Ok(Some(view)),
-                Answer::NotFound => return Ok(None),
                 Answer::AskDatabase => {}
             }
         }
@@ -1403,7 +1436,7 @@ impl Store for SqlStore {
             Ok((license, decision.previous_expires_at))
         })
         .await;
-        self.touched(&cmd.license_key, &result);
+        self.touched(&cmd.license_key, &result).await;
         result
     }
 

@@ -36,6 +36,16 @@
 //! * Polls are numbered (epochs). A mark remembers the epoch in progress
 //!   when it was made, and only a later epoch's re-read clears it.
 //!
+//! * With several replicas on PostgreSQL, a write on another replica is
+//!   announced by `LISTEN/NOTIFY` ([`super::change_notify`]): the moment the
+//!   notification arrives, the license is marked as a local write would mark
+//!   it. While the listening connection is down, and until a poll that
+//!   started after it was re-established has finished, the cache does not
+//!   answer (a notification may have been lost meanwhile).
+//! * **"No such license" is never answered from memory.** A key the cache
+//!   does not hold may have been issued a moment ago on another replica, so
+//!   Validate asks the database (one indexed read).
+//!
 //! Until the first full load has finished, and whenever the cache cannot
 //! answer, Validate reads the database: the cache is never needed for a
 //! right answer, only for a fast one.
@@ -181,9 +191,8 @@ pub struct LicenseRow {
 pub enum Answer {
     /// The license as of the last poll.
     Found(ValidationView),
-    /// No license has this key.
-    NotFound,
-    /// The cache cannot answer: read the database.
+    /// The cache cannot answer: read the database. Also for a key it does
+    /// not hold: only the database may say that a license does not exist.
     AskDatabase,
 }
 
@@ -198,7 +207,13 @@ pub struct CacheStats {
     pub epoch: u64,
     /// Whether the first full load has finished.
     pub loaded: bool,
+    /// Whether change notifications are being received (always true where
+    /// there are none to receive: SQLite).
+    pub listening: bool,
 }
+
+/// `gate` while the change listener is down.
+const LISTENER_DOWN: u64 = u64::MAX;
 
 /// The shared cache: see the module documentation.
 pub struct ValidationCache {
@@ -209,6 +224,13 @@ pub struct ValidationCache {
     fresh_until: AtomicU64,
     loaded: AtomicBool,
     disabled: AtomicBool,
+    /// The cache answers only once a poll of this epoch or later has
+    /// finished ([`LISTENER_DOWN`]: not at all). Set by the change listener.
+    gate: AtomicU64,
+    /// The latest epoch whose poll finished.
+    finished_epoch: AtomicU64,
+    /// Wakes the feed for a poll before its next tick.
+    nudge: tokio::sync::Notify,
     inner: RwLock<Mirror>,
 }
 
@@ -277,6 +299,9 @@ impl ValidationCache {
             fresh_until: AtomicU64::new(0),
             loaded: AtomicBool::new(false),
             disabled: AtomicBool::new(false),
+            gate: AtomicU64::new(0),
+            finished_epoch: AtomicU64::new(0),
+            nudge: tokio::sync::Notify::new(),
             inner: RwLock::new(Mirror::default()),
         }
     }
@@ -307,11 +332,40 @@ impl ValidationCache {
         at.saturating_duration_since(self.started).as_nanos() as u64
     }
 
-    /// Whether the cache may answer at `now` (loaded, polled recently).
+    /// Whether the cache may answer at `now` (loaded, polled recently, and
+    /// hearing every change notification).
     pub fn is_fresh(&self, now: Instant) -> bool {
         self.loaded.load(Ordering::Acquire)
             && !self.disabled.load(Ordering::Relaxed)
             && self.nanos(now) < self.fresh_until.load(Ordering::Acquire)
+            && self.finished_epoch.load(Ordering::Acquire) >= self.gate.load(Ordering::Acquire)
+    }
+
+    /// The change listener is not connected: notifications may be lost, so
+    /// the cache stops answering.
+    pub fn listener_lost(&self) {
+        self.gate.store(LISTENER_DOWN, Ordering::Release);
+    }
+
+    /// The change listener is connected (its `LISTEN` has returned): the
+    /// cache answers again once a poll that started from now on has
+    /// finished, which catches up with whatever was missed meanwhile.
+    pub fn listener_ready(&self) {
+        let m = self.read();
+        self.gate.store(m.epoch + 1, Ordering::Release);
+        drop(m);
+        self.nudge();
+    }
+
+    /// Asks the feed for a poll now rather than at its next tick.
+    pub fn nudge(&self) {
+        self.nudge.notify_one();
+    }
+
+    /// Resolves when [`nudge`](Self::nudge) was called (once per call, or
+    /// once for several calls made meanwhile).
+    pub async fn nudged(&self) {
+        self.nudge.notified().await;
     }
 
     /// What Validate needs about `key` (and whether `fingerprint` is bound),
@@ -326,7 +380,8 @@ impl ValidationCache {
             return Answer::AskDatabase;
         }
         let Some(slot) = m.find(&hash) else {
-            return Answer::NotFound;
+            // Perhaps issued a moment ago on another replica.
+            return Answer::AskDatabase;
         };
         let e = m.entry(slot);
         if e.bits.stale() {
@@ -355,30 +410,25 @@ impl ValidationCache {
         })
     }
 
-    /// A write on this replica has committed (or may have) a change to the
-    /// license `key`: read it from the database until a later poll re-reads it.
+    /// A write (on this replica, or announced by another) has committed, or
+    /// may have, a change to the license `key`: read it from the database
+    /// until a later poll re-reads it.
     pub fn mark_changed(&self, key: &LicenseKey) {
-        let hash = self.key_hash(key.normalized());
+        self.mark_all_changed(std::slice::from_ref(key));
+    }
+
+    /// [`mark_changed`](Self::mark_changed) for several keys, under one lock.
+    pub fn mark_all_changed(&self, keys: &[LicenseKey]) {
+        let hashes: Vec<KeyHash> = keys.iter().map(|k| self.key_hash(k.normalized())).collect();
         let mut m = self.write();
         let epoch = m.epoch;
-        m.pending
-            .insert(hash, (key.normalized().to_string(), epoch));
-        match m.find(&hash) {
-            Some(slot) => {
+        for (key, hash) in keys.iter().zip(hashes) {
+            m.pending
+                .insert(hash, (key.normalized().to_string(), epoch));
+            // A key not held needs no mark: Validate asks the database for it.
+            if let Some(slot) = m.find(&hash) {
                 let e = m.entry_mut(slot);
                 e.bits = e.bits.with_stale(true);
-            }
-            None => {
-                // A license issued here: a placeholder, so that Validate
-                // asks the database instead of answering NOT_FOUND.
-                m.put(Entry {
-                    key: hash,
-                    expires_at: 0,
-                    fingerprints: SmallVec::new(),
-                    seats: 0,
-                    product: 0,
-                    bits: Bits(Bits::STALE),
-                });
             }
         }
     }
@@ -477,9 +527,9 @@ impl ValidationCache {
         }
     }
 
-    /// Licenses re-read for pending marks that no longer exist (never
-    /// committed): forget the mark; the placeholder stays stale, so the
-    /// database keeps answering for that key.
+    /// Licenses re-read for pending marks that do not exist (a write that
+    /// never committed, a notification naming an unknown key): forget the
+    /// mark. Nothing is held for such a key, so the database answers for it.
     pub fn drop_pending_missing(&self, poll: &Poll, missing: &[String]) {
         let mut m = self.write();
         for key in missing {
@@ -495,6 +545,7 @@ impl ValidationCache {
     pub fn finish_poll(&self, poll: &Poll) {
         let until = self.nanos(poll.started + MAX_STALENESS);
         self.fresh_until.fetch_max(until, Ordering::AcqRel);
+        self.finished_epoch.fetch_max(poll.epoch, Ordering::AcqRel);
     }
 
     /// The first full load is complete.
@@ -510,6 +561,7 @@ impl ValidationCache {
             pending: m.pending.len(),
             epoch: m.epoch,
             loaded: self.loaded.load(Ordering::Acquire),
+            listening: self.gate.load(Ordering::Acquire) != LISTENER_DOWN,
         }
     }
 }

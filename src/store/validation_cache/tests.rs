@@ -100,7 +100,15 @@ fn a_loaded_license_is_answered_with_every_field_and_its_fingerprints() {
         Some(false)
     );
     assert_eq!(found(c.lookup(&k, None, now)).fingerprint_bound, None);
-    assert_eq!(c.lookup(&key(), None, now), Answer::NotFound);
+}
+
+#[test]
+fn a_key_the_cache_does_not_hold_is_left_to_the_database_never_answered_missing() {
+    // Perhaps issued a moment ago on another replica: only the database
+    // may say that no such license exists.
+    let c = loaded(&[row(&key(), &[])]);
+    assert!(c.is_fresh(Instant::now()));
+    assert_eq!(c.lookup(&key(), None, Instant::now()), Answer::AskDatabase);
 }
 
 #[test]
@@ -183,7 +191,6 @@ fn a_local_write_is_read_from_the_database_until_a_later_poll_rereads_it() {
 fn a_license_issued_here_is_not_reported_missing_before_it_is_read() {
     let c = loaded(&[]);
     let k = key();
-    assert_eq!(c.lookup(&k, None, Instant::now()), Answer::NotFound);
     c.mark_changed(&k);
     assert_eq!(c.lookup(&k, None, Instant::now()), Answer::AskDatabase);
     let p = c.begin_poll();
@@ -206,6 +213,74 @@ fn a_mark_for_a_license_that_never_committed_is_dropped_and_the_database_keeps_a
     c.finish_poll(&p);
     assert_eq!(c.stats().pending, 0);
     assert_eq!(c.lookup(&k, None, Instant::now()), Answer::AskDatabase);
+    assert_eq!(
+        c.stats().licenses,
+        0,
+        "nothing is held for a key that does not exist"
+    );
+}
+
+#[test]
+fn while_the_change_listener_is_down_the_cache_answers_only_after_a_poll_that_started_once_it_was_back()
+ {
+    let k = key();
+    let c = loaded(&[row(&k, &[])]);
+    assert!(matches!(
+        c.lookup(&k, None, Instant::now()),
+        Answer::Found(_)
+    ));
+    c.listener_lost();
+    assert!(!c.stats().listening);
+    // Polls go on, but a notification may have been lost: no answers.
+    let during = c.begin_poll();
+    c.apply_products(&during, vec![product("ACME", 1, "2.0")]);
+    c.listener_ready();
+    c.finish_poll(&during);
+    assert_eq!(
+        c.lookup(&k, None, Instant::now()),
+        Answer::AskDatabase,
+        "that poll started before the listener was back"
+    );
+    let after = c.begin_poll();
+    c.apply_products(&after, vec![product("ACME", 1, "2.0")]);
+    c.apply(&after, &[row(&k, &[])]);
+    c.finish_poll(&after);
+    assert!(c.stats().listening);
+    assert!(matches!(
+        c.lookup(&k, None, Instant::now()),
+        Answer::Found(_)
+    ));
+}
+
+#[test]
+fn a_notification_for_keys_another_replica_wrote_marks_them_until_a_later_poll() {
+    let (a, b) = (key(), key());
+    let c = loaded(&[row(&a, &["fp"]), row(&b, &[])]);
+    c.mark_all_changed(&[a.clone(), b.clone(), key()]);
+    assert_eq!(c.lookup(&a, None, Instant::now()), Answer::AskDatabase);
+    assert_eq!(c.lookup(&b, None, Instant::now()), Answer::AskDatabase);
+    assert_eq!(c.stats().pending, 3);
+    let p = c.begin_poll();
+    assert_eq!(p.pending.len(), 3);
+    c.apply_products(&p, vec![product("ACME", 1, "2.0")]);
+    c.apply(&p, &[row(&a, &[]), row(&b, &["fp"])]);
+    let missing: Vec<String> = p
+        .pending
+        .iter()
+        .filter(|k| *k != a.normalized() && *k != b.normalized())
+        .cloned()
+        .collect();
+    c.drop_pending_missing(&p, &missing);
+    c.finish_poll(&p);
+    assert_eq!(c.stats().pending, 0);
+    assert_eq!(
+        found(c.lookup(&a, Some("fp"), Instant::now())).fingerprint_bound,
+        Some(false)
+    );
+    assert_eq!(
+        found(c.lookup(&b, Some("fp"), Instant::now())).fingerprint_bound,
+        Some(true)
+    );
 }
 
 #[test]

@@ -1,0 +1,335 @@
+//! Replicas agree: a write acknowledged on one replica is what the other
+//! replicas' Validate answers at once, not only "within a second".
+//!
+//! Three real `licensd serve` processes share one database. Each trial makes
+//! one write on replica 0 and, as soon as it is acknowledged, validates on
+//! replica 1 or 2 (a load balancer's next pick). A license that exists is
+//! never answered `VALIDITY_NOT_FOUND` (the cache leaves unknown keys to the
+//! database), on both backends. On PostgreSQL every other change is pushed
+//! to the other replicas by `LISTEN/NOTIFY`, and the writer answers only
+//! once PostgreSQL has delivered the notification to its own listener, so
+//! the others have been sent theirs at the same moment. (How long the other
+//! replicas take is measured by `licensd bench --replicas`, not asserted
+//! here.)
+
+mod cluster;
+mod common;
+
+use cluster::*;
+use common::{code_req, license_req};
+use licensd::proto as pb;
+
+const TRIALS: usize = 100;
+
+/// Stale answers allowed per 100 immediate reads on another replica. The
+/// goal is 1. What is left is a race of about a millisecond: the writer has
+/// heard its own notification, but the other replica's process has not yet
+/// been scheduled to read its copy (on this 2-core machine, with PostgreSQL,
+/// three replicas and the client on it, 0–4 in 100 for licenses answered
+/// from memory; a stale answer is right on the next read). Closing it needs
+/// the other replicas to acknowledge a notification before the writer
+/// answers.
+const STALE_ALLOWED: usize = 5;
+
+fn validate_req(key: &str, fingerprint: &str, version: &str) -> pb::ValidateRequest {
+    pb::ValidateRequest {
+        license_key: key.into(),
+        fingerprint: fingerprint.into(),
+        client_version: version.into(),
+    }
+}
+
+/// Stale answers of one kind of change.
+struct Tally {
+    what: &'static str,
+    trials: usize,
+    stale: Vec<String>,
+}
+
+impl Tally {
+    fn new(what: &'static str) -> Self {
+        Tally {
+            what,
+            trials: 0,
+            stale: Vec::new(),
+        }
+    }
+
+    /// Validates `req` on another replica than 0 (alternating) right away
+    /// and counts the answer as stale unless `expected` holds.
+    async fn read_at_once(
+        &mut self,
+        nodes: &Nodes,
+        req: pb::ValidateRequest,
+        mut expected: impl FnMut(&pb::ValidateResponse) -> bool,
+    ) {
+        let replica = 1 + self.trials % (nodes.replicas() - 1);
+        self.trials += 1;
+        let got = nodes
+            .activation(replica)
+            .validate(req.clone())
+            .await
+            .expect("validate")
+            .into_inner();
+        if !expected(&got) {
+            // How long it stays stale tells a race (microseconds) from a
+            // change that only the next poll brought (milliseconds).
+            let seen = std::time::Instant::now();
+            let mut again = nodes.activation(replica);
+            let mut until = None;
+            for _ in 0..200 {
+                let v = again
+                    .validate(req.clone())
+                    .await
+                    .expect("validate")
+                    .into_inner();
+                if expected(&v) {
+                    until = Some(seen.elapsed());
+                    break;
+                }
+            }
+            self.stale.push(format!(
+                "trial {} on replica {replica}: {got:?}; answered right {until:?} later",
+                self.trials
+            ));
+        }
+    }
+
+    fn check(&self) {
+        eprintln!(
+            "{}: {} stale of {} immediate reads on another replica",
+            self.what,
+            self.stale.len(),
+            self.trials
+        );
+        assert_eq!(self.trials, TRIALS, "{}", self.what);
+        assert!(
+            self.stale.len() <= STALE_ALLOWED,
+            "{}: {} stale answers of {}:\n{}",
+            self.what,
+            self.stale.len(),
+            self.trials,
+            self.stale.join("\n")
+        );
+    }
+}
+
+/// 100 licenses issued on replica 0, each validated at once on another
+/// replica: VALID every time, never NOT_FOUND.
+async fn a_license_issued_on_one_replica_is_found_at_once_on_the_others(
+    nodes: &Nodes,
+    product: &str,
+) {
+    create_product(nodes, product, "1.0.0").await;
+    let mut not_found = 0;
+    let mut tally = Tally::new("issue");
+    for _ in 0..TRIALS {
+        let key = issue(nodes, license_req(product, 2, 1)).await.key;
+        tally
+            .read_at_once(nodes, validate_req(&key, "", ""), |v| {
+                if v.validity == pb::Validity::NotFound as i32 {
+                    not_found += 1;
+                }
+                v.validity == pb::Validity::Valid as i32 && v.valid
+            })
+            .await;
+    }
+    assert_eq!(not_found, 0, "false NOT_FOUND answers: {:?}", tally.stale);
+    assert!(tally.stale.is_empty(), "{:?}", tally.stale);
+    tally.check();
+}
+
+/// Suspend and reinstate (alternating), then revoke: each answered by the
+/// other replicas at once.
+async fn status_changes_are_answered_at_once_on_the_others(nodes: &Nodes, product: &str) {
+    create_product(nodes, product, "1.0.0").await;
+    let key = issue(nodes, license_req(product, 2, 1)).await.key;
+    let mut tally = Tally::new("suspend/reinstate");
+    for i in 0..TRIALS {
+        let mut licenses = nodes.licenses(0);
+        let expected = if i % 2 == 0 {
+            licenses
+                .suspend_license(pb::SuspendLicenseRequest {
+                    license_key: key.clone(),
+                    reason: "chargeback".into(),
+                    request_id: String::new(),
+                })
+                .await
+                .expect("suspend");
+            pb::Validity::Suspended
+        } else {
+            licenses
+                .reinstate_license(pb::ReinstateLicenseRequest {
+                    license_key: key.clone(),
+                    reason: "paid".into(),
+                    request_id: String::new(),
+                })
+                .await
+                .expect("reinstate");
+            pb::Validity::Valid
+        };
+        tally
+            .read_at_once(nodes, validate_req(&key, "", ""), |v| {
+                v.validity == expected as i32
+            })
+            .await;
+    }
+    tally.check();
+
+    let mut keys = Vec::new();
+    for _ in 0..TRIALS {
+        keys.push(issue(nodes, license_req(product, 1, 1)).await.key);
+    }
+    let mut tally = Tally::new("revoke");
+    for key in &keys {
+        nodes
+            .licenses(0)
+            .revoke_license(pb::RevokeLicenseRequest {
+                license_key: key.clone(),
+                reason: "fraud".into(),
+                request_id: String::new(),
+            })
+            .await
+            .expect("revoke");
+        tally
+            .read_at_once(nodes, validate_req(key, "", ""), |v| {
+                v.validity == pb::Validity::Revoked as i32
+            })
+            .await;
+    }
+    tally.check();
+}
+
+/// Activate a workstation, then deactivate it (alternating): the other
+/// replicas answer VALID for it, then NOT_ACTIVATED, at once.
+async fn activations_are_answered_at_once_on_the_others(nodes: &Nodes, product: &str) {
+    create_product(nodes, product, "1.0.0").await;
+    let key = issue(nodes, license_req(product, 2, 1)).await.key;
+    let mut tally = Tally::new("activate/deactivate");
+    let mut activation = nodes.activation(0);
+    for i in 0..TRIALS {
+        let fingerprint = format!("fp-{}", i / 2);
+        let expected = if i % 2 == 0 {
+            activation
+                .activate(activate_req(&key, &fingerprint))
+                .await
+                .expect("activate");
+            (pb::Validity::Valid, 1)
+        } else {
+            activation
+                .deactivate(pb::DeactivateRequest {
+                    license_key: key.clone(),
+                    fingerprint: fingerprint.clone(),
+                })
+                .await
+                .expect("deactivate");
+            (pb::Validity::NotActivated, 0)
+        };
+        tally
+            .read_at_once(nodes, validate_req(&key, &fingerprint, ""), |v| {
+                (v.validity, v.seats_used) == (expected.0 as i32, expected.1)
+            })
+            .await;
+    }
+    tally.check();
+}
+
+/// Renewals (each moves the expiry), then product updates (each a new
+/// latest version): the other replicas answer the new figures at once.
+async fn renewals_and_product_updates_are_answered_at_once_on_the_others(
+    nodes: &Nodes,
+    product: &str,
+) {
+    create_product(nodes, product, "1.0.0").await;
+    let key = issue(nodes, license_req(product, 2, 1)).await.key;
+    let mut activation = nodes.activation(0);
+    activation
+        .activate(activate_req(&key, "fp-renew"))
+        .await
+        .expect("activate");
+    let mut codes = Vec::new();
+    for _ in 0..TRIALS {
+        codes.push(
+            nodes
+                .licenses(0)
+                .issue_renewal_code(code_req(product, 2, 1))
+                .await
+                .expect("issue code")
+                .into_inner()
+                .renewal_code,
+        );
+    }
+    let mut tally = Tally::new("renew");
+    for code in codes {
+        let renewed = activation
+            .redeem_renewal_code(pb::RedeemRenewalCodeRequest {
+                license_key: key.clone(),
+                renewal_code: code,
+                fingerprint: "fp-renew".into(),
+                client_version: "1.0.0".into(),
+            })
+            .await
+            .expect("redeem")
+            .into_inner();
+        let expires_at = renewed.license.expect("license").expires_at;
+        tally
+            .read_at_once(nodes, validate_req(&key, "fp-renew", ""), |v| {
+                v.expires_at == expires_at
+            })
+            .await;
+    }
+    tally.check();
+
+    let mut tally = Tally::new("product update");
+    for i in 0..TRIALS {
+        let latest = format!("1.0.{}", i + 1);
+        nodes
+            .products(0)
+            .update_product(pb::UpdateProductRequest {
+                product: Some(pb::Product {
+                    code: product.into(),
+                    latest_version: latest.clone(),
+                    ..Default::default()
+                }),
+                update_mask: Some(prost_types::FieldMask {
+                    paths: vec!["latest_version".into()],
+                }),
+            })
+            .await
+            .expect("update product");
+        tally
+            .read_at_once(nodes, validate_req(&key, "fp-renew", "1.0.0"), |v| {
+                v.latest_version == latest && v.update_available
+            })
+            .await;
+    }
+    tally.check();
+}
+
+/// Every kind of change, one after the other on one cluster (scenarios run
+/// side by side would measure the machine's scheduler, not the replicas).
+async fn every_kind_of_change_is_answered_at_once_on_the_others(nodes: Nodes) {
+    a_license_issued_on_one_replica_is_found_at_once_on_the_others(&nodes, "ISSUE").await;
+    status_changes_are_answered_at_once_on_the_others(&nodes, "STATUS").await;
+    activations_are_answered_at_once_on_the_others(&nodes, "SEATS").await;
+    renewals_and_product_updates_are_answered_at_once_on_the_others(&nodes, "RENEW").await;
+}
+
+async fn issued_licenses_are_found_at_once_on_the_others(nodes: Nodes) {
+    a_license_issued_on_one_replica_is_found_at_once_on_the_others(&nodes, "ISSUE").await;
+}
+
+/// The two clusters of this file do not run side by side.
+static ONE_CLUSTER_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_every_change_on_one_replica_is_answered_at_once_by_the_others_never_not_found() {
+    let _one = ONE_CLUSTER_AT_A_TIME.lock().await;
+    on_postgres(every_kind_of_change_is_answered_at_once_on_the_others).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlite_a_license_issued_on_one_replica_is_never_not_found_on_another() {
+    let _one = ONE_CLUSTER_AT_A_TIME.lock().await;
+    on_sqlite(issued_licenses_are_found_at_once_on_the_others).await;
+}
