@@ -1,4 +1,4 @@
-//! The command line of the `licensd` binary (SPEC §4).
+//! The command line of the `licensd` binary (docs/operations.md, Commands).
 
 use std::path::PathBuf;
 use std::time::Duration;

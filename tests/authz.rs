@@ -1,4 +1,4 @@
-//! The authorization matrix (issue 4, SPEC §3 roles): every RPC of the three
+//! The authorization matrix (docs/api.md, Roles): every RPC of the three
 //! licensing services × every kind of caller, against the expected answer.
 //!
 //! * missing, malformed, unknown, forged or revoked token → UNAUTHENTICATED
@@ -68,7 +68,7 @@ const ADMIN: &[Role] = &[Role::Admin];
 const BILLING: &[Role] = &[Role::Admin, Role::Billing];
 const READERS: &[Role] = &[Role::Admin, Role::Billing, Role::Support];
 
-/// (service, rpc, who may call it) — SPEC §3 and issue 4.
+/// (service, rpc, who may call it) — the role table of docs/api.md (Roles).
 #[rustfmt::skip]
 const MATRIX: &[(&str, Rpc, Need)] = &[
     ("ProductService",    Rpc::CreateProduct,     R(ADMIN)),

@@ -55,6 +55,8 @@ fn assert_clean(report: &serde_json::Value) {
             "licensd",
             &["Validate", "Activate", "Deactivate", "RedeemRenewalCode"][..],
         ),
+        // Every call answered OK with VALIDITY_NOT_FOUND.
+        ("validate-unknown", "licensd", &["Validate"][..]),
     ];
     for (workload, server, rpcs) in expected {
         let w = workloads
@@ -106,9 +108,16 @@ async fn bench_on_postgres_runs_every_workload_with_only_ok_answers_and_exact_se
         return;
     };
     let url = db.url.clone();
-    let report = tokio::task::spawn_blocking(move || bench(&["--database-url", &url])).await;
+    // Two replicas: `all` then includes the cross-replica lag.
+    let report =
+        tokio::task::spawn_blocking(move || bench(&["--database-url", &url, "--replicas", "2"]))
+            .await;
     db.drop_db().await;
     let report = report.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
     assert_eq!(report["backend"], "postgres");
     assert_clean(&report);
+    let lag = &report["lag"];
+    assert!(lag["samples"].as_u64().unwrap() > 0, "{lag:#}");
+    let [p50, p99, max] = [0, 1, 2].map(|i| lag["agreed_ms"][i].as_f64().unwrap());
+    assert!(0.0 < p50 && p50 <= p99 && p99 <= max, "{lag:#}");
 }

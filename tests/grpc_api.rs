@@ -1,8 +1,9 @@
 mod common;
 
-// Black-box tests of the gRPC API against SPEC.md: every RPC's happy path,
-// every refusal reason of SPEC §3 with its status code, ErrorInfo reason and
-// figures, idempotent retries, and that a refused operation changes nothing.
+// Black-box tests of the gRPC API against docs/api.md and docs/rules.md: every
+// RPC's happy path, every refusal reason of docs/api.md (Errors) with its
+// status code, ErrorInfo reason and figures, idempotent retries, and that a
+// refused operation changes nothing.
 
 use std::collections::{HashMap, HashSet};
 

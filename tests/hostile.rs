@@ -1,4 +1,4 @@
-//! Hostile input (issue 4, SPEC §3 "Errors"): many thousands of generated
+//! Hostile input (docs/api.md, Errors): many thousands of generated
 //! requests of every request type of the three services — empty, huge (up to
 //! ~40 KB, and some just over the 64 KiB message limit), unicode, control
 //! characters, NUL bytes, SQL-ish text, near-valid keys and codes, invalid enum
@@ -1243,7 +1243,8 @@ fn redeem(seed: &Seed) -> BoxedStrategy<pb::RedeemRenewalCodeRequest> {
             .prop_map(
                 move |(license_key, renewal_code, mut fingerprint, client_version, bad)| {
                     // Against the seeded license even a refusal may write one
-                    // history event (SPEC §3), so the fingerprint is always bad.
+                    // history event (docs/rules.md §4), so the fingerprint is
+                    // always bad.
                     if refers_to(&license_key, &key) {
                         fingerprint = bad;
                     }
@@ -1294,7 +1295,7 @@ fn clip(s: String) -> String {
     format!("{}… ({} bytes in all)", &s[..end], s.len())
 }
 
-/// Why an answer breaks SPEC §3, if it does: (what, details).
+/// Why an answer breaks docs/api.md (Errors), if it does: (what, details).
 fn judge(mutation: bool, res: &Result<(), Status>) -> Result<(), (String, String)> {
     match res {
         Ok(()) if mutation => Err((
@@ -1307,7 +1308,7 @@ fn judge(mutation: bool, res: &Result<(), Status>) -> Result<(), (String, String
             | Code::NotFound
             | Code::FailedPrecondition
             | Code::AlreadyExists => {
-                // Every refusal carries a licensing.v1 ErrorInfo (SPEC §3).
+                // Every refusal carries a licensing.v1 ErrorInfo (docs/api.md, Errors).
                 match st.get_error_details().error_info() {
                     Some(info) if info.domain == "licensing.v1" && !info.reason.is_empty() => {
                         Ok(())
@@ -1839,8 +1840,9 @@ fn hostile_input_is_refused_and_changes_nothing() {
     let violations = h.violations.take();
     if !violations.is_empty() {
         let mut text = format!(
-            "{} kinds of SPEC §3 violations (never INTERNAL/UNKNOWN, every refusal with a \
-             licensing.v1 ErrorInfo, hostile mutations refused, nothing written):\n",
+            "{} kinds of violations of docs/api.md, Errors (never INTERNAL/UNKNOWN, \
+             every refusal with a licensing.v1 ErrorInfo, hostile mutations refused, \
+             nothing written):\n",
             violations.len()
         );
         for (what, (n, example)) in &violations {

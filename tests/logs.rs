@@ -1,7 +1,8 @@
-//! "Secrets never in logs" (issue 4): the real binary, logging JSON at debug
-//! level, is driven through a whole licensing story — products, licenses,
-//! activations, renewal codes redeemed wrongly and rightly, voided codes,
-//! refusals — and its complete stderr is then searched for secrets.
+//! "Secrets never in logs" (docs/operations.md, Serving: Logs): the real
+//! binary, logging JSON at debug level, is driven through a whole licensing
+//! story — products, licenses, activations, renewal codes redeemed wrongly
+//! and rightly, voided codes, refusals — and its complete stderr is then
+//! searched for secrets.
 //!
 //! * no full license key (display form, normalised form, either case);
 //! * no renewal code in any form (dashed, normalised, lower case);

@@ -1,4 +1,4 @@
-//! Raw bytes over HTTP/2 (issue 4, SPEC §3 "Errors"): gRPC requests built by
+//! Raw bytes over HTTP/2 (docs/api.md, Errors): gRPC requests built by
 //! hand with the `h2` client — malformed protobuf inside a valid gRPC frame,
 //! a length prefix claiming more bytes than sent, a 100 MB declared length, a
 //! compressed-flag frame without negotiated compression, a message over the
@@ -216,13 +216,13 @@ fn assert_clean_error(case: &str, out: &Outcome) {
     );
     assert_ne!(
         status, 2,
-        "{case}: UNKNOWN for a caller's mistake (SPEC §3): {out:?}"
+        "{case}: UNKNOWN for a caller's mistake (docs/api.md, Errors): {out:?}"
     );
     assert_ne!(
         status, 13,
-        "BUG (SPEC §3: never INTERNAL for a caller's mistake) — {case} was answered \
-         13 INTERNAL with grpc-message {:?}. This status comes from tonic's own request \
-         decoding, before any licensd code runs; the server must answer it as \
+        "BUG (docs/api.md, Errors: never INTERNAL for a caller's mistake) — {case} was \
+         answered 13 INTERNAL with grpc-message {:?}. This status comes from tonic's own \
+         request decoding, before any licensd code runs; the server must answer it as \
          INVALID_ARGUMENT (or another non-INTERNAL code) instead. Full answer: {out:?}",
         out.grpc_message
     );

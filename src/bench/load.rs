@@ -35,6 +35,9 @@ pub enum Load {
     /// Validate a random seeded key, with one of its bound fingerprints half
     /// of the time.
     Validate,
+    /// Validate well-formed keys that no license has (a guessing flood):
+    /// every call costs the server one indexed read.
+    ValidateUnknown,
     /// Activate a fresh fingerprint on a license, then deactivate it.
     Churn,
     /// Redeem the next renewal code.
@@ -80,6 +83,8 @@ pub struct Shared {
     pub keys: Vec<LicenseKey>,
     /// Seeded renewal codes.
     pub codes: Vec<RenewalCode>,
+    /// Well-formed keys of the seeded product that no license has.
+    pub unknown_keys: Vec<LicenseKey>,
     /// `authorization` value for IssueLicense.
     pub bearer: tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
     /// The seeded product.
@@ -154,6 +159,7 @@ impl Worker {
         while Instant::now() < deadline {
             let step = match load {
                 Load::Validate => self.validate().await,
+                Load::ValidateUnknown => self.validate_unknown().await,
                 Load::Churn => self.churn().await,
                 Load::Redeem => self.redeem().await,
                 Load::Issue => self.issue().await,
@@ -219,6 +225,26 @@ impl Worker {
                     ))
                 }
             }
+            Err(status) => Outcome::Error(status),
+        };
+        self.record(Rpc::Validate, started, outcome);
+        Step::Done
+    }
+
+    async fn validate_unknown(&mut self) -> Step {
+        let i = self.rng.random_range(0..self.shared.unknown_keys.len());
+        let req = pb::ValidateRequest {
+            license_key: self.shared.unknown_keys[i].to_string(),
+            fingerprint: String::new(),
+            client_version: String::new(),
+        };
+        let started = Instant::now();
+        let outcome = match self.activation.validate(req).await {
+            Ok(r) if r.get_ref().validity == pb::Validity::NotFound as i32 => Outcome::Ok,
+            Ok(r) => Outcome::Unexpected(format!(
+                "a key no license has answered validity {}",
+                r.get_ref().validity
+            )),
             Err(status) => Outcome::Error(status),
         };
         self.record(Rpc::Validate, started, outcome);

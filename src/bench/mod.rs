@@ -23,6 +23,7 @@
 //!    the seat counts; `--json PATH` writes the same as JSON ([`report`]).
 
 mod child;
+mod lag;
 mod load;
 mod report;
 
@@ -65,7 +66,12 @@ pub enum Workload {
     Issue,
     /// 95% validate, 4% activate/deactivate, 1% redeem.
     Mixed,
-    /// Every workload above, in that order.
+    /// Validate well-formed keys that no license has (an unknown-key flood).
+    ValidateUnknown,
+    /// With `--replicas 2` or more: a write on the first replica, then
+    /// Validate on another until it agrees; reports the lag.
+    Lag,
+    /// Every workload above, in that order (`lag` with `--replicas` ≥ 2).
     All,
 }
 
@@ -77,6 +83,8 @@ impl Workload {
             Workload::Redeem => "redeem",
             Workload::Issue => "issue",
             Workload::Mixed => "mixed",
+            Workload::ValidateUnknown => "validate-unknown",
+            Workload::Lag => "lag",
             Workload::All => "all",
         }
     }
@@ -126,16 +134,28 @@ pub struct BenchArgs {
     /// Extra arguments for the server children, e.g. `--server-arg=--db-max-connections=32`.
     #[arg(long, allow_hyphen_values = true)]
     pub server_arg: Vec<String>,
+    /// Replicas of the server to start on the one database (the workloads
+    /// drive the first; `lag` writes on it and validates on the others).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=8))]
+    pub replicas: u32,
 }
 
-fn workloads(asked: &[Workload]) -> Vec<Workload> {
+fn workloads(asked: &[Workload], replicas: u32) -> Vec<Workload> {
     use Workload::*;
     let mut out = Vec::new();
     for &w in asked {
-        let add = if w == All {
-            vec![Validate, Activate, Redeem, Issue, Mixed]
-        } else {
-            vec![w]
+        let add = match w {
+            All if replicas > 1 => vec![
+                Validate,
+                Activate,
+                Redeem,
+                Issue,
+                Mixed,
+                ValidateUnknown,
+                Lag,
+            ],
+            All => vec![Validate, Activate, Redeem, Issue, Mixed, ValidateUnknown],
+            w => vec![w],
         };
         for a in add {
             if !out.contains(&a) {
@@ -155,7 +175,10 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
     if !(args.duration > 0.0 && args.duration.is_finite()) {
         return Err("--duration must be a positive number of seconds".into());
     }
-    let workloads = workloads(&args.workload);
+    let workloads = workloads(&args.workload, args.replicas);
+    if workloads.contains(&Workload::Lag) && (args.replicas < 2 || args.target.is_some()) {
+        return Err("the lag workload needs --replicas 2 or more (and no --target)".into());
+    }
     let concurrency = args.concurrency as usize;
     let duration = Duration::from_secs_f64(args.duration);
     let load_before = child::load_average();
@@ -269,6 +292,18 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
         (None, Some(s)) => s.addr.clone(),
         (None, None) => unreachable!("a server when there is no target"),
     };
+    // More replicas on the same database, for `lag`.
+    let mut extra_replicas = Vec::new();
+    if args.target.is_none() {
+        for _ in 1..args.replicas {
+            let r = ServerChild::start(&database_url, false, &args.server_arg).await?;
+            if !args.server_arg.iter().any(|a| a == "--no-validate-cache") {
+                r.wait_cache_loaded(Duration::from_secs(600)).await?;
+            }
+            progress(format_args!("replica pid {} on {}", r.pid, r.addr));
+            extra_replicas.push(r);
+        }
+    }
     let channels = connect_all(&addr, args.connections as usize).await?;
     let ceiling_channels = match &ceiling {
         Some(c) => Some(connect_all(&c.addr, args.connections as usize).await?),
@@ -278,6 +313,11 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
     let shared = Arc::new(Shared {
         keys: seeded.keys,
         codes: seeded.codes,
+        unknown_keys: (0..10_000)
+            .map(|_| {
+                crate::domain::LicenseKey::generate(&product, crate::domain::LicenseKind::Standard)
+            })
+            .collect(),
         bearer: format!("Bearer {}", token.expose()).parse()?,
         product: PRODUCT.into(),
         run_id: format!("{:x}", now.timestamp_micros()),
@@ -304,6 +344,7 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
     // 3. The workloads.
     let sample = |s: &Option<ServerChild>| s.as_ref().map(ServerChild::sample);
     let mut reports = Vec::new();
+    let mut lag_report = None;
     for w in workloads {
         progress(format_args!(
             "running {} for {:.1} s",
@@ -365,12 +406,25 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
             }
             continue;
         }
+        if w == Workload::Lag {
+            let mut readers = Vec::new();
+            for r in &extra_replicas {
+                readers.push(child::connect(&r.addr).await?);
+            }
+            let lag = lag::measure(&shared, &channels[0], &readers, duration).await?;
+            progress(format_args!("{}", lag.summary()));
+            lag_report = Some(lag);
+            continue;
+        }
         let (kind, pool) = match w {
+            Workload::ValidateUnknown => (Load::ValidateUnknown, &no_codes),
             Workload::Activate => (Load::Churn, &no_codes),
             Workload::Redeem => (Load::Redeem, &redeem_pool),
             Workload::Issue => (Load::Issue, &no_codes),
             Workload::Mixed => (Load::Mixed, &mixed_pool),
-            Workload::Validate | Workload::All => unreachable!("expanded above"),
+            Workload::Validate | Workload::Lag | Workload::All => {
+                unreachable!("expanded above")
+            }
         };
         let rec = Arc::new(Recorder::default());
         let (before, own_before) = (sample(&server), own_sample());
@@ -397,6 +451,9 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
     }
     if let Some(c) = ceiling {
         c.stop().await;
+    }
+    for r in extra_replicas {
+        r.stop().await;
     }
     let audit = bulk::audit(&url).await?;
     let rate = |server: &str| {
@@ -429,6 +486,8 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
         cache_loaded_seconds: cache_loaded,
         ceiling_start_to_serving_seconds: ceiling_start,
         workloads: reports,
+        replicas: args.replicas,
+        lag: lag_report,
         validate_to_ceiling_ratio: ratio,
         renewal_codes_exhausted: redeem_pool.exhausted.load(Ordering::Relaxed)
             || mixed_pool.exhausted.load(Ordering::Relaxed),
@@ -501,9 +560,21 @@ mod tests {
     fn all_expands_to_every_workload_once_in_order() {
         use Workload::*;
         assert_eq!(
-            workloads(&[Mixed, All]),
-            vec![Mixed, Validate, Activate, Redeem, Issue]
+            workloads(&[Mixed, All], 1),
+            vec![Mixed, Validate, Activate, Redeem, Issue, ValidateUnknown]
         );
-        assert_eq!(workloads(&[Issue, Issue]), vec![Issue]);
+        assert_eq!(
+            workloads(&[All], 3),
+            vec![
+                Validate,
+                Activate,
+                Redeem,
+                Issue,
+                Mixed,
+                ValidateUnknown,
+                Lag
+            ]
+        );
+        assert_eq!(workloads(&[Issue, Issue], 1), vec![Issue]);
     }
 }

@@ -313,6 +313,10 @@ pub struct Report {
     pub workloads: Vec<WorkloadReport>,
     /// Validate calls/s of the server over the ceiling's.
     pub validate_to_ceiling_ratio: Option<f64>,
+    /// Server replicas on the database.
+    pub replicas: u32,
+    /// The cross-replica lag, from the `lag` workload.
+    pub lag: Option<super::lag::LagReport>,
     /// Whether a workload ran out of renewal codes (raise `--codes`).
     pub renewal_codes_exhausted: bool,
     /// The database after the run.
@@ -503,6 +507,9 @@ impl Report {
             None => {
                 let _ = writeln!(out, "Validate / ceiling: n/a");
             }
+        }
+        if let Some(lag) = &self.lag {
+            let _ = writeln!(out, "{}", lag.summary());
         }
         if self.renewal_codes_exhausted {
             let _ = writeln!(

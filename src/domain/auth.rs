@@ -1,4 +1,4 @@
-//! Who may call what (SPEC §3 roles), and bearer tokens.
+//! Who may call what (docs/api.md, Roles), and bearer tokens.
 //!
 //! * admin — everything;
 //! * billing — LicenseService, and ProductService reads;

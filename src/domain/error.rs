@@ -1,5 +1,5 @@
-//! Why an operation is refused. One variant per SPEC §3 refusal reason, with
-//! the figures that explain it.
+//! Why an operation is refused. One variant per refusal reason of docs/api.md
+//! (Errors), with the figures that explain it.
 
 use chrono::{DateTime, SecondsFormat, Utc};
 
@@ -37,7 +37,7 @@ pub enum RefusalClass {
     FailedPrecondition,
 }
 
-/// A refusal with its reason (SPEC §3 "Refusal reasons").
+/// A refusal with its reason (docs/api.md, Errors: refusal reasons).
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum Refusal {
     /// A field is missing or out of bounds.
@@ -173,7 +173,7 @@ fn ts(t: &DateTime<Utc>) -> String {
 }
 
 impl Refusal {
-    /// The UPPER_SNAKE reason of SPEC §3.
+    /// The UPPER_SNAKE reason (docs/api.md, Errors).
     pub fn reason(&self) -> &'static str {
         use Refusal::*;
         match self {

@@ -1,4 +1,4 @@
-//! License keys and renewal codes (SPEC §2).
+//! License keys and renewal codes (docs/rules.md §2, keys and codes).
 //!
 //! Both are drawn from [`ALPHABET`], 31 characters without look-alikes (no
 //! `0/O`, `1/I/L`), and end in two check characters.

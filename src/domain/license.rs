@@ -212,7 +212,7 @@ impl Standing {
         )
     }
 
-    /// Validity at `now` (SPEC §3 "Validity at instant now"): the
+    /// Validity at `now` (docs/rules.md §3, validity at an instant): the
     /// administrative state first, then the clock.
     pub fn validity_at(&self, now: DateTime<Utc>) -> Validity {
         match self.status {

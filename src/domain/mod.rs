@@ -1,4 +1,4 @@
-//! The business rules of licensd (SPEC §1–§2), free of I/O.
+//! The business rules of licensd (docs/rules.md §1–§4), free of I/O.
 //!
 //! Every function here takes the current instant as a parameter (`now`);
 //! nothing in this module reads the clock, the network or the database. The

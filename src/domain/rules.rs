@@ -179,8 +179,8 @@ pub enum ActivateDecision {
     TakeSeat,
 }
 
-/// Activate (R2, R7, R11), in SPEC order: revoked → suspended → expired →
-/// already bound → seats full.
+/// Activate (R2, R7, R11), in the order of docs/rules.md §4 (order of
+/// checks): revoked → suspended → expired → already bound → seats full.
 pub fn activate(
     license: &License,
     fingerprint: &str,
@@ -260,10 +260,10 @@ pub struct RenewalDecision {
     pub new_expires_at: DateTime<Utc>,
 }
 
-/// RedeemRenewalCode (R3–R11), in SPEC order: code redeemed / void → license
-/// revoked / suspended → kind → product → edition → seats → window →
-/// fingerprint → client version. The caller has already parsed the input and
-/// found the license and the code.
+/// RedeemRenewalCode (R3–R11), in the order of docs/rules.md §4 (order of
+/// checks): code redeemed / void → license revoked / suspended → kind →
+/// product → edition → seats → window → fingerprint → client version. The
+/// caller has already parsed the input and found the license and the code.
 pub fn redeem(
     license: &License,
     code: &RenewalCodeRecord,

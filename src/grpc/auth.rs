@@ -313,8 +313,9 @@ const TONIC_DECODE_ERRORS: &[&str] = &[
     "Error decompressing",
 ];
 
-/// A caller's malformed request is never INTERNAL (SPEC §3): tonic's answer
-/// for an undecodable request becomes INVALID_ARGUMENT with an ErrorInfo.
+/// A caller's malformed request is never INTERNAL (docs/api.md, Errors):
+/// tonic's answer for an undecodable request becomes INVALID_ARGUMENT with an
+/// ErrorInfo.
 /// licensd's own internal errors always read "internal error", so they are
 /// never mistaken for these.
 fn malformed_is_invalid_argument(resp: Response<Body>) -> Response<Body> {

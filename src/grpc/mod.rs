@@ -52,7 +52,7 @@ impl Ctx {
     }
 }
 
-/// The one mapping from a refusal to a gRPC status (SPEC §3 "Errors").
+/// The one mapping from a refusal to a gRPC status (docs/api.md, Errors).
 pub fn refusal_status(refusal: &Refusal) -> Status {
     let code = match refusal.class() {
         RefusalClass::InvalidArgument => Code::InvalidArgument,

@@ -471,7 +471,7 @@ pub fn code_hash(code: &RenewalCode) -> Vec<u8> {
 /// Derives the renewal code of an IssueRenewalCode request from the
 /// installation's secret and the request id.
 ///
-/// Why derive rather than store: the spec allows the full code to be shown
+/// Why derive rather than store: docs/rules.md §2 allows the full code to be shown
 /// again on an idempotent retry, yet only its hash may be stored. Deriving the
 /// code with HMAC-SHA256(secret, request_id) gives the same code on every
 /// retry without any plaintext or reversible copy in the code table; without

@@ -1,6 +1,6 @@
 //! Unit tests of the decision functions, one or more per business rule
-//! (SPEC §1 R1–R11) plus the order of checks (SPEC §3). Every boundary is
-//! tested on both sides, to the second.
+//! (docs/rules.md §1, R1–R11) plus the order of checks (docs/rules.md §4).
+//! Every boundary is tested on both sides, to the second.
 
 use super::*;
 use crate::domain::keys::{LicenseKey, ParseError, RenewalCode};
@@ -1573,7 +1573,7 @@ fn validate_suspended_and_revoked_take_precedence_over_not_activated() {
 }
 
 // ---------------------------------------------------------------------------
-// Order of checks (SPEC §3): the first failing check is reported
+// Order of checks (docs/rules.md §4): the first failing check is reported
 // ---------------------------------------------------------------------------
 
 #[test]
@@ -1732,7 +1732,7 @@ fn order_fingerprint_not_activated_and_outdated_client_is_machine_not_activated(
 #[test]
 fn order_redeem_reports_each_failing_check_in_spec_order() {
     // Start with every check failing, then fix them one at a time: each step
-    // must report the next check in SPEC §3 order.
+    // must report the next check in the order of docs/rules.md §4.
     let now = at("2026-06-01T00:00:00Z"); // long after the window closed
     let p = product_latest("4.10.0");
     let mut l = with_status(
