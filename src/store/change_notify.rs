@@ -36,7 +36,7 @@
 //! from memory something it would not have answered anyway.
 
 use std::str::FromStr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -84,8 +84,6 @@ pub struct Changes {
     echo: watch::Sender<u64>,
     /// Whether a listener is connected (only then is an echo awaited).
     listening: AtomicBool,
-    /// Notifications whose sending failed (for operators and tests).
-    failed: AtomicU64,
 }
 
 impl Changes {
@@ -115,7 +113,6 @@ impl Changes {
             listen_pool,
             echo: watch::Sender::new(0),
             listening: AtomicBool::new(false),
-            failed: AtomicU64::new(0),
         });
         tokio::spawn(send_loop(Arc::downgrade(&changes), rx));
         Ok(changes)
@@ -139,11 +136,6 @@ impl Changes {
             }
         })
         .await;
-    }
-
-    /// Notifications that could not be sent since start.
-    pub fn failed(&self) -> u64 {
-        self.failed.load(Ordering::Relaxed)
     }
 
     /// Closes both connections; the tasks end.
@@ -187,7 +179,6 @@ async fn send_loop(
                 Some(batch_no)
             }
             Err(e) => {
-                c.failed.fetch_add(1, Ordering::Relaxed);
                 if !failing && !c.send_pool.is_closed() {
                     failing = true;
                     tracing::warn!(error = %e, "change notifications: sending failed; other replicas see these changes by their poll");

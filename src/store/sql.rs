@@ -145,11 +145,6 @@ impl SqlStore {
         self
     }
 
-    /// The change notifications, on PostgreSQL.
-    pub fn changes(&self) -> Option<&Arc<Changes>> {
-        self.changes.as_ref()
-    }
-
     /// The validation cache, if switched on.
     pub fn validation_cache(&self) -> Option<&Arc<ValidationCache>> {
         self.cache.as_ref()
