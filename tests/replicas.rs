@@ -511,24 +511,8 @@ async fn changes_reach_validate_on_every_replica(nodes: Nodes) {
     lags.push(("reinstate", lag));
 
     let before = get_license(&nodes, 0, &key).await.expires_at;
-    let code = nodes
-        .licenses(0)
-        .issue_renewal_code(code_req("ACME", 3, 2))
-        .await
-        .expect("issue code")
-        .into_inner()
-        .renewal_code;
-    let renewed = activation
-        .redeem_renewal_code(pb::RedeemRenewalCodeRequest {
-            license_key: key.clone(),
-            renewal_code: code,
-            fingerprint: "fp-2".into(),
-            client_version: "1.0.0".into(),
-        })
-        .await
-        .expect("redeem")
-        .into_inner();
-    let new_expiry = renewed.license.expect("license").expires_at;
+    let code = issue_code(&nodes, code_req("ACME", 3, 2)).await;
+    let new_expiry = redeem(&nodes, &key, code, "fp-2").await;
     assert!(to_chrono(new_expiry) > to_chrono(before));
     let lag = visible_everywhere(
         &nodes,
@@ -540,20 +524,7 @@ async fn changes_reach_validate_on_every_replica(nodes: Nodes) {
     .await;
     lags.push(("renew", lag));
 
-    nodes
-        .products(0)
-        .update_product(pb::UpdateProductRequest {
-            product: Some(pb::Product {
-                code: "ACME".into(),
-                latest_version: "2.0.0".into(),
-                ..Default::default()
-            }),
-            update_mask: Some(prost_types::FieldMask {
-                paths: vec!["latest_version".into()],
-            }),
-        })
-        .await
-        .expect("update product");
+    set_latest_version(&nodes, "ACME", "2.0.0").await;
     let lag = visible_everywhere(
         &nodes,
         "product update",

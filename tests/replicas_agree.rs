@@ -249,29 +249,11 @@ async fn renewals_and_product_updates_are_answered_at_once_on_the_others(
         .expect("activate");
     let mut codes = Vec::new();
     for _ in 0..TRIALS {
-        codes.push(
-            nodes
-                .licenses(0)
-                .issue_renewal_code(code_req(product, 2, 1))
-                .await
-                .expect("issue code")
-                .into_inner()
-                .renewal_code,
-        );
+        codes.push(issue_code(nodes, code_req(product, 2, 1)).await);
     }
     let mut tally = Tally::new("renew");
     for code in codes {
-        let renewed = activation
-            .redeem_renewal_code(pb::RedeemRenewalCodeRequest {
-                license_key: key.clone(),
-                renewal_code: code,
-                fingerprint: "fp-renew".into(),
-                client_version: "1.0.0".into(),
-            })
-            .await
-            .expect("redeem")
-            .into_inner();
-        let expires_at = renewed.license.expect("license").expires_at;
+        let expires_at = redeem(nodes, &key, code, "fp-renew").await;
         tally
             .read_at_once(nodes, validate_req(&key, "fp-renew", ""), |v| {
                 v.expires_at == expires_at
@@ -283,20 +265,7 @@ async fn renewals_and_product_updates_are_answered_at_once_on_the_others(
     let mut tally = Tally::new("product update");
     for i in 0..TRIALS {
         let latest = format!("1.0.{}", i + 1);
-        nodes
-            .products(0)
-            .update_product(pb::UpdateProductRequest {
-                product: Some(pb::Product {
-                    code: product.into(),
-                    latest_version: latest.clone(),
-                    ..Default::default()
-                }),
-                update_mask: Some(prost_types::FieldMask {
-                    paths: vec!["latest_version".into()],
-                }),
-            })
-            .await
-            .expect("update product");
+        set_latest_version(nodes, product, &latest).await;
         tally
             .read_at_once(nodes, validate_req(&key, "fp-renew", "1.0.0"), |v| {
                 v.latest_version == latest && v.update_available

@@ -403,6 +403,59 @@ pub async fn issue(nodes: &Nodes, req: pb::IssueLicenseRequest) -> pb::License {
         .into_inner()
 }
 
+/// Issues a renewal code on replica 0; returns the code.
+pub async fn issue_code(nodes: &Nodes, req: pb::IssueRenewalCodeRequest) -> String {
+    nodes
+        .licenses(0)
+        .issue_renewal_code(req)
+        .await
+        .expect("issue code")
+        .into_inner()
+        .renewal_code
+}
+
+/// Redeems `code` against `key` on replica 0 from the bound workstation
+/// `fingerprint`, with client version 1.0.0; returns the new expiry.
+pub async fn redeem(
+    nodes: &Nodes,
+    key: &str,
+    code: String,
+    fingerprint: &str,
+) -> Option<prost_types::Timestamp> {
+    nodes
+        .activation(0)
+        .redeem_renewal_code(pb::RedeemRenewalCodeRequest {
+            license_key: key.into(),
+            renewal_code: code,
+            fingerprint: fingerprint.into(),
+            client_version: "1.0.0".into(),
+        })
+        .await
+        .expect("redeem")
+        .into_inner()
+        .license
+        .expect("license")
+        .expires_at
+}
+
+/// Sets `product`'s latest version on replica 0.
+pub async fn set_latest_version(nodes: &Nodes, product: &str, version: &str) {
+    nodes
+        .products(0)
+        .update_product(pb::UpdateProductRequest {
+            product: Some(pb::Product {
+                code: product.into(),
+                latest_version: version.into(),
+                ..Default::default()
+            }),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["latest_version".into()],
+            }),
+        })
+        .await
+        .expect("update product");
+}
+
 pub async fn get_license(nodes: &Nodes, i: usize, key: &str) -> pb::License {
     nodes
         .licenses(i)
