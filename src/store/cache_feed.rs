@@ -127,19 +127,22 @@ impl Feed {
         let mut tick = tokio::time::interval(self.refresh);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut failing = false;
+        let Some(nudges) = self.cache.upgrade().map(|c| c.nudges()) else {
+            return;
+        };
         loop {
             // A tick, or sooner when a change notification asks for it (at
             // most one poll per NUDGE_GAP then, however many arrive).
-            let Some(cache) = self.cache.upgrade() else {
-                return;
-            };
             tokio::select! {
                 _ = tick.tick() => {}
-                _ = cache.nudged() => {
+                _ = nudges.notified() => {
                     tokio::time::sleep(NUDGE_GAP).await;
                     tick.reset();
                 }
             }
+            let Some(cache) = self.cache.upgrade() else {
+                return;
+            };
             if self.readers.is_closed() {
                 return;
             }

@@ -229,8 +229,9 @@ pub struct ValidationCache {
     gate: AtomicU64,
     /// The latest epoch whose poll finished.
     finished_epoch: AtomicU64,
-    /// Wakes the feed for a poll before its next tick.
-    nudge: tokio::sync::Notify,
+    /// Wakes the feed for a poll before its next tick (shared with the
+    /// feed, which waits on it without keeping the cache alive).
+    nudge: Arc<tokio::sync::Notify>,
     inner: RwLock<Mirror>,
 }
 
@@ -301,7 +302,7 @@ impl ValidationCache {
             disabled: AtomicBool::new(false),
             gate: AtomicU64::new(0),
             finished_epoch: AtomicU64::new(0),
-            nudge: tokio::sync::Notify::new(),
+            nudge: Arc::new(tokio::sync::Notify::new()),
             inner: RwLock::new(Mirror::default()),
         }
     }
@@ -362,10 +363,10 @@ impl ValidationCache {
         self.nudge.notify_one();
     }
 
-    /// Resolves when [`nudge`](Self::nudge) was called (once per call, or
-    /// once for several calls made meanwhile).
-    pub async fn nudged(&self) {
-        self.nudge.notified().await;
+    /// What [`nudge`](Self::nudge) wakes: one wake-up per call, or one for
+    /// several calls made meanwhile.
+    pub fn nudges(&self) -> Arc<tokio::sync::Notify> {
+        self.nudge.clone()
     }
 
     /// What Validate needs about `key` (and whether `fingerprint` is bound),
