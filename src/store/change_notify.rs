@@ -8,19 +8,32 @@
 //! transaction that notifies takes a database-wide lock at commit and holds
 //! it through its WAL flush, so notifying inside every write would
 //! serialize all commits of the PostgreSQL instance. Instead one task per
-//! replica ([`Notifier`]) sends what has queued up meanwhile in one short
-//! transaction of its own, with `synchronous_commit = off`: it has nothing
-//! to make durable (a notification lost in a crash is caught by the poll),
-//! so it holds that lock for microseconds, not for a flush. Writes that
-//! commit together share one notification.
+//! replica sends what has queued up meanwhile in one short transaction of
+//! its own, with `synchronous_commit = off`: it has nothing to make durable
+//! (a notification lost in a crash is caught by the poll), so it holds that
+//! lock for microseconds, not for a flush. Writes that commit together share
+//! one notification.
 //!
-//! **Receiving.** Each replica with a validation cache keeps one listening
-//! connection ([`listen`]). A notification from another replica marks the
-//! licenses it names as a local write would (Validate reads them from the
-//! database until a poll has re-read them) and asks the feed to poll now.
-//! A replica also hears its own notifications: the writer waits (briefly)
-//! for that echo before answering, so by then PostgreSQL has delivered the
-//! notification to every listening replica.
+//! **Receiving and acknowledging.** Each replica with a validation cache
+//! keeps one listening connection ([`listen`]). A notification from another
+//! replica marks the licenses it names as a local write would (Validate
+//! reads them from the database until a poll has re-read them), asks the
+//! feed to poll now, and is then acknowledged on the same channel. The
+//! writer answers its caller once it has heard its own notification back
+//! and an acknowledgement from every replica it knows to be listening (or
+//! after [`ANNOUNCE_WAIT`]): by then no replica answers the old state from
+//! memory.
+//!
+//! **Knowing the others.** A replica says hello when its listener connects
+//! and every [`HELLO_EVERY`] while it listens; one that hears a hello from
+//! a replica it did not know answers with its own, so replicas find each
+//! other at once. A replica that loses its listener or shuts down says
+//! goodbye. A writer waits only for replicas heard from within
+//! [`PEER_TTL`], and only for notifications sent after it heard their
+//! hello (earlier ones reached them before they listened, and their first
+//! poll covers those). One that does not acknowledge in time (a crash, a
+//! stall) is not waited for again until it acknowledges that batch or a
+//! later one, so a dead replica costs one wait, not one per write.
 //!
 //! **What the poll still does.** It stays, every refresh interval, as the
 //! backstop for a notification that never came: a writer that died between
@@ -29,19 +42,22 @@
 //! reconnected it answers again only once a poll that started after the
 //! reconnection has caught up.
 //!
-//! **Payload.** `"<replica>:<batch> <key> <key> …"`: the sender's random id
-//! in hex and its batch number, then normalised license keys (A–Z, 0–9) and
-//! `*` for "the products changed". Anything else in a payload is ignored: a
-//! notification can only make Validate read the database, never answer
-//! from memory something it would not have answered anyway.
+//! **Payload.** `"<replica>:<batch> <token> …"`: the sender's random id in
+//! hex and its batch number, then tokens: normalised license keys (A–Z,
+//! 0–9), `*` for "the products changed", `<replica>:<batch>` acknowledging
+//! that replica's batches up to that one, `+` hello and `-` goodbye.
+//! Anything else in a payload is ignored: a notification can only make
+//! Validate read the database, never answer from memory something it would
+//! not have answered anyway.
 
+use std::collections::{BTreeMap, HashMap};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Weak};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant};
 
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot};
 
 use super::validation_cache::ValidationCache;
 use super::{StoreError, StoreResult};
@@ -56,9 +72,15 @@ const MAX_PAYLOAD: usize = 7_000;
 /// Changes sent in one transaction at most.
 const MAX_BATCH: usize = 2_000;
 
-/// Longest a write waits for its notification to be sent and echoed before
-/// it answers anyway (the poll is the backstop).
+/// Longest a write waits for its notification to be sent, echoed and
+/// acknowledged before it answers anyway (the poll is the backstop).
 const ANNOUNCE_WAIT: Duration = Duration::from_millis(500);
+
+/// How often a listening replica says hello.
+pub const HELLO_EVERY: Duration = Duration::from_secs(1);
+
+/// A replica not heard saying hello for this long is not waited for.
+pub const PEER_TTL: Duration = Duration::from_millis(3_500);
 
 /// Pause before reconnecting a lost listener.
 const RECONNECT_PAUSE: Duration = Duration::from_millis(200);
@@ -72,16 +94,102 @@ pub enum Change {
     Products,
 }
 
+/// One token of a notification.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Token {
+    Change(Change),
+    /// "I have marked your batches up to this one."
+    Ack {
+        replica: u64,
+        batch: u64,
+    },
+    /// "I listen: wait for my acknowledgements."
+    Hello,
+    /// "I no longer listen."
+    Goodbye,
+}
+
+/// A queued token, and who waits for the number of the batch it went out in
+/// (`None`: sending failed).
+type Outgoing = (Token, Option<oneshot::Sender<Option<u64>>>);
+
+/// What this replica knows about its notifications' progress.
+#[derive(Debug, Default)]
+struct Progress {
+    /// The highest own batch number heard back by the listener.
+    echo: u64,
+    /// The other listening replicas.
+    peers: HashMap<u64, Peer>,
+    /// Writes waiting for their batch to be done, by batch (each woken
+    /// once, not at every acknowledgement).
+    waiters: BTreeMap<u64, Vec<oneshot::Sender<()>>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Peer {
+    /// When its last hello was heard.
+    seen: Instant,
+    /// Our echo when its first hello was heard: it was listening for every
+    /// later batch, not necessarily for these.
+    since: u64,
+    /// Our highest batch it has acknowledged.
+    acked: u64,
+    /// It did not acknowledge this batch in time: not waited for until it
+    /// acknowledges it (0: waited for).
+    late: u64,
+}
+
+impl Progress {
+    /// The listening replicas that have not acknowledged `batch` yet.
+    fn waiting_for(&self, batch: u64, now: Instant) -> impl Iterator<Item = u64> + '_ {
+        self.peers.iter().filter_map(move |(&id, p)| {
+            let waited = now.duration_since(p.seen) < PEER_TTL
+                && batch > p.since
+                && p.acked >= p.late
+                && p.acked < batch;
+            waited.then_some(id)
+        })
+    }
+
+    /// The highest batch that is done: heard back, and acknowledged by
+    /// every replica waited for. (A replica is waited for a batch only if
+    /// it said hello before it, so it imposes `max(acked, since)`.)
+    fn done_up_to(&self, now: Instant) -> u64 {
+        self.peers
+            .values()
+            .filter(|p| now.duration_since(p.seen) < PEER_TTL && p.acked >= p.late)
+            .map(|p| p.acked.max(p.since))
+            .fold(self.echo, u64::min)
+    }
+
+    fn done(&self, batch: u64, now: Instant) -> bool {
+        batch <= self.done_up_to(now)
+    }
+
+    /// Wakes the writes whose batch is done.
+    fn release(&mut self, now: Instant) {
+        if self.waiters.is_empty() {
+            return;
+        }
+        let up_to = self.done_up_to(now);
+        let waiting = self.waiters.split_off(&(up_to + 1));
+        for done in std::mem::replace(&mut self.waiters, waiting).into_values() {
+            for w in done {
+                let _ = w.send(());
+            }
+        }
+    }
+}
+
 /// One replica's sending and listening ends.
 pub struct Changes {
     /// This replica's id in payloads (random per process).
     replica: u64,
-    queue: mpsc::UnboundedSender<(Change, oneshot::Sender<Option<u64>>)>,
+    queue: mpsc::UnboundedSender<Outgoing>,
     /// The notifier's and the listener's connections (closed with the store).
     send_pool: PgPool,
     listen_pool: PgPool,
-    /// The highest own batch number heard back by the listener.
-    echo: watch::Sender<u64>,
+    progress: Mutex<Progress>,
     /// Whether a listener is connected (only then is an echo awaited).
     listening: AtomicBool,
 }
@@ -111,49 +219,113 @@ impl Changes {
             queue,
             send_pool,
             listen_pool,
-            echo: watch::Sender::new(0),
+            progress: Mutex::new(Progress::default()),
             listening: AtomicBool::new(false),
         });
         tokio::spawn(send_loop(Arc::downgrade(&changes), rx));
+        tokio::spawn(say_hello(Arc::downgrade(&changes)));
         Ok(changes)
     }
 
     /// Announces `change` (committed) to every replica; returns once it has
-    /// been sent and, if this replica listens, heard back, or after
-    /// [`ANNOUNCE_WAIT`].
+    /// been sent and, if this replica listens, heard back and acknowledged
+    /// by every other listening replica, or after [`ANNOUNCE_WAIT`].
     pub async fn announce(&self, change: Change) {
         let (done, sent) = oneshot::channel();
-        if self.queue.send((change, done)).is_err() {
+        if self
+            .queue
+            .send((Token::Change(change), Some(done)))
+            .is_err()
+        {
             return;
         }
-        let _ = tokio::time::timeout(ANNOUNCE_WAIT, async {
+        let mut sent_as = None;
+        let waited = tokio::time::timeout(ANNOUNCE_WAIT, async {
             let Ok(Some(batch)) = sent.await else {
                 return;
             };
+            sent_as = Some(batch);
             if self.listening.load(Ordering::Acquire) {
-                let mut echo = self.echo.subscribe();
-                let _ = echo.wait_for(|heard| *heard >= batch).await;
+                let (wake, woken) = oneshot::channel();
+                {
+                    let mut p = self.progress();
+                    if p.done(batch, Instant::now()) {
+                        return;
+                    }
+                    p.waiters.entry(batch).or_default().push(wake);
+                }
+                let _ = woken.await;
             }
         })
         .await;
+        if let (Err(_), Some(batch)) = (waited, sent_as) {
+            self.gave_up_on(batch);
+        }
     }
 
-    /// Closes both connections; the tasks end.
+    /// The replicas that did not acknowledge `batch` in time are not waited
+    /// for until they do.
+    fn gave_up_on(&self, batch: u64) {
+        let now = Instant::now();
+        let mut p = self.progress();
+        let late: Vec<u64> = p.waiting_for(batch, now).collect();
+        for id in &late {
+            tracing::warn!(replica = %format!("{id:x}"), batch, "change notifications: a replica did not acknowledge in time; not waiting for it until it catches up");
+            if let Some(peer) = p.peers.get_mut(id) {
+                peer.late = peer.late.max(batch);
+            }
+        }
+        if !late.is_empty() {
+            p.release(now);
+        }
+    }
+
+    fn progress(&self) -> MutexGuard<'_, Progress> {
+        self.progress.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn queue(&self, token: Token) {
+        let _ = self.queue.send((token, None));
+    }
+
+    /// Says goodbye (briefly waiting for it to go out), then closes both
+    /// connections; the tasks end.
     pub async fn close(&self) {
+        if self.listening.swap(false, Ordering::AcqRel) {
+            let (done, sent) = oneshot::channel();
+            if self.queue.send((Token::Goodbye, Some(done))).is_ok() {
+                let _ = tokio::time::timeout(Duration::from_millis(200), sent).await;
+            }
+        }
         self.listen_pool.close().await;
         self.send_pool.close().await;
     }
 }
 
+/// Says hello every [`HELLO_EVERY`] while the listener is connected.
+async fn say_hello(changes: Weak<Changes>) {
+    let mut tick = tokio::time::interval(HELLO_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(c) = changes.upgrade() else {
+            return;
+        };
+        if c.send_pool.is_closed() {
+            return;
+        }
+        if c.listening.load(Ordering::Acquire) {
+            c.queue(Token::Hello);
+        }
+    }
+}
+
 /// Sends what has queued up, one transaction per batch, until every
 /// [`Changes`] handle is gone.
-async fn send_loop(
-    changes: Weak<Changes>,
-    mut rx: mpsc::UnboundedReceiver<(Change, oneshot::Sender<Option<u64>>)>,
-) {
+async fn send_loop(changes: Weak<Changes>, mut rx: mpsc::UnboundedReceiver<Outgoing>) {
     let mut batch_no = 0u64;
     let mut failing = false;
-    let mut batch = Vec::new();
+    let mut batch: Vec<Outgoing> = Vec::new();
     while let Some(first) = rx.recv().await {
         batch.push(first);
         while batch.len() < MAX_BATCH {
@@ -166,7 +338,7 @@ async fn send_loop(
             return;
         };
         batch_no += 1;
-        let sql = notify_sql(c.replica, batch_no, batch.iter().map(|(change, _)| change));
+        let sql = notify_sql(c.replica, batch_no, batch.iter().map(|(token, _)| token));
         let sent = sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
             .execute(&c.send_pool)
             .await;
@@ -187,44 +359,56 @@ async fn send_loop(
             }
         };
         for (_, done) in batch.drain(..) {
-            let _ = done.send(reply);
+            if let Some(done) = done {
+                let _ = done.send(reply);
+            }
         }
     }
 }
 
-/// The statements that announce `changes` as batch `batch_no` of `replica`.
-fn notify_sql<'a>(
-    replica: u64,
-    batch_no: u64,
-    changes: impl Iterator<Item = &'a Change>,
-) -> String {
+/// The statements that send `tokens` as batch `batch_no` of `replica`.
+/// Duplicates are dropped and acknowledgements of one replica's batches
+/// folded into the highest.
+fn notify_sql<'a>(replica: u64, batch_no: u64, tokens: impl Iterator<Item = &'a Token>) -> String {
     let header = format!("{replica:x}:{batch_no}");
+    let mut words: Vec<String> = Vec::new();
+    let (mut products, mut hello, mut goodbye) = (false, false, false);
+    let mut acks: Vec<(u64, u64)> = Vec::new();
+    for token in tokens {
+        match token {
+            Token::Change(Change::License(key)) => words.push(key.normalized().to_string()),
+            Token::Change(Change::Products) => products = true,
+            Token::Ack { replica, batch } => match acks.iter_mut().find(|(r, _)| r == replica) {
+                Some((_, b)) => *b = (*b).max(*batch),
+                None => acks.push((*replica, *batch)),
+            },
+            Token::Hello => hello = true,
+            Token::Goodbye => goodbye = true,
+        }
+    }
+    words.extend(products.then(|| "*".to_string()));
+    words.extend(acks.iter().map(|(r, b)| format!("{r:x}:{b}")));
+    // A goodbye after a hello in the same batch wins (it was queued last
+    // when the listener went down).
+    words.extend(goodbye.then(|| "-".to_string()));
+    words.extend((hello && !goodbye).then(|| "+".to_string()));
     let mut payloads = vec![header.clone()];
-    let mut products = false;
-    for change in changes {
-        let token = match change {
-            Change::License(key) => key.normalized(),
-            Change::Products if products => continue,
-            Change::Products => {
-                products = true;
-                "*"
-            }
-        };
+    for word in &words {
         let last = payloads.last_mut().expect("one payload at least");
-        if last.len() + 1 + token.len() > MAX_PAYLOAD {
+        if last.len() + 1 + word.len() > MAX_PAYLOAD {
             payloads.push(header.clone());
         }
         let last = payloads.last_mut().expect("one payload at least");
         last.push(' ');
-        last.push_str(token);
+        last.push_str(word);
     }
     let mut sql = String::from("BEGIN; SET LOCAL synchronous_commit = off; ");
     for p in &payloads {
-        // A payload holds only [0-9a-f:], A-Z, 0-9, '*' and spaces: no quote
-        // can end the literal.
+        // A payload holds only [0-9a-f:], A-Z, 0-9, '*', '+', '-' and
+        // spaces: no quote can end the literal.
         debug_assert!(
             p.chars()
-                .all(|c| c.is_ascii_alphanumeric() || " :*".contains(c))
+                .all(|c| c.is_ascii_alphanumeric() || " :*+-".contains(c))
         );
         sql.push_str(&format!("NOTIFY {CHANNEL}, '{p}'; "));
     }
@@ -239,34 +423,47 @@ struct Parsed {
     batch_no: u64,
     keys: Vec<LicenseKey>,
     products: bool,
+    acks: Vec<(u64, u64)>,
+    hello: bool,
+    goodbye: bool,
+}
+
+fn replica_and_batch(token: &str) -> Option<(u64, u64)> {
+    let (replica, batch) = token.split_once(':')?;
+    Some((u64::from_str_radix(replica, 16).ok()?, batch.parse().ok()?))
 }
 
 fn parse_payload(payload: &str) -> Parsed {
     let mut tokens = payload.split_ascii_whitespace();
     let mut parsed = Parsed::default();
-    if let Some((replica, batch)) = tokens.next().and_then(|h| h.split_once(':')) {
-        parsed.replica = u64::from_str_radix(replica, 16).ok();
-        parsed.batch_no = batch.parse().unwrap_or(0);
+    if let Some((replica, batch)) = tokens.next().and_then(replica_and_batch) {
+        parsed.replica = Some(replica);
+        parsed.batch_no = batch;
     }
     for token in tokens {
-        if token == "*" {
-            parsed.products = true;
-        } else if let Ok(key) = LicenseKey::parse(token) {
-            parsed.keys.push(key);
+        match token {
+            "*" => parsed.products = true,
+            "+" => parsed.hello = true,
+            "-" => parsed.goodbye = true,
+            _ if token.contains(':') => parsed.acks.extend(replica_and_batch(token)),
+            _ => parsed.keys.extend(LicenseKey::parse(token).ok()),
         }
     }
     parsed
 }
 
 /// Keeps one listening connection for `cache` until the store closes:
-/// marks what other replicas announce, and records this replica's echoes.
+/// marks and acknowledges what other replicas announce, and records this
+/// replica's echoes and the others' acknowledgements.
 pub async fn listen(changes: Arc<Changes>, cache: Weak<ValidationCache>) {
     let mut lost_before = false;
     loop {
         if let Some(c) = cache.upgrade() {
             c.listener_lost();
         }
-        changes.listening.store(false, Ordering::Release);
+        if changes.listening.swap(false, Ordering::AcqRel) {
+            changes.queue(Token::Goodbye);
+        }
         if changes.listen_pool.is_closed() {
             return;
         }
@@ -287,7 +484,15 @@ pub async fn listen(changes: Arc<Changes>, cache: Weak<ValidationCache>) {
         let Some(c) = cache.upgrade() else {
             return;
         };
+        // Whom we waited for before may have missed our goodbye; they say
+        // hello again if they still listen.
+        {
+            let mut p = changes.progress();
+            p.peers.clear();
+            p.release(Instant::now());
+        }
         changes.listening.store(true, Ordering::Release);
+        changes.queue(Token::Hello);
         c.listener_ready();
         drop(c);
         if lost_before {
@@ -323,15 +528,16 @@ async fn connect(pool: &PgPool) -> Result<PgListener, sqlx::Error> {
 
 fn receive(changes: &Changes, cache: &ValidationCache, payload: &str) {
     let parsed = parse_payload(payload);
-    if parsed.replica == Some(changes.replica) {
+    let Some(from) = parsed.replica else {
+        return;
+    };
+    if from == changes.replica {
         // Our own: this replica marked the change before sending it.
-        changes.echo.send_if_modified(|heard| {
-            let newer = parsed.batch_no > *heard;
-            if newer {
-                *heard = parsed.batch_no;
-            }
-            newer
-        });
+        let mut p = changes.progress();
+        if parsed.batch_no > p.echo {
+            p.echo = parsed.batch_no;
+            p.release(Instant::now());
+        }
         return;
     }
     if !parsed.keys.is_empty() {
@@ -342,6 +548,56 @@ fn receive(changes: &Changes, cache: &ValidationCache, payload: &str) {
     }
     if !parsed.keys.is_empty() || parsed.products {
         cache.nudge();
+        // Marked: the writer may answer its caller.
+        changes.queue(Token::Ack {
+            replica: from,
+            batch: parsed.batch_no,
+        });
+    }
+    let ours = parsed
+        .acks
+        .iter()
+        .filter(|(r, _)| *r == changes.replica)
+        .map(|&(_, b)| b)
+        .max();
+    let mut answer_hello = false;
+    let now = Instant::now();
+    let mut p = changes.progress();
+    if parsed.goodbye {
+        p.peers.remove(&from);
+    } else if parsed.hello {
+        let echo = p.echo;
+        match p.peers.get_mut(&from) {
+            Some(peer) if now.duration_since(peer.seen) < PEER_TTL => peer.seen = now,
+            _ => {
+                answer_hello = true;
+                p.peers.insert(
+                    from,
+                    Peer {
+                        seen: now,
+                        since: echo,
+                        acked: echo,
+                        late: 0,
+                    },
+                );
+            }
+        }
+    }
+    if let (Some(batch), Some(peer)) = (ours, p.peers.get_mut(&from))
+        && batch > peer.acked
+    {
+        peer.acked = batch;
+        if peer.acked >= peer.late {
+            peer.late = 0;
+        }
+    }
+    // Also when nothing changed: a replica silent for longer than the TTL
+    // is no longer waited for.
+    p.release(now);
+    drop(p);
+    if answer_hello && changes.listening.load(Ordering::Acquire) {
+        // A replica new to us: let it know us at once.
+        changes.queue(Token::Hello);
     }
 }
 
@@ -358,10 +614,23 @@ mod tests {
     fn a_batch_round_trips_through_its_payload() {
         let (a, b) = (key(), key());
         let changes = [
-            Change::License(a.clone()),
-            Change::Products,
-            Change::License(b.clone()),
-            Change::Products,
+            Token::Change(Change::License(a.clone())),
+            Token::Change(Change::Products),
+            Token::Ack {
+                replica: 0xdef,
+                batch: 3,
+            },
+            Token::Change(Change::License(b.clone())),
+            Token::Change(Change::Products),
+            Token::Ack {
+                replica: 0xdef,
+                batch: 9,
+            },
+            Token::Ack {
+                replica: 0x12,
+                batch: 4,
+            },
+            Token::Hello,
         ];
         let sql = notify_sql(0xabc, 7, changes.iter());
         assert!(
@@ -377,13 +646,18 @@ mod tests {
                 batch_no: 7,
                 keys: vec![a, b],
                 products: true,
+                acks: vec![(0xdef, 9), (0x12, 4)],
+                hello: true,
+                goodbye: false,
             }
         );
     }
 
     #[test]
     fn a_large_batch_is_split_into_payloads_postgresql_accepts() {
-        let keys: Vec<Change> = (0..1_000).map(|_| Change::License(key())).collect();
+        let keys: Vec<Token> = (0..1_000)
+            .map(|_| Token::Change(Change::License(key())))
+            .collect();
         let sql = notify_sql(1, 2, keys.iter());
         let payloads: Vec<&str> = sql.split('\'').skip(1).step_by(2).collect();
         assert!(payloads.len() > 1);
@@ -405,5 +679,94 @@ mod tests {
         assert_eq!(parsed.keys, vec![k]);
         assert!(!parsed.products);
         assert_eq!(parse_payload(""), Parsed::default());
+        let parsed = parse_payload("1f:2 zz:1 3:x :4 5: +");
+        assert_eq!(
+            (parsed.replica, parsed.acks, parsed.hello),
+            (Some(0x1f), vec![], true)
+        );
+    }
+
+    #[test]
+    fn a_goodbye_queued_after_a_hello_wins() {
+        let sql = notify_sql(1, 1, [Token::Hello, Token::Goodbye, Token::Hello].iter());
+        let parsed = parse_payload(sql.split('\'').nth(1).unwrap());
+        assert!(parsed.goodbye && !parsed.hello);
+    }
+
+    fn peer(seen: Instant, since: u64) -> Peer {
+        Peer {
+            seen,
+            since,
+            acked: since,
+            late: 0,
+        }
+    }
+
+    #[test]
+    fn a_batch_is_done_once_echoed_and_acknowledged_by_every_listening_replica() {
+        let now = Instant::now();
+        let mut p = Progress::default();
+        p.peers.insert(1, peer(now, 0));
+        p.peers.insert(2, peer(now, 0));
+        assert!(!p.done(1, now), "not echoed");
+        p.echo = 1;
+        assert_eq!(sorted(p.waiting_for(1, now)), vec![1, 2]);
+        p.peers.get_mut(&1).unwrap().acked = 1;
+        assert_eq!(sorted(p.waiting_for(1, now)), vec![2]);
+        // An acknowledgement of a later batch covers the earlier ones.
+        p.peers.get_mut(&2).unwrap().acked = 5;
+        assert!(p.done(1, now));
+        p.echo = 5;
+        assert_eq!(sorted(p.waiting_for(5, now)), vec![1]);
+    }
+
+    #[test]
+    fn a_replica_is_not_waited_for_before_its_hello_after_its_ttl_or_while_late() {
+        let now = Instant::now();
+        let mut p = Progress {
+            echo: 10,
+            ..Progress::default()
+        };
+        // Said hello when batch 7 had been echoed: batches up to 7 went out
+        // before it listened.
+        p.peers.insert(1, peer(now, 7));
+        assert!(p.done(7, now));
+        assert!(!p.done(8, now));
+        // Silent for longer than the TTL.
+        assert!(p.done(8, now + PEER_TTL));
+        // Late with batch 8: not waited for until it acknowledges 8.
+        p.peers.get_mut(&1).unwrap().late = 8;
+        assert!(p.done(9, now));
+        p.peers.get_mut(&1).unwrap().acked = 8;
+        assert!(!p.done(9, now));
+    }
+
+    #[test]
+    fn a_waiting_write_is_woken_once_its_batch_is_done_and_not_before() {
+        let now = Instant::now();
+        let mut p = Progress::default();
+        p.peers.insert(1, peer(now, 0));
+        let (wake2, mut woken2) = oneshot::channel();
+        let (wake3, mut woken3) = oneshot::channel();
+        p.waiters.entry(2).or_default().push(wake2);
+        p.waiters.entry(3).or_default().push(wake3);
+        p.echo = 3;
+        p.release(now);
+        assert!(woken2.try_recv().is_err(), "not acknowledged yet");
+        p.peers.get_mut(&1).unwrap().acked = 2;
+        p.release(now);
+        assert_eq!(woken2.try_recv(), Ok(()));
+        assert!(woken3.try_recv().is_err());
+        assert_eq!(p.done_up_to(now), 2);
+        // The replica goes silent: after its TTL it is not waited for.
+        p.release(now + PEER_TTL);
+        assert_eq!(woken3.try_recv(), Ok(()));
+        assert!(p.waiters.is_empty());
+    }
+
+    fn sorted(ids: impl Iterator<Item = u64>) -> Vec<u64> {
+        let mut ids: Vec<u64> = ids.collect();
+        ids.sort();
+        ids
     }
 }

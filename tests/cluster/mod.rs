@@ -244,7 +244,15 @@ impl Cluster {
             }
             channels.push(per);
         }
-        (cluster, Nodes { channels, token })
+        let pids = cluster.replicas.iter().map(|r| r.child.id()).collect();
+        (
+            cluster,
+            Nodes {
+                channels,
+                token,
+                pids,
+            },
+        )
     }
 
     /// Stops every replica; each must exit cleanly on SIGTERM.
@@ -292,6 +300,8 @@ where
 pub struct Nodes {
     pub channels: Vec<Vec<Channel>>,
     pub token: String,
+    /// The replicas' process ids.
+    pub pids: Vec<u32>,
 }
 
 impl Nodes {
@@ -304,6 +314,17 @@ impl Nodes {
     pub fn channel(&self, i: usize) -> Channel {
         let per = &self.channels[i % self.replicas()];
         per[(i / self.replicas()) % per.len()].clone()
+    }
+
+    /// Pauses (`SIGSTOP`) or resumes (`SIGCONT`) replica `i`'s process: a
+    /// replica that stalls.
+    pub fn pause(&self, i: usize, paused: bool) {
+        let signal = if paused { "-STOP" } else { "-CONT" };
+        let status = Command::new("kill")
+            .args([signal, &self.pids[i].to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill {signal} replica {i}");
     }
 
     pub fn activation(&self, i: usize) -> ActivationServiceClient<Channel> {
