@@ -98,6 +98,10 @@ struct ServeArgs {
     /// Attempts with unknown renewal codes per license key and hour (0: unlimited).
     #[arg(long, env = "LICENSD_CODE_FAILURES_PER_HOUR", default_value_t = LimitConfig::default().code_failures_per_window)]
     code_failures_per_hour: u32,
+    /// Serve Prometheus metrics at http://ADDR/metrics (off by default).
+    /// Keep the address private: it is not authenticated.
+    #[arg(long, env = "LICENSD_METRICS_LISTEN", value_name = "ADDR")]
+    metrics_listen: Option<std::net::SocketAddr>,
     /// Benchmark only: Validate answers a fixed VALID response without
     /// touching the store (the ceiling `licensd bench` compares against).
     #[arg(long, hide = true)]
@@ -174,6 +178,7 @@ async fn serve(a: ServeArgs) -> Result<(), BoxError> {
             code_failure_window: Duration::from_secs(3600),
         },
         tls,
+        metrics_listen: a.metrics_listen,
         validate_ceiling: a.validate_ceiling,
         ..Config::default()
     };

@@ -33,6 +33,7 @@ pub mod bench;
 pub mod cli;
 pub mod domain;
 pub mod grpc;
+pub mod observe;
 pub mod server;
 pub mod store;
 pub mod telemetry;

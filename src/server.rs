@@ -23,6 +23,7 @@ use crate::store::validation_cache::ValidationCache;
 
 use crate::grpc::auth::{FailureWindow, Gate, GateLayer, LimitConfig};
 use crate::grpc::{ActivationApi, Clock, Ctx, LicenseApi, ProductApi, system_clock};
+use crate::observe::calls::ObserveLayer;
 use crate::proto::activation_service_server::ActivationServiceServer;
 use crate::proto::license_service_server::LicenseServiceServer;
 use crate::proto::product_service_server::ProductServiceServer;
@@ -59,6 +60,8 @@ pub struct Config {
     pub limits: LimitConfig,
     /// TLS, if any.
     pub tls: Option<TlsFiles>,
+    /// Where to serve Prometheus metrics (`None`: no metrics).
+    pub metrics_listen: Option<SocketAddr>,
     /// Benchmark only (`licensd bench`): Validate answers a fixed VALID
     /// response without touching the store, to measure the framework's
     /// ceiling. Never set in production.
@@ -89,6 +92,7 @@ impl Default for Config {
             request_timeout: Duration::from_secs(30),
             limits: LimitConfig::default(),
             tls: None,
+            metrics_listen: None,
             validate_ceiling: false,
         }
     }
@@ -111,6 +115,9 @@ pub enum ServerError {
         /// Cause.
         source: std::io::Error,
     },
+    /// The metrics listener could not be started.
+    #[error("{0}")]
+    Metrics(String),
     /// The TLS files could not be read or used.
     #[error("TLS: {0}")]
     Tls(String),
@@ -148,6 +155,9 @@ pub struct Application {
 impl Application {
     /// Opens (and migrates) the store and binds the listener.
     pub async fn build(config: Config) -> Result<Self, ServerError> {
+        if let Some(addr) = config.metrics_listen {
+            crate::observe::install(addr).map_err(ServerError::Metrics)?;
+        }
         let store = open_store(&config).await?;
         let listener =
             TcpListener::bind(&config.listen)
@@ -183,7 +193,13 @@ impl Application {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServerError> {
         let addr = self.local_addr();
-        let store: Arc<dyn Store> = Arc::new(self.store.clone());
+        let metrics = self.config.metrics_listen.is_some();
+        let store: Arc<dyn Store> = if metrics {
+            Arc::new(crate::store::metered::Metered(self.store.clone()))
+        } else {
+            Arc::new(self.store.clone())
+        };
+        let sampler = metrics.then(|| tokio::spawn(crate::observe::sample(self.store.clone())));
         let limits = &self.config.limits;
         let ctx = Ctx {
             store: store.clone(),
@@ -226,7 +242,9 @@ impl Application {
         let router = builder
             .timeout(self.config.request_timeout)
             .tcp_nodelay(true)
-            .trace_fn(|req| tracing::info_span!("grpc", method = %req.uri().path()))
+            // Outermost: every call, refused by the gate or not, gets its
+            // request id, span and metrics.
+            .layer(ObserveLayer { metrics })
             .layer(GateLayer(gate))
             .add_service(health_service)
             .add_service(reflection_v1)
@@ -259,6 +277,7 @@ impl Application {
                 // The transport stopped on its own: report why.
                 watchdog.abort();
                 cache_watch.iter().for_each(|t| t.abort());
+                sampler.iter().for_each(|t| t.abort());
                 janitor.abort();
                 self.store.close().await;
                 return res.map_err(|e| ServerError::Store(crate::store::StoreError::Internal(e.to_string())))?
@@ -276,6 +295,7 @@ impl Application {
                 .await;
         }
         janitor.abort();
+        sampler.iter().for_each(|t| t.abort());
         set_all(&health, ServingStatus::NotServing).await;
         let _ = stop_tx.send(());
         match tokio::time::timeout(self.config.drain_timeout, &mut server).await {

@@ -248,6 +248,23 @@ pub fn load_average() -> String {
         .unwrap_or_else(|| "n/a".into())
 }
 
+/// `GET /metrics` of a server on 127.0.0.1:`port`: how many series it holds.
+pub async fn scrape_metrics(port: u16) -> Result<usize, BenchError> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        .await?;
+    let mut text = String::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_string(&mut text))
+        .await
+        .map_err(|_| "the metrics listener did not answer within 10 s")??;
+    if !text.starts_with("HTTP/1.1 200") {
+        return Err(format!("metrics: {}", text.lines().next().unwrap_or("no answer")).into());
+    }
+    Ok(text.lines().filter(|l| l.starts_with("licensd_")).count())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -138,6 +138,11 @@ pub struct BenchArgs {
     /// drive the first; `lag` writes on it and validates on the others).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=8))]
     pub replicas: u32,
+    /// Serve Prometheus metrics from the measured server (not the ceiling),
+    /// to measure what recording them costs; the bench scrapes them once at
+    /// the end and reports how many series it read.
+    #[arg(long)]
+    pub metrics: bool,
 }
 
 fn workloads(asked: &[Workload], replicas: u32) -> Vec<Workload> {
@@ -256,10 +261,19 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
 
     // 2. The servers.
     let mut cache_loaded = None;
+    let mut metrics_port = None;
     let (server, ceiling) = match &args.target {
         Some(_) => (None, None),
         None => {
-            let s = ServerChild::start(&database_url, false, &args.server_arg).await?;
+            let mut server_args = args.server_arg.clone();
+            if args.metrics {
+                let port = std::net::TcpListener::bind("127.0.0.1:0")?
+                    .local_addr()?
+                    .port();
+                metrics_port = Some(port);
+                server_args.push(format!("--metrics-listen=127.0.0.1:{port}"));
+            }
+            let s = ServerChild::start(&database_url, false, &server_args).await?;
             progress(format_args!(
                 "server pid {} on {}: SERVING {:.3} s after spawn",
                 s.pid,
@@ -446,6 +460,14 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
     let ceiling_start = ceiling.as_ref().map(|s| s.start_to_serving.as_secs_f64());
     drop(channels);
     drop(ceiling_channels);
+    let metrics_series = match metrics_port {
+        Some(port) => {
+            let series = child::scrape_metrics(port).await?;
+            progress(format_args!("server's metrics: {series} series scraped"));
+            Some(series)
+        }
+        None => None,
+    };
     if let Some(s) = server {
         s.stop().await;
     }
@@ -487,6 +509,7 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
         ceiling_start_to_serving_seconds: ceiling_start,
         workloads: reports,
         replicas: args.replicas,
+        metrics_series,
         lag: lag_report,
         validate_to_ceiling_ratio: ratio,
         renewal_codes_exhausted: redeem_pool.exhausted.load(Ordering::Relaxed)

@@ -315,6 +315,8 @@ pub struct Report {
     pub validate_to_ceiling_ratio: Option<f64>,
     /// Server replicas on the database.
     pub replicas: u32,
+    /// With `--metrics`: the series the server's `/metrics` held at the end.
+    pub metrics_series: Option<usize>,
     /// The cross-replica lag, from the `lag` workload.
     pub lag: Option<super::lag::LagReport>,
     /// Whether a workload ran out of renewal codes (raise `--codes`).
@@ -375,6 +377,12 @@ impl Report {
             "machine: {} CPUs, load average before {} / after {}",
             self.cpus, self.load_average_before, self.load_average_after
         );
+        if let Some(series) = self.metrics_series {
+            let _ = writeln!(
+                out,
+                "metrics: on in the server (not the ceiling); {series} series at the end"
+            );
+        }
         let _ = writeln!(
             out,
             "seeding (bulk insert of licenses, activations and codes): {:.2} s",

@@ -104,6 +104,7 @@ impl ActivationService for ActivationApi {
             .activate(&key, &fingerprint, &hostname, &client_version, &actor, now)
             .await
             .map_err(status_of)?;
+        crate::observe::count(crate::observe::Business::Activation);
         Ok(Response::new(pb::ActivateResponse {
             license: Some(convert::license_to_proto(&license, now)),
             activation: Some(convert::activation_to_proto(&activation)),
@@ -129,6 +130,7 @@ impl ActivationService for ActivationApi {
             .deactivate(&key, &fingerprint, &actor, now)
             .await
             .map_err(status_of)?;
+        crate::observe::count(crate::observe::Business::Deactivation);
         Ok(Response::new(pb::DeactivateResponse {
             license: Some(convert::license_to_proto(&license, now)),
         }))
@@ -245,6 +247,7 @@ impl ActivationService for ActivationApi {
             status_of(e)
         })?;
         tracing::info!(key = %license.key.redacted(), "license renewed");
+        crate::observe::count(crate::observe::Business::Renewal);
         Ok(Response::new(pb::RedeemRenewalCodeResponse {
             license: Some(convert::license_to_proto(&license, now)),
             previous_expires_at: Some(convert::timestamp(previous)),

@@ -226,15 +226,7 @@ impl Gate {
 
 /// The client's IP address, with or without TLS.
 pub fn peer_ip<B>(req: &Request<B>) -> Option<IpAddr> {
-    use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
-    let ext = req.extensions();
-    ext.get::<TcpConnectInfo>()
-        .and_then(|i| i.remote_addr())
-        .or_else(|| {
-            ext.get::<TlsConnectInfo<TcpConnectInfo>>()
-                .and_then(|i| i.get_ref().remote_addr())
-        })
-        .map(|a| a.ip())
+    crate::observe::peer_addr(req).map(|a| a.ip())
 }
 
 /// The tower layer.

@@ -92,6 +92,7 @@ impl LicenseService for LicenseApi {
             .await
             .map_err(status_of)?;
         tracing::info!(key = %license.key.redacted(), product = %license.product, "license issued");
+        crate::observe::count(crate::observe::Business::LicenseIssued);
         Ok(Response::new(convert::license_to_proto(&license, now)))
     }
 
@@ -242,6 +243,7 @@ impl LicenseService for LicenseApi {
             .await
             .map_err(status_of)?;
         tracing::info!(code_id = %record.id, product = %record.product, "renewal code issued");
+        crate::observe::count(crate::observe::Business::CodeIssued);
         Ok(Response::new(convert::code_to_proto(&record, Some(&code))))
     }
 
@@ -290,6 +292,7 @@ impl LicenseService for LicenseApi {
             .await
             .map_err(status_of)?;
         tracing::info!(code_id = %record.id, "renewal code voided");
+        crate::observe::count(crate::observe::Business::CodeVoided);
         Ok(Response::new(convert::code_to_proto(&record, None)))
     }
 }

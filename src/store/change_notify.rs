@@ -231,6 +231,7 @@ impl Changes {
     /// been sent and, if this replica listens, heard back and acknowledged
     /// by every other listening replica, or after [`ANNOUNCE_WAIT`].
     pub async fn announce(&self, change: Change) {
+        let started = Instant::now();
         let (done, sent) = oneshot::channel();
         if self
             .queue
@@ -261,6 +262,8 @@ impl Changes {
         if let (Err(_), Some(batch)) = (waited, sent_as) {
             self.gave_up_on(batch);
         }
+        metrics::histogram!("licensd_change_notification_seconds")
+            .record(started.elapsed().as_secs_f64());
     }
 
     /// The replicas that did not acknowledge `batch` in time are not waited
@@ -282,6 +285,16 @@ impl Changes {
 
     fn progress(&self) -> MutexGuard<'_, Progress> {
         self.progress.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Other replicas a write would wait for now (listening, not late).
+    pub fn peers_listening(&self) -> usize {
+        let now = Instant::now();
+        self.progress()
+            .peers
+            .values()
+            .filter(|p| now.duration_since(p.seen) < PEER_TTL && p.acked >= p.late)
+            .count()
     }
 
     fn queue(&self, token: Token) {

@@ -8,13 +8,14 @@
 pub mod bulk;
 mod cache_feed;
 pub mod change_notify;
+pub mod metered;
 pub mod postgres;
 pub mod sql;
 pub mod sqlite;
 mod sqlite_fast;
 pub mod validation_cache;
 
-pub use sql::{Dialect, SqlStore};
+pub use sql::{Dialect, PoolStats, SqlStore};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};

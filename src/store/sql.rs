@@ -93,6 +93,19 @@ pub struct SqlStore {
     changes: Option<Arc<Changes>>,
 }
 
+/// One pool's size (metrics).
+#[derive(Debug, Clone, Copy)]
+pub struct PoolStats {
+    /// `writer` or `readers`.
+    pub name: &'static str,
+    /// Open connections.
+    pub size: u32,
+    /// Idle connections.
+    pub idle: usize,
+    /// Limit.
+    pub max: u32,
+}
+
 impl SqlStore {
     /// A store over pools the backend module opened and migrated.
     pub(super) async fn new(
@@ -150,6 +163,25 @@ impl SqlStore {
         self.cache.as_ref()
     }
 
+    /// Both pools' sizes (metrics).
+    pub fn pool_stats(&self) -> [PoolStats; 2] {
+        let stats = |name, pool: &AnyPool| PoolStats {
+            name,
+            size: pool.size(),
+            idle: pool.num_idle(),
+            max: pool.options().get_max_connections(),
+        };
+        [
+            stats("writer", &self.writer),
+            stats("readers", &self.readers),
+        ]
+    }
+
+    /// PostgreSQL: how many other replicas a write waits for now.
+    pub fn replicas_listening(&self) -> Option<usize> {
+        self.changes.as_ref().map(|c| c.peers_listening())
+    }
+
     /// After a write with this `result` (any outcome but a refusal may have
     /// committed `change`), before its caller hears back: this replica's
     /// Validate reads the change from the database until a poll re-reads
@@ -200,6 +232,13 @@ impl SqlStore {
     }
 
     async fn begin_write(&self) -> StoreResult<sqlx::Transaction<'static, sqlx::Any>> {
+        let started = std::time::Instant::now();
+        let tx = self.begin_write_untimed().await;
+        metrics::histogram!("licensd_db_acquire_seconds").record(started.elapsed().as_secs_f64());
+        tx
+    }
+
+    async fn begin_write_untimed(&self) -> StoreResult<sqlx::Transaction<'static, sqlx::Any>> {
         // Pooled connections are not pinged before use: one that died while
         // idle (the database restarted) fails its BEGIN. Nothing ran, so
         // BEGIN is tried on the next connection; every idle one may be dead,
@@ -228,6 +267,7 @@ impl SqlStore {
             n += 1;
             match attempt().await {
                 Err(StoreError::Retryable(e)) if n < MAX_ATTEMPTS => {
+                    metrics::counter!("licensd_db_retries_total").increment(1);
                     tracing::debug!(attempt = n, error = %e, "retrying transaction");
                     let jitter = u64::from(rand::random::<u8>() % 20);
                     tokio::time::sleep(Duration::from_millis(5 * u64::from(n) + jitter)).await;
@@ -1330,20 +1370,31 @@ impl Store for SqlStore {
     ) -> StoreResult<Option<ValidationView>> {
         if let Some(cache) = &self.cache {
             match cache.lookup(key, fingerprint, std::time::Instant::now()) {
-                Answer::Found(view) => return Ok(Some(view)),
-                Answer::AskDatabase => {}
+                Answer::Found(view) => {
+                    metrics::counter!("licensd_validation_cache_hits_total").increment(1);
+                    return Ok(Some(view));
+                }
+                Answer::AskDatabase => {
+                    metrics::counter!("licensd_validation_cache_fallbacks_total").increment(1);
+                }
             }
         }
-        if let Some(fast) = &self.fast_reads {
-            return fast.validation_view(key, fingerprint);
-        }
-        let row = sqlx::query(VALIDATION_SQL)
-            .bind(key.normalized())
-            .bind(fingerprint)
-            .fetch_optional(&self.readers)
-            .await?;
-        row.map(|r| validation_from_row(&r, fingerprint))
-            .transpose()
+        let started = std::time::Instant::now();
+        let view = match &self.fast_reads {
+            Some(fast) => fast.validation_view(key, fingerprint),
+            None => sqlx::query(VALIDATION_SQL)
+                .bind(key.normalized())
+                .bind(fingerprint)
+                .fetch_optional(&self.readers)
+                .await
+                .map_err(StoreError::from)
+                .and_then(|row| {
+                    row.map(|r| validation_from_row(&r, fingerprint))
+                        .transpose()
+                }),
+        };
+        super::metered::record("validation_lookup", started, &view);
+        view
     }
 
     async fn redeem(

@@ -210,6 +210,10 @@ pub struct CacheStats {
     /// Whether change notifications are being received (always true where
     /// there are none to receive: SQLite).
     pub listening: bool,
+    /// Whether Validate is answered from memory now.
+    pub answering: bool,
+    /// Since the start of the last poll that caught up (`None`: none yet).
+    pub last_poll_age: Option<Duration>,
 }
 
 /// `gate` while the change listener is down.
@@ -556,6 +560,12 @@ impl ValidationCache {
 
     /// Counters.
     pub fn stats(&self) -> CacheStats {
+        let now = Instant::now();
+        let fresh_until = self.fresh_until.load(Ordering::Acquire);
+        let last_poll_age = (fresh_until > 0).then(|| {
+            let started = Duration::from_nanos(fresh_until).saturating_sub(MAX_STALENESS);
+            now.saturating_duration_since(self.started + started)
+        });
         let m = self.read();
         CacheStats {
             licenses: m.len,
@@ -563,6 +573,8 @@ impl ValidationCache {
             epoch: m.epoch,
             loaded: self.loaded.load(Ordering::Acquire),
             listening: self.gate.load(Ordering::Acquire) != LISTENER_DOWN,
+            answering: self.is_fresh(now),
+            last_poll_age,
         }
     }
 }

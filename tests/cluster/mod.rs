@@ -60,6 +60,16 @@ pub struct Replica {
 
 impl Replica {
     pub async fn start(database_url: &str, index: usize) -> Replica {
+        Self::start_with(database_url, index, &[], &[]).await
+    }
+
+    /// [`start`](Self::start) with more arguments and environment.
+    pub async fn start_with(
+        database_url: &str,
+        index: usize,
+        args: &[&str],
+        envs: &[(&str, &str)],
+    ) -> Replica {
         let mut child = Command::new(BIN)
             .args([
                 "serve",
@@ -76,6 +86,8 @@ impl Replica {
                 "--database-url",
                 database_url,
             ])
+            .args(args)
+            .envs(envs.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -133,6 +145,15 @@ impl Replica {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         replica
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Every line logged so far.
+    pub fn lines(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
     }
 
     pub fn logged(&self, text: &str) -> bool {
