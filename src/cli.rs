@@ -1,6 +1,7 @@
 //! The command line of the `licensd` binary (docs/operations.md, Commands).
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
@@ -25,6 +26,10 @@ pub struct Cli {
         global = true
     )]
     log_format: LogFormat,
+    /// Settings from a TOML file (keys: the flags' names in snake case),
+    /// below flags and environment variables; see docs/licensd.example.toml.
+    #[arg(long, env = "LICENSD_CONFIG", global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -137,10 +142,64 @@ enum TokenCommand {
 
 type BoxError = Box<dyn std::error::Error>;
 
-/// Parses the command line and runs the command.
-pub async fn run() -> Result<(), BoxError> {
-    let cli = Cli::parse();
-    telemetry::init(cli.log_format);
+/// Parses the command line (and `--config`), runs the command, and prints
+/// a failure once: a plain line on stderr, or with `--log-format json` one
+/// JSON log line.
+pub async fn main() -> ExitCode {
+    let cli = match parse(std::env::args_os().collect()) {
+        Ok(cli) => cli,
+        Err(Parse::Clap(e)) => e.exit(),
+        Err(Parse::Config(e)) => {
+            eprintln!("licensd: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let format = cli.log_format;
+    telemetry::init(format);
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            match format {
+                LogFormat::Json => tracing::error!(error = %e, "licensd failed"),
+                LogFormat::Text => eprintln!("licensd: {e}"),
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Why the command line was refused.
+enum Parse {
+    /// By clap (it prints its own message and usage).
+    Clap(clap::Error),
+    /// The `--config` file.
+    Config(String),
+}
+
+/// The command line, with the `--config` file's settings where neither a
+/// flag nor an environment variable gave one (see [`crate::config_file`]).
+fn parse(argv: Vec<std::ffi::OsString>) -> Result<Cli, Parse> {
+    use clap::{CommandFactory, FromArgMatches};
+    let command = Cli::command();
+    let matches = command
+        .clone()
+        .try_get_matches_from(&argv)
+        .map_err(Parse::Clap)?;
+    let cli = Cli::from_arg_matches(&matches).map_err(Parse::Clap)?;
+    let Some(path) = &cli.config else {
+        return Ok(cli);
+    };
+    let extra = crate::config_file::extra_args(path, &command, &matches).map_err(Parse::Config)?;
+    if extra.is_empty() {
+        return Ok(cli);
+    }
+    let mut argv = argv;
+    argv.extend(extra);
+    Cli::try_parse_from(argv).map_err(|e| Parse::Config(format!("{}: {e}", path.display())))
+}
+
+/// Runs the parsed command.
+async fn run(cli: Cli) -> Result<(), BoxError> {
     match cli.command {
         Command::Serve(args) => serve(*args).await,
         Command::Migrate(db) => {

@@ -31,6 +31,7 @@
 
 pub mod bench;
 pub mod cli;
+pub mod config_file;
 pub mod domain;
 pub mod grpc;
 pub mod observe;

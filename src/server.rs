@@ -244,7 +244,7 @@ impl Application {
             .tcp_nodelay(true)
             // Outermost: every call, refused by the gate or not, gets its
             // request id, span and metrics.
-            .layer(ObserveLayer { metrics })
+            .layer(ObserveLayer::new(metrics))
             .layer(GateLayer(gate))
             .add_service(health_service)
             .add_service(reflection_v1)

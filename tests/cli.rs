@@ -233,3 +233,181 @@ fn serve_stops_cleanly_on_sigterm() {
 fn serve_stops_cleanly_on_sigint() {
     serve_then_signal("-INT");
 }
+
+/// Runs `licensd ARGS` in `dir` with `envs`; returns (success, stderr).
+fn licensd_in(
+    dir: &std::path::Path,
+    args: &[&str],
+    envs: &[(&str, &str)],
+) -> (bool, String, String) {
+    let out = Command::new(BIN)
+        .current_dir(dir)
+        .args(args)
+        .env_remove("LICENSD_DATABASE_URL")
+        .env_remove("LICENSD_CONFIG")
+        .env_remove("LICENSD_LOG_FORMAT")
+        .envs(envs.iter().copied())
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn a_config_file_sits_below_flags_and_environment_and_above_defaults() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path();
+    std::fs::write(
+        path.join("licensd.toml"),
+        "database_url = \"sqlite:from-file.db\"\nlisten = \"127.0.0.1:0\"\n",
+    )
+    .unwrap();
+    // The file's database, not the default licensd.db.
+    let (ok, _, err) = licensd_in(
+        path,
+        &[
+            "token",
+            "create",
+            "--role",
+            "admin",
+            "--name",
+            "a",
+            "--config",
+            "licensd.toml",
+        ],
+        &[],
+    );
+    assert!(ok, "{err}");
+    assert!(path.join("from-file.db").exists());
+    assert!(!path.join("licensd.db").exists());
+    // The environment beats the file (LICENSD_CONFIG names the file too).
+    let (ok, _, err) = licensd_in(
+        path,
+        &["token", "create", "--role", "admin", "--name", "b"],
+        &[
+            ("LICENSD_CONFIG", "licensd.toml"),
+            ("LICENSD_DATABASE_URL", "sqlite:from-env.db"),
+        ],
+    );
+    assert!(ok, "{err}");
+    assert!(path.join("from-env.db").exists());
+    // The flag beats both.
+    let (ok, _, err) = licensd_in(
+        path,
+        &[
+            "token",
+            "create",
+            "--role",
+            "admin",
+            "--name",
+            "c",
+            "--database-url",
+            "sqlite:from-flag.db",
+        ],
+        &[
+            ("LICENSD_CONFIG", "licensd.toml"),
+            ("LICENSD_DATABASE_URL", "sqlite:from-env.db"),
+        ],
+    );
+    assert!(ok, "{err}");
+    assert!(path.join("from-flag.db").exists());
+    let (_, listed, _) = licensd_in(path, &["token", "list", "--config", "licensd.toml"], &[]);
+    assert!(listed.starts_with("a\tadmin"), "{listed}");
+    assert_eq!(listed.lines().count(), 1, "{listed}");
+}
+
+#[test]
+fn a_bad_config_file_is_one_line_naming_the_file_and_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path();
+    let cases = [
+        ("lsten = \"127.0.0.1:0\"\n", "unknown key `lsten`"),
+        ("db_max_connections = \"many\"\n", "`db_max_connections`"),
+        (
+            "validate_cache_refresh_ms = 5\n",
+            "`validate_cache_refresh_ms`",
+        ),
+        (
+            "listen = [1, 2]\n",
+            "`listen`: expected a string, an integer or a boolean",
+        ),
+        ("no_validate_cache = \"yes\"\n", "`no_validate_cache`"),
+        ("metrics_listen = true\n", "`metrics_listen`"),
+        ("listen = \n", "bad.toml:1"),
+        (
+            "validate_ceiling = true\n",
+            "unknown key `validate_ceiling`",
+        ),
+    ];
+    for (text, expected) in cases {
+        std::fs::write(path.join("bad.toml"), text).unwrap();
+        let (ok, _, err) = licensd_in(
+            path,
+            &[
+                "serve",
+                "--config",
+                "bad.toml",
+                "--database-url",
+                "sqlite:x.db",
+            ],
+            &[],
+        );
+        assert!(!ok, "{text:?} was accepted");
+        let lines: Vec<&str> = err.lines().collect();
+        assert_eq!(lines.len(), 1, "{text:?}: {err}");
+        assert!(
+            lines[0].contains("bad.toml") && lines[0].contains(expected),
+            "{text:?}: {err}"
+        );
+        assert!(!path.join("x.db").exists(), "nothing started for {text:?}");
+    }
+    let (ok, _, err) = licensd_in(path, &["migrate", "--config", "missing.toml"], &[]);
+    assert!(!ok);
+    assert!(err.contains("missing.toml"), "{err}");
+}
+
+#[test]
+fn the_example_config_file_is_accepted() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/licensd.example.toml");
+    let dir = tempfile::tempdir().unwrap();
+    let (ok, _, err) = licensd_in(dir.path(), &["token", "list", "--config", example], &[]);
+    assert!(ok, "{err}");
+    assert!(dir.path().join("licensd.db").exists());
+}
+
+#[test]
+fn a_failure_is_printed_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ok, _, err) = licensd_in(
+        dir.path(),
+        &["token", "revoke", "nobody", "--database-url", "sqlite:t.db"],
+        &[],
+    );
+    assert!(!ok);
+    assert_eq!(err.matches("no live token named").count(), 1, "{err}");
+    assert_eq!(err.trim_end(), "licensd: no live token named \"nobody\"");
+    // As one JSON log line with --log-format json.
+    let (ok, _, err) = licensd_in(
+        dir.path(),
+        &[
+            "--log-format",
+            "json",
+            "token",
+            "revoke",
+            "nobody",
+            "--database-url",
+            "sqlite:t.db",
+        ],
+        &[],
+    );
+    assert!(!ok);
+    let failures: Vec<&str> = err.lines().filter(|l| l.contains("nobody")).collect();
+    assert_eq!(failures.len(), 1, "{err}");
+    assert!(
+        failures[0].starts_with('{') && failures[0].contains("\"level\":\"ERROR\""),
+        "{err}"
+    );
+}

@@ -5,9 +5,12 @@
 //!   characters of `A–Z a–z 0–9 - _ . : / + =`), else a fresh random one; it is
 //!   echoed in the response metadata and is a field of the call's span, so
 //!   every log line of the call carries it.
-//! * **Span** `call` with `request_id`, `method`, `peer`, and, once the call
-//!   has ended, `code` and `latency_ms`; the line `call finished` (level
-//!   DEBUG, or WARN for `INTERNAL`/`UNKNOWN`/`DATA_LOSS`) carries them all.
+//! * **Span** `call` with `request_id`, `method` and `peer`; when the call
+//!   ends, the line `call finished` (level DEBUG, or WARN for
+//!   `INTERNAL`/`UNKNOWN`/`DATA_LOSS`) adds its `code` and `latency_ms`.
+//!   Validate's budget is a few microseconds per call, so the end of a call
+//!   is followed (its response body watched for the trailers) only when
+//!   someone will read it: metrics on, or DEBUG enabled.
 //! * **Metrics** (with `--metrics-listen`): calls by service, method and
 //!   code, latency by service and method, calls in flight, and refusals by
 //!   their `ErrorInfo.reason`.
@@ -18,13 +21,14 @@
 
 use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Request, Response};
 use http_body::Frame;
+use metrics::{Counter, Gauge, Histogram};
 use tonic::Code;
 use tonic::body::Body;
 use tracing::Span;
@@ -45,55 +49,129 @@ pub fn sane_request_id(value: &HeaderValue) -> Option<&str> {
     ok.then_some(text)
 }
 
+/// 32 random hex digits.
 fn new_request_id() -> String {
-    format!("{:032x}", rand::random::<u128>())
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut n = rand::random::<u128>();
+    let mut id = [0u8; 32];
+    for d in id.iter_mut().rev() {
+        *d = HEX[(n & 0xf) as usize];
+        n >>= 4;
+    }
+    String::from_utf8(id.to_vec()).expect("hex is ASCII")
 }
 
 /// Service and method names for labels: every method the server routes
 /// (the licensing API, health, reflection), each name allocated once; any
 /// other path is `unknown`, so a caller cannot grow the label set.
+#[cfg(test)]
 fn method_labels(path: &str) -> (&'static str, &'static str) {
-    static KNOWN: OnceLock<HashMap<String, (&'static str, &'static str)>> = OnceLock::new();
-    KNOWN
-        .get_or_init(|| {
-            let mut known = HashMap::new();
-            for set in [
-                crate::proto::FILE_DESCRIPTOR_SET,
-                tonic_health::pb::FILE_DESCRIPTOR_SET,
-                tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
-                tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
-            ] {
-                let Ok(set) = <prost_types::FileDescriptorSet as prost::Message>::decode(set)
-                else {
-                    continue;
-                };
-                for file in set.file {
-                    let package = file.package.unwrap_or_default();
-                    for service in file.service {
-                        let name = format!("{package}.{}", service.name.unwrap_or_default());
-                        let service_label: &'static str = name.clone().leak();
-                        for method in service.method {
-                            let method = method.name.unwrap_or_default();
-                            known.insert(
-                                format!("/{name}/{method}"),
-                                (service_label, &*method.leak()),
-                            );
-                        }
-                    }
-                }
-            }
-            known
-        })
+    known_methods()
         .get(path)
         .copied()
         .unwrap_or(("unknown", "unknown"))
 }
 
-/// The tower layer (`metrics`: record metrics too).
-#[derive(Clone, Copy)]
+/// Path → (service, method) of every method the server routes.
+fn known_methods() -> &'static HashMap<String, (&'static str, &'static str)> {
+    static KNOWN: OnceLock<HashMap<String, (&'static str, &'static str)>> = OnceLock::new();
+    KNOWN.get_or_init(|| {
+        let mut known = HashMap::new();
+        for set in [
+            crate::proto::FILE_DESCRIPTOR_SET,
+            tonic_health::pb::FILE_DESCRIPTOR_SET,
+            tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+            tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+        ] {
+            let Ok(set) = <prost_types::FileDescriptorSet as prost::Message>::decode(set) else {
+                continue;
+            };
+            for file in set.file {
+                let package = file.package.unwrap_or_default();
+                for service in file.service {
+                    let name = format!("{package}.{}", service.name.unwrap_or_default());
+                    let service_label: &'static str = name.clone().leak();
+                    for method in service.method {
+                        let method = method.name.unwrap_or_default();
+                        known.insert(
+                            format!("/{name}/{method}"),
+                            (service_label, &*method.leak()),
+                        );
+                    }
+                }
+            }
+        }
+        known
+    })
+}
+
+/// One method's metric handles, registered once (a handle records without
+/// looking its series up again).
+struct MethodMetrics {
+    method: &'static str,
+    duration: Histogram,
+    /// By gRPC code (0–16), registered at the first call that ends so.
+    calls: [OnceLock<Counter>; 17],
+    service: &'static str,
+}
+
+impl MethodMetrics {
+    fn new(service: &'static str, method: &'static str) -> Self {
+        MethodMetrics {
+            service,
+            method,
+            duration: metrics::histogram!("licensd_grpc_call_duration_seconds", "service" => service, "method" => method),
+            calls: Default::default(),
+        }
+    }
+
+    fn calls(&self, code: Code) -> &Counter {
+        let i = (code as usize).min(16);
+        self.calls[i].get_or_init(|| {
+            metrics::counter!("licensd_grpc_calls_total", "service" => self.service, "method" => self.method, "code" => code_name(code))
+        })
+    }
+}
+
+/// Every method's handles, and calls in flight.
+struct Recorders {
+    methods: HashMap<&'static str, Arc<MethodMetrics>>,
+    unknown: Arc<MethodMetrics>,
+    in_flight: Gauge,
+}
+
+impl Recorders {
+    fn new() -> Self {
+        let mut methods = HashMap::new();
+        for (path, (service, method)) in known_methods() {
+            methods.insert(path.as_str(), Arc::new(MethodMetrics::new(service, method)));
+        }
+        Recorders {
+            methods,
+            unknown: Arc::new(MethodMetrics::new("unknown", "unknown")),
+            in_flight: metrics::gauge!("licensd_grpc_calls_in_flight"),
+        }
+    }
+
+    fn of(&self, path: &str) -> &Arc<MethodMetrics> {
+        self.methods.get(path).unwrap_or(&self.unknown)
+    }
+}
+
+/// The tower layer.
+#[derive(Clone)]
 pub struct ObserveLayer {
-    /// Whether to record metrics.
-    pub metrics: bool,
+    recorders: Option<Arc<Recorders>>,
+}
+
+impl ObserveLayer {
+    /// With `metrics`, calls are also recorded (into the recorder installed
+    /// by then, see [`super::install`]).
+    pub fn new(metrics: bool) -> Self {
+        ObserveLayer {
+            recorders: metrics.then(|| Arc::new(Recorders::new())),
+        }
+    }
 }
 
 impl<S> tower::Layer<S> for ObserveLayer {
@@ -101,7 +179,7 @@ impl<S> tower::Layer<S> for ObserveLayer {
     fn layer(&self, inner: S) -> Observe<S> {
         Observe {
             inner,
-            metrics: self.metrics,
+            recorders: self.recorders.clone(),
         }
     }
 }
@@ -110,7 +188,7 @@ impl<S> tower::Layer<S> for ObserveLayer {
 #[derive(Clone)]
 pub struct Observe<S> {
     inner: S,
-    metrics: bool,
+    recorders: Option<Arc<Recorders>>,
 }
 
 impl<S> tower::Service<Request<Body>> for Observe<S>
@@ -134,26 +212,24 @@ where
             None => new_request_id(),
         };
         let path = req.uri().path();
-        let (service, method) = method_labels(path);
+        let recorded = self
+            .recorders
+            .as_ref()
+            .map(|r| (r.of(path).clone(), r.in_flight.clone()));
         let span = match super::peer_addr(&req) {
-            Some(peer) => {
-                tracing::info_span!("call", request_id = %id, method = %path, %peer, code = Empty, latency_ms = Empty)
-            }
-            None => {
-                tracing::info_span!("call", request_id = %id, method = %path, peer = Empty, code = Empty, latency_ms = Empty)
-            }
+            Some(peer) => tracing::info_span!("call", request_id = %id, method = %path, %peer),
+            None => tracing::info_span!("call", request_id = %id, method = %path, peer = Empty),
         };
-        let end = CallEnd {
+        if let Some((_, in_flight)) = &recorded {
+            in_flight.increment(1.0);
+        }
+        let followed = recorded.is_some() || tracing::enabled!(tracing::Level::DEBUG);
+        let end = followed.then(|| CallEnd {
             span: span.clone(),
             start,
-            service,
-            method,
-            metrics: self.metrics,
+            recorded,
             done: false,
-        };
-        if self.metrics {
-            metrics::gauge!("licensd_grpc_calls_in_flight").increment(1.0);
-        }
+        });
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let call = {
@@ -163,19 +239,31 @@ where
         Box::pin(async move {
             let result = {
                 use tracing::Instrument;
-                call.instrument(span).await
+                call.instrument(span.clone()).await
             };
-            let mut end = end;
             let mut resp = match result {
                 Ok(resp) => resp,
                 Err(e) => {
-                    end.finish(Code::Internal, None);
+                    if let Some(mut end) = end {
+                        end.finish(Code::Internal, None);
+                    }
                     return Err(e);
                 }
             };
             if let Ok(value) = HeaderValue::from_str(&id) {
                 resp.headers_mut().insert(REQUEST_ID, value);
             }
+            let Some(mut end) = end else {
+                // Not followed: a trailers-only server error is still worth
+                // a line.
+                if let Some(code) = header_code(resp.headers())
+                    && matches!(code, Code::Internal | Code::Unknown | Code::DataLoss)
+                {
+                    let latency_ms = start.elapsed().as_secs_f64() * 1e3;
+                    tracing::warn!(parent: &span, code = code_name(code), latency_ms, "call finished");
+                }
+                return Ok(resp);
+            };
             if resp.headers().contains_key("grpc-status") {
                 // Trailers-only: the call has ended.
                 end.finish_with(resp.headers());
@@ -197,20 +285,15 @@ where
 struct CallEnd {
     span: Span,
     start: Instant,
-    service: &'static str,
-    method: &'static str,
-    metrics: bool,
+    /// With metrics: the method's handles and calls in flight.
+    recorded: Option<(Arc<MethodMetrics>, Gauge)>,
     done: bool,
 }
 
 impl CallEnd {
     fn finish_with(&mut self, headers: &HeaderMap) {
-        let code = headers
-            .get("grpc-status")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<i32>().ok())
-            .map_or(Code::Unknown, Code::from_i32);
-        let reason = if code != Code::Ok && self.metrics {
+        let code = header_code(headers).unwrap_or(Code::Unknown);
+        let reason = if code != Code::Ok && self.recorded.is_some() {
             refusal_reason(headers)
         } else {
             None
@@ -226,22 +309,17 @@ impl CallEnd {
         let latency = self.start.elapsed();
         let latency_ms = latency.as_secs_f64() * 1e3;
         let code_name = code_name(code);
-        self.span.record("code", code_name);
-        self.span.record("latency_ms", latency_ms);
         if matches!(code, Code::Internal | Code::Unknown | Code::DataLoss) {
             tracing::warn!(parent: &self.span, code = code_name, latency_ms, "call finished");
         } else {
             tracing::debug!(parent: &self.span, code = code_name, latency_ms, "call finished");
         }
-        if self.metrics {
-            let (service, method) = (self.service, self.method);
-            metrics::gauge!("licensd_grpc_calls_in_flight").decrement(1.0);
-            metrics::counter!("licensd_grpc_calls_total", "service" => service, "method" => method, "code" => code_name)
-                .increment(1);
-            metrics::histogram!("licensd_grpc_call_duration_seconds", "service" => service, "method" => method)
-                .record(latency.as_secs_f64());
+        if let Some((m, in_flight)) = &self.recorded {
+            in_flight.decrement(1.0);
+            m.calls(code).increment(1);
+            m.duration.record(latency.as_secs_f64());
             if let Some(reason) = reason {
-                metrics::counter!("licensd_refusals_total", "method" => method, "reason" => reason)
+                metrics::counter!("licensd_refusals_total", "method" => m.method, "reason" => reason)
                     .increment(1);
             }
         }
@@ -253,6 +331,15 @@ impl Drop for CallEnd {
         // The response was dropped before its status: the client went away.
         self.finish(Code::Cancelled, None);
     }
+}
+
+/// The status a response's headers (or trailers) carry.
+fn header_code(headers: &HeaderMap) -> Option<Code> {
+    headers
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<i32>().ok())
+        .map(Code::from_i32)
 }
 
 /// The `ErrorInfo.reason` of a refusal, from `grpc-status-details-bin`.

@@ -9,7 +9,8 @@
 //! it through its WAL flush, so notifying inside every write would
 //! serialize all commits of the PostgreSQL instance. Instead one task per
 //! replica sends what has queued up meanwhile in one short transaction of
-//! its own, with `synchronous_commit = off`: it has nothing to make durable
+//! its own (one simple query of `NOTIFY` statements, on a connection with
+//! `synchronous_commit = off`): it has nothing to make durable
 //! (a notification lost in a crash is caught by the poll), so it holds that
 //! lock for microseconds, not for a flush. Writes that commit together share
 //! one notification.
@@ -18,7 +19,8 @@
 //! keeps one listening connection ([`listen`]). A notification from another
 //! replica marks the licenses it names as a local write would (Validate
 //! reads them from the database until a poll has re-read them), asks the
-//! feed to poll now, and is then acknowledged on the same channel. The
+//! feed to poll now, and is then acknowledged on the writer's own channel
+//! (`licensd_changes_acks_<replica>`, which only the writer listens to). The
 //! writer answers its caller once it has heard its own notification back
 //! and an acknowledgement from every replica it knows to be listening (or
 //! after [`ANNOUNCE_WAIT`]): by then no replica answers the old state from
@@ -44,8 +46,9 @@
 //!
 //! **Payload.** `"<replica>:<batch> <token> …"`: the sender's random id in
 //! hex and its batch number, then tokens: normalised license keys (A–Z,
-//! 0–9), `*` for "the products changed", `<replica>:<batch>` acknowledging
-//! that replica's batches up to that one, `+` hello and `-` goodbye.
+//! 0–9), `*` for "the products changed", `+` hello and `-` goodbye; on an
+//! acknowledgement channel, `<replica>:<batch>` acknowledging that
+//! replica's batches up to that one.
 //! Anything else in a payload is ignored: a notification can only make
 //! Validate read the database, never answer from memory something it would
 //! not have answered anyway.
@@ -75,6 +78,10 @@ const MAX_BATCH: usize = 2_000;
 /// Longest a write waits for its notification to be sent, echoed and
 /// acknowledged before it answers anyway (the poll is the backstop).
 const ANNOUNCE_WAIT: Duration = Duration::from_millis(500);
+
+/// Longest the next batch of changes gathers while the previous one is
+/// being acknowledged.
+const GATHER_MAX: Duration = Duration::from_millis(5);
 
 /// How often a listening replica says hello.
 pub const HELLO_EVERY: Duration = Duration::from_secs(1);
@@ -204,11 +211,11 @@ impl Changes {
         let send_pool = PgPoolOptions::new()
             .max_connections(1)
             .acquire_timeout(ANNOUNCE_WAIT)
-            .connect_lazy_with(
-                options
-                    .clone()
-                    .options([("statement_timeout", ms.as_str())]),
-            );
+            .connect_lazy_with(options.clone().options([
+                ("statement_timeout", ms.as_str()),
+                // Nothing it sends needs to be durable.
+                ("synchronous_commit", "off"),
+            ]));
         let listen_pool = PgPoolOptions::new()
             .max_connections(1)
             .acquire_timeout(Duration::from_secs(2))
@@ -335,12 +342,23 @@ async fn say_hello(changes: Weak<Changes>) {
 
 /// Sends what has queued up, one transaction per batch, until every
 /// [`Changes`] handle is gone.
+///
+/// After a batch of changes it lets the next one gather until this one is
+/// done (heard back and acknowledged) or [`GATHER_MAX`] has passed, and sends
+/// acknowledgements, hellos and goodbyes at once: under load, batches grow
+/// with the round trip instead of costing every other replica one
+/// acknowledgement each per few writes; when idle, nothing waits.
 async fn send_loop(changes: Weak<Changes>, mut rx: mpsc::UnboundedReceiver<Outgoing>) {
     let mut batch_no = 0u64;
     let mut failing = false;
     let mut batch: Vec<Outgoing> = Vec::new();
-    while let Some(first) = rx.recv().await {
-        batch.push(first);
+    loop {
+        if batch.is_empty() {
+            match rx.recv().await {
+                Some(first) => batch.push(first),
+                None => return,
+            }
+        }
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
                 Ok(next) => batch.push(next),
@@ -351,6 +369,7 @@ async fn send_loop(changes: Weak<Changes>, mut rx: mpsc::UnboundedReceiver<Outgo
             return;
         };
         batch_no += 1;
+        let has_changes = batch.iter().any(|(t, _)| matches!(t, Token::Change(_)));
         let sql = notify_sql(c.replica, batch_no, batch.iter().map(|(token, _)| token));
         let sent = sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
             .execute(&c.send_pool)
@@ -376,12 +395,52 @@ async fn send_loop(changes: Weak<Changes>, mut rx: mpsc::UnboundedReceiver<Outgo
                 let _ = done.send(reply);
             }
         }
+        if let Some(sent) = reply
+            && has_changes
+            && c.listening.load(Ordering::Acquire)
+        {
+            let (wake, woken) = oneshot::channel();
+            {
+                let mut p = c.progress();
+                if !p.done(sent, Instant::now()) {
+                    p.waiters.entry(sent).or_default().push(wake);
+                }
+            }
+            drop(c);
+            let gathering = tokio::time::sleep(GATHER_MAX);
+            tokio::pin!(woken, gathering);
+            loop {
+                tokio::select! {
+                    _ = &mut woken => break,
+                    () = &mut gathering => break,
+                    next = rx.recv() => match next {
+                        Some(next) => {
+                            let urgent = !matches!(next.0, Token::Change(_));
+                            batch.push(next);
+                            if urgent || batch.len() >= MAX_BATCH {
+                                break;
+                            }
+                        }
+                        None => break,
+                    },
+                }
+            }
+        }
     }
 }
 
-/// The statements that send `tokens` as batch `batch_no` of `replica`.
-/// Duplicates are dropped and acknowledgements of one replica's batches
-/// folded into the highest.
+/// The channel on which `replica` hears acknowledgements of its batches
+/// (only it listens there, so no other replica reads them).
+fn ack_channel(replica: u64) -> String {
+    format!("{CHANNEL}_acks_{replica:x}")
+}
+
+/// The statements that send `tokens` as batch `batch_no` of `replica`:
+/// changes, hello and goodbye on [`CHANNEL`], each acknowledgement on its
+/// writer's [`ack_channel`]. Duplicates are dropped and acknowledgements of
+/// one replica's batches folded into the highest. Several statements in one
+/// simple query run as one transaction; the connection has
+/// `synchronous_commit = off`.
 fn notify_sql<'a>(replica: u64, batch_no: u64, tokens: impl Iterator<Item = &'a Token>) -> String {
     let header = format!("{replica:x}:{batch_no}");
     let mut words: Vec<String> = Vec::new();
@@ -400,32 +459,34 @@ fn notify_sql<'a>(replica: u64, batch_no: u64, tokens: impl Iterator<Item = &'a 
         }
     }
     words.extend(products.then(|| "*".to_string()));
-    words.extend(acks.iter().map(|(r, b)| format!("{r:x}:{b}")));
     // A goodbye after a hello in the same batch wins (it was queued last
     // when the listener went down).
     words.extend(goodbye.then(|| "-".to_string()));
     words.extend((hello && !goodbye).then(|| "+".to_string()));
-    let mut payloads = vec![header.clone()];
+    let mut notifications: Vec<(String, String)> = Vec::new();
     for word in &words {
-        let last = payloads.last_mut().expect("one payload at least");
-        if last.len() + 1 + word.len() > MAX_PAYLOAD {
-            payloads.push(header.clone());
+        match notifications.last_mut() {
+            Some((_, last)) if last.len() + 1 + word.len() <= MAX_PAYLOAD => {
+                last.push(' ');
+                last.push_str(word);
+            }
+            _ => notifications.push((CHANNEL.to_string(), format!("{header} {word}"))),
         }
-        let last = payloads.last_mut().expect("one payload at least");
-        last.push(' ');
-        last.push_str(word);
     }
-    let mut sql = String::from("BEGIN; SET LOCAL synchronous_commit = off; ");
-    for p in &payloads {
+    for (origin, batch) in acks {
+        notifications.push((ack_channel(origin), format!("{header} {origin:x}:{batch}")));
+    }
+    let mut sql = String::new();
+    for (channel, payload) in &notifications {
         // A payload holds only [0-9a-f:], A-Z, 0-9, '*', '+', '-' and
-        // spaces: no quote can end the literal.
+        // spaces, a channel [a-z0-9_]: no quote can end the literal.
         debug_assert!(
-            p.chars()
+            payload
+                .chars()
                 .all(|c| c.is_ascii_alphanumeric() || " :*+-".contains(c))
         );
-        sql.push_str(&format!("NOTIFY {CHANNEL}, '{p}'; "));
+        sql.push_str(&format!("NOTIFY {channel}, '{payload}'; "));
     }
-    sql.push_str("COMMIT");
     sql
 }
 
@@ -480,7 +541,7 @@ pub async fn listen(changes: Arc<Changes>, cache: Weak<ValidationCache>) {
         if changes.listen_pool.is_closed() {
             return;
         }
-        let mut listener = match connect(&changes.listen_pool).await {
+        let mut listener = match connect(&changes.listen_pool, changes.replica).await {
             Ok(l) => l,
             Err(e) => {
                 if changes.listen_pool.is_closed() {
@@ -531,11 +592,13 @@ pub async fn listen(changes: Arc<Changes>, cache: Weak<ValidationCache>) {
     }
 }
 
-async fn connect(pool: &PgPool) -> Result<PgListener, sqlx::Error> {
+async fn connect(pool: &PgPool, replica: u64) -> Result<PgListener, sqlx::Error> {
     let mut listener = PgListener::connect_with(pool).await?;
     // Reconnection is ours: the cache must know it happened.
     listener.eager_reconnect(false);
-    listener.listen(CHANNEL).await?;
+    listener
+        .listen_all([CHANNEL, ack_channel(replica).as_str()])
+        .await?;
     Ok(listener)
 }
 
@@ -646,12 +709,10 @@ mod tests {
             Token::Hello,
         ];
         let sql = notify_sql(0xabc, 7, changes.iter());
-        assert!(
-            sql.starts_with("BEGIN; SET LOCAL synchronous_commit = off; NOTIFY licensd_changes, '")
-        );
-        assert!(sql.ends_with("COMMIT"));
-        assert_eq!(sql.matches("NOTIFY").count(), 1);
-        let payload = sql.split('\'').nth(1).unwrap();
+        let sent = notifications(&sql);
+        assert_eq!(sent.len(), 3, "{sql}");
+        let (channel, payload) = &sent[0];
+        assert_eq!(channel, CHANNEL);
         assert_eq!(
             parse_payload(payload),
             Parsed {
@@ -659,11 +720,42 @@ mod tests {
                 batch_no: 7,
                 keys: vec![a, b],
                 products: true,
-                acks: vec![(0xdef, 9), (0x12, 4)],
+                acks: vec![],
                 hello: true,
                 goodbye: false,
             }
         );
+        // Each acknowledgement goes to its writer's channel only, folded
+        // into the highest batch.
+        let acks: Vec<(String, Parsed)> = sent[1..]
+            .iter()
+            .map(|(c, p)| (c.clone(), parse_payload(p)))
+            .collect();
+        assert_eq!(acks[0].0, "licensd_changes_acks_def");
+        assert_eq!(acks[0].1.acks, vec![(0xdef, 9)]);
+        assert_eq!(acks[1].0, "licensd_changes_acks_12");
+        assert_eq!(acks[1].1.acks, vec![(0x12, 4)]);
+        assert!(
+            acks.iter()
+                .all(|(_, p)| p.replica == Some(0xabc) && p.batch_no == 7)
+        );
+        // No transaction control: one simple query is one transaction.
+        assert!(!sql.contains("BEGIN") && !sql.contains("COMMIT"));
+    }
+
+    /// `(channel, payload)` of each NOTIFY in `sql`.
+    fn notifications(sql: &str) -> Vec<(String, String)> {
+        sql.split("; ")
+            .filter(|s| !s.is_empty())
+            .map(|s| {
+                let rest = s.strip_prefix("NOTIFY ").expect("only NOTIFY statements");
+                let (channel, payload) = rest.split_once(", '").unwrap();
+                (
+                    channel.to_string(),
+                    payload.trim_end_matches('\'').to_string(),
+                )
+            })
+            .collect()
     }
 
     #[test]
@@ -672,10 +764,11 @@ mod tests {
             .map(|_| Token::Change(Change::License(key())))
             .collect();
         let sql = notify_sql(1, 2, keys.iter());
-        let payloads: Vec<&str> = sql.split('\'').skip(1).step_by(2).collect();
-        assert!(payloads.len() > 1);
+        let sent = notifications(&sql);
+        assert!(sent.len() > 1);
         let mut seen = 0;
-        for p in &payloads {
+        for (channel, p) in &sent {
+            assert_eq!(channel, CHANNEL);
             assert!(p.len() < 8_000);
             let parsed = parse_payload(p);
             assert_eq!((parsed.replica, parsed.batch_no), (Some(1), 2));

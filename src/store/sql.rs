@@ -91,6 +91,10 @@ pub struct SqlStore {
     cache: Option<Arc<ValidationCache>>,
     /// PostgreSQL: change notifications to and from the other replicas.
     changes: Option<Arc<Changes>>,
+    /// Validate answered from memory, and left to the database (metric
+    /// handles, registered with the cache).
+    cache_hits: metrics::Counter,
+    cache_fallbacks: metrics::Counter,
 }
 
 /// One pool's size (metrics).
@@ -122,6 +126,8 @@ impl SqlStore {
             fast_reads: None,
             cache: None,
             changes: None,
+            cache_hits: metrics::Counter::noop(),
+            cache_fallbacks: metrics::Counter::noop(),
         })
     }
 
@@ -155,6 +161,8 @@ impl SqlStore {
         }
         tokio::spawn(feed.run());
         self.cache = Some(cache);
+        self.cache_hits = metrics::counter!("licensd_validation_cache_hits_total");
+        self.cache_fallbacks = metrics::counter!("licensd_validation_cache_fallbacks_total");
         self
     }
 
@@ -1371,11 +1379,11 @@ impl Store for SqlStore {
         if let Some(cache) = &self.cache {
             match cache.lookup(key, fingerprint, std::time::Instant::now()) {
                 Answer::Found(view) => {
-                    metrics::counter!("licensd_validation_cache_hits_total").increment(1);
+                    self.cache_hits.increment(1);
                     return Ok(Some(view));
                 }
                 Answer::AskDatabase => {
-                    metrics::counter!("licensd_validation_cache_fallbacks_total").increment(1);
+                    self.cache_fallbacks.increment(1);
                 }
             }
         }
