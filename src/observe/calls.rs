@@ -237,10 +237,11 @@ where
             inner.call(req)
         };
         Box::pin(async move {
-            let result = {
-                use tracing::Instrument;
-                call.instrument(span.clone()).await
-            };
+            use tracing::Instrument;
+            let call = call.instrument(span);
+            tokio::pin!(call);
+            let result = call.as_mut().await;
+            let span = call.span();
             let mut resp = match result {
                 Ok(resp) => resp,
                 Err(e) => {
@@ -260,7 +261,7 @@ where
                     && matches!(code, Code::Internal | Code::Unknown | Code::DataLoss)
                 {
                     let latency_ms = start.elapsed().as_secs_f64() * 1e3;
-                    tracing::warn!(parent: &span, code = code_name(code), latency_ms, "call finished");
+                    tracing::warn!(parent: span, code = code_name(code), latency_ms, "call finished");
                 }
                 return Ok(resp);
             };
