@@ -54,6 +54,9 @@ enum Command {
     /// Manage the bearer tokens of billing and support callers.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Manage the keys that sign offline license certificates.
+    #[command(subcommand)]
+    SigningKey(SigningKeyCommand),
     /// Seed a fresh database, start the server and measure calls/s,
     /// latency, CPU and memory under load (and the Validate ceiling).
     Bench(Box<BenchArgs>),
@@ -107,6 +110,14 @@ struct ServeArgs {
     /// Keep the address private: it is not authenticated.
     #[arg(long, env = "LICENSD_METRICS_LISTEN", value_name = "ADDR")]
     metrics_listen: Option<std::net::SocketAddr>,
+    /// The issuer (`iss`) of offline license certificates.
+    #[arg(long, env = "LICENSD_CERTIFICATE_ISSUER", default_value = "licensd")]
+    certificate_issuer: String,
+    /// Sign offline license certificates with this Ed25519 key (PKCS#8
+    /// PEM) instead of the database's keys; it is then the only key
+    /// published.
+    #[arg(long, env = "LICENSD_SIGNING_KEY_FILE", value_name = "PEM")]
+    signing_key_file: Option<PathBuf>,
     /// Benchmark only: Validate answers a fixed VALID response without
     /// touching the store (the ceiling `licensd bench` compares against).
     #[arg(long, hide = true)]
@@ -135,6 +146,31 @@ enum TokenCommand {
     Revoke {
         /// Token name.
         name: String,
+        #[command(flatten)]
+        db: Database,
+    },
+}
+
+#[derive(Subcommand)]
+enum SigningKeyCommand {
+    /// List the keys: id, state (active, published, retired), creation and
+    /// retirement times (tab-separated; never a private key).
+    List {
+        #[command(flatten)]
+        db: Database,
+    },
+    /// Make a new key the signer; the old one stays published, so the
+    /// certificates it signed keep verifying. Every replica signs with the
+    /// new key within 5 s. Prints the new key's id.
+    Rotate {
+        #[command(flatten)]
+        db: Database,
+    },
+    /// Stop publishing the key KID: certificates it signed no longer verify
+    /// against the published keys. The active key cannot be retired.
+    Retire {
+        /// Key id, as `list` prints it.
+        kid: String,
         #[command(flatten)]
         db: Database,
     },
@@ -208,6 +244,7 @@ async fn run(cli: Cli) -> Result<(), BoxError> {
             Ok(())
         }
         Command::Token(cmd) => token(cmd).await,
+        Command::SigningKey(cmd) => signing_key(cmd).await,
         Command::Bench(args) => crate::bench::run(*args)
             .await
             .map_err(|e| -> BoxError { e }),
@@ -238,6 +275,8 @@ async fn serve(a: ServeArgs) -> Result<(), BoxError> {
         },
         tls,
         metrics_listen: a.metrics_listen,
+        certificate_issuer: a.certificate_issuer,
+        signing_key_file: a.signing_key_file,
         validate_ceiling: a.validate_ceiling,
         ..Config::default()
     };
@@ -246,6 +285,59 @@ async fn serve(a: ServeArgs) -> Result<(), BoxError> {
         .run_until(server::shutdown_signal())
         .await?;
     Ok(())
+}
+
+async fn signing_key(cmd: SigningKeyCommand) -> Result<(), BoxError> {
+    use crate::signing::{KeyState, new_key};
+    use crate::store::signing_keys::Retired;
+    let db = match &cmd {
+        SigningKeyCommand::List { db }
+        | SigningKeyCommand::Rotate { db }
+        | SigningKeyCommand::Retire { db, .. } => db.database_url.clone(),
+    };
+    let store = DatabaseUrl::parse(&db)?.open(Default::default()).await?;
+    let now = crate::domain::time::truncate_micros(chrono::Utc::now());
+    let result: Result<(), BoxError> = async {
+        match cmd {
+            SigningKeyCommand::List { .. } => {
+                for k in store.signing_keys().await? {
+                    let retired = k
+                        .retired_at
+                        .map(|t| format!("\tretired {}", t.to_rfc3339()))
+                        .unwrap_or_default();
+                    println!(
+                        "{}\t{}\tcreated {}{retired}",
+                        k.kid,
+                        k.state.as_str(),
+                        k.created_at.to_rfc3339()
+                    );
+                }
+            }
+            SigningKeyCommand::Rotate { .. } => {
+                let key = new_key(now);
+                store.rotate_signing_key(&key).await?;
+                println!("{}", key.kid);
+            }
+            SigningKeyCommand::Retire { kid, .. } => {
+                match store.retire_signing_key(&kid, now).await? {
+                    Retired::Now => eprintln!("retired {kid}"),
+                    Retired::Already => eprintln!("{kid} was already retired"),
+                    Retired::IsActive => {
+                        return Err(format!(
+                            "{kid} is the {} key: rotate first, then retire it",
+                            KeyState::Active.as_str()
+                        )
+                        .into());
+                    }
+                    Retired::NotFound => return Err(format!("no signing key {kid:?}").into()),
+                }
+            }
+        }
+        Ok(())
+    }
+    .await;
+    store.close().await;
+    result
 }
 
 async fn token(cmd: TokenCommand) -> Result<(), BoxError> {

@@ -36,6 +36,7 @@ pub mod domain;
 pub mod grpc;
 pub mod observe;
 pub mod server;
+pub mod signing;
 pub mod store;
 pub mod telemetry;
 

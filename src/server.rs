@@ -27,6 +27,7 @@ use crate::observe::calls::ObserveLayer;
 use crate::proto::activation_service_server::ActivationServiceServer;
 use crate::proto::license_service_server::LicenseServiceServer;
 use crate::proto::product_service_server::ProductServiceServer;
+use crate::signing::KeyRing;
 use crate::store::postgres::PostgresOptions;
 use crate::store::sqlite::SqliteOptions;
 use crate::store::{DatabaseUrl, SqlStore, Store};
@@ -62,6 +63,11 @@ pub struct Config {
     pub tls: Option<TlsFiles>,
     /// Where to serve Prometheus metrics (`None`: no metrics).
     pub metrics_listen: Option<SocketAddr>,
+    /// The `iss` of offline license certificates.
+    pub certificate_issuer: String,
+    /// A PKCS#8 PEM Ed25519 key to sign certificates with, instead of the
+    /// database's keys.
+    pub signing_key_file: Option<PathBuf>,
     /// Benchmark only (`licensd bench`): Validate answers a fixed VALID
     /// response without touching the store, to measure the framework's
     /// ceiling. Never set in production.
@@ -93,6 +99,8 @@ impl Default for Config {
             limits: LimitConfig::default(),
             tls: None,
             metrics_listen: None,
+            certificate_issuer: "licensd".into(),
+            signing_key_file: None,
             validate_ceiling: false,
         }
     }
@@ -115,6 +123,9 @@ pub enum ServerError {
         /// Cause.
         source: std::io::Error,
     },
+    /// The signing keys could not be loaded.
+    #[error("{0}")]
+    Keys(#[from] crate::signing::KeyError),
     /// The metrics listener could not be started.
     #[error("{0}")]
     Metrics(String),
@@ -148,6 +159,7 @@ pub async fn open_store(config: &Config) -> Result<SqlStore, ServerError> {
 pub struct Application {
     listener: TcpListener,
     store: SqlStore,
+    keys: Arc<KeyRing>,
     config: Config,
     clock: Clock,
 }
@@ -159,6 +171,12 @@ impl Application {
             crate::observe::install(addr).map_err(ServerError::Metrics)?;
         }
         let store = open_store(&config).await?;
+        let keys = KeyRing::load(
+            &store,
+            &config.certificate_issuer,
+            config.signing_key_file.as_deref(),
+        )
+        .await?;
         let listener =
             TcpListener::bind(&config.listen)
                 .await
@@ -169,6 +187,7 @@ impl Application {
         Ok(Application {
             listener,
             store,
+            keys,
             config,
             clock: system_clock(),
         })
@@ -208,7 +227,9 @@ impl Application {
                 limits.code_failures_per_window,
                 limits.code_failure_window,
             )),
+            keys: self.keys.clone(),
         };
+        let key_refresh = tokio::spawn(self.keys.clone().keep_fresh(self.store.clone()));
         let gate = Gate::new(store.clone(), limits);
         let janitor = tokio::spawn({
             let gate = gate.clone();
@@ -278,6 +299,7 @@ impl Application {
                 watchdog.abort();
                 cache_watch.iter().for_each(|t| t.abort());
                 sampler.iter().for_each(|t| t.abort());
+                key_refresh.abort();
                 janitor.abort();
                 self.store.close().await;
                 return res.map_err(|e| ServerError::Store(crate::store::StoreError::Internal(e.to_string())))?
@@ -295,6 +317,7 @@ impl Application {
                 .await;
         }
         janitor.abort();
+        key_refresh.abort();
         sampler.iter().for_each(|t| t.abort());
         set_all(&health, ServingStatus::NotServing).await;
         let _ = stop_tx.send(());

@@ -51,6 +51,7 @@ enum Rpc {
     Deactivate,
     Validate,
     RedeemRenewalCode,
+    GetSigningKeys,
 }
 
 /// Who may call an RPC.
@@ -89,6 +90,7 @@ const MATRIX: &[(&str, Rpc, Need)] = &[
     ("ActivationService", Rpc::Deactivate,        Nothing),
     ("ActivationService", Rpc::Validate,          Nothing),
     ("ActivationService", Rpc::RedeemRenewalCode, Nothing),
+    ("ActivationService", Rpc::GetSigningKeys,    Nothing),
 ];
 
 /// A caller: what it sends as `authorization`, and the role the server
@@ -315,6 +317,11 @@ async fn perform(rpc: Rpc, c: &mut Clients, fx: &Fixture) -> Result<(), Status> 
                 fingerprint: "fp-main".into(),
                 client_version: "2.0.0".into(),
             })
+            .await
+            .map(drop),
+        Rpc::GetSigningKeys => c
+            .activation
+            .get_signing_keys(pb::GetSigningKeysRequest {})
             .await
             .map(drop),
     }

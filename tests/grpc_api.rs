@@ -1427,8 +1427,14 @@ async fn r2_validate_reports_valid_with_the_license_figures() {
     let l = s.issue(license_req("ACME", 2, 1)).await;
     s.activate(&l.key, "fp-1").await.unwrap();
     let v = s.validate(&l.key, "fp-1", LATEST).await.expect("validate");
+    // A bound workstation of a valid license gets an offline certificate
+    // (tests/offline_certificates.rs checks it).
+    assert_eq!(v.license_certificate.split('.').count(), 3);
     assert_eq!(
-        v,
+        pb::ValidateResponse {
+            license_certificate: String::new(),
+            ..v
+        },
         pb::ValidateResponse {
             validity: pb::Validity::Valid as i32,
             valid: true,
@@ -1440,6 +1446,7 @@ async fn r2_validate_reports_valid_with_the_license_figures() {
             seats_used: 1,
             latest_version: "4.10.0".into(),
             update_available: false,
+            license_certificate: String::new(),
         }
     );
     // Without a fingerprint, and with the key in lower case.

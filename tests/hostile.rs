@@ -737,6 +737,11 @@ fn product_msg(code: BoxedStrategy<String>, v: u32) -> BoxedStrategy<pb::Product
             prop::option::of(hostile_u32()).boxed(),
         ),
         enum_f(v, 0..=2),
+        mix(
+            v,
+            prop::option::of(0u32..=60).boxed(),
+            prop::option::of(hostile_u32()).boxed(),
+        ),
     )
         .prop_map(
             |(
@@ -747,6 +752,7 @@ fn product_msg(code: BoxedStrategy<String>, v: u32) -> BoxedStrategy<pb::Product
                 business_terms_years,
                 grace_period_months,
                 renewal_basis,
+                offline_lease_days,
             )| pb::Product {
                 code,
                 display_name,
@@ -755,6 +761,7 @@ fn product_msg(code: BoxedStrategy<String>, v: u32) -> BoxedStrategy<pb::Product
                 business_terms_years,
                 grace_period_months,
                 renewal_basis,
+                offline_lease_days,
             },
         )
         .boxed()

@@ -6,6 +6,7 @@
 //! decided, inside one transaction.
 
 pub mod auth;
+pub mod certificate;
 pub mod error;
 pub mod keys;
 pub mod license;

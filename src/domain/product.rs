@@ -68,6 +68,10 @@ impl RenewalBasis {
 pub const MAX_DISPLAY_NAME_LEN: usize = 200;
 /// Longest grace period a product may set, in months.
 pub const MAX_GRACE_MONTHS: u32 = 24;
+/// Longest offline lease a product may set, in days.
+pub const MAX_OFFLINE_LEASE_DAYS: u32 = 365;
+/// The offline lease of a product that does not set one, in days.
+pub const DEFAULT_OFFLINE_LEASE_DAYS: u32 = 30;
 
 /// A product and its policy. Constructed through [`Product::new`], which
 /// enforces every policy rule, so an existing value is always valid.
@@ -80,6 +84,7 @@ pub struct Product {
     business_terms: Vec<u32>,
     grace_period_months: u32,
     renewal_basis: RenewalBasis,
+    offline_lease_days: u32,
 }
 
 /// The unchecked parts of a product, as a caller supplies them. `None` takes
@@ -98,6 +103,8 @@ pub struct ProductSpec {
     pub grace_period_months: Option<u32>,
     /// Renewal basis; `None` → FROM_EXPIRY.
     pub renewal_basis: Option<RenewalBasis>,
+    /// Offline certificates' lifetime in days, 0 for none; `None` → 30.
+    pub offline_lease_days: Option<u32>,
 }
 
 fn check_terms(
@@ -160,6 +167,15 @@ impl Product {
                 format!("at most {MAX_GRACE_MONTHS} months"),
             ));
         }
+        let offline_lease_days = spec
+            .offline_lease_days
+            .unwrap_or(DEFAULT_OFFLINE_LEASE_DAYS);
+        if offline_lease_days > MAX_OFFLINE_LEASE_DAYS {
+            return Err(FieldViolation::new(
+                "product.offline_lease_days",
+                format!("at most {MAX_OFFLINE_LEASE_DAYS} days (0: no offline certificates)"),
+            ));
+        }
         Ok(Product {
             code,
             display_name: spec.display_name,
@@ -168,6 +184,7 @@ impl Product {
             business_terms,
             grace_period_months,
             renewal_basis: spec.renewal_basis.unwrap_or(RenewalBasis::FromExpiry),
+            offline_lease_days,
         })
     }
 
@@ -184,6 +201,7 @@ impl Product {
             business_terms: self.business_terms.clone(),
             grace_period_months: Some(self.grace_period_months),
             renewal_basis: Some(self.renewal_basis),
+            offline_lease_days: Some(self.offline_lease_days),
         }
     }
 
@@ -214,6 +232,10 @@ impl Product {
     /// Renewal basis.
     pub fn renewal_basis(&self) -> RenewalBasis {
         self.renewal_basis
+    }
+    /// How long an offline certificate lasts, in days (0: none).
+    pub fn offline_lease_days(&self) -> u32 {
+        self.offline_lease_days
     }
 
     /// The terms allowed for `edition` (R1).

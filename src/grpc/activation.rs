@@ -5,11 +5,12 @@ use tonic::{Request, Response, Status};
 
 use super::convert::{self, field, invalid};
 use super::{Ctx, actor_of, auth, refusal_status, status_of};
+use crate::domain::certificate::CertificateFacts;
 use crate::domain::rules::{self, input};
 use crate::domain::{LicenseKey, ParseError, Refusal, Validity, Version};
 use crate::proto as pb;
 use crate::proto::activation_service_server::ActivationService;
-use crate::store::Redeem;
+use crate::store::{Redeem, ValidationView};
 
 /// The ActivationService implementation.
 pub struct ActivationApi {
@@ -34,6 +35,51 @@ impl ActivationApi {
         self.validate_ceiling = on;
         self
     }
+
+    /// The offline certificate for `fingerprint` on the license `view`
+    /// describes ("" when it gets none).
+    fn certificate(
+        &self,
+        key: &LicenseKey,
+        view: &ValidationView,
+        fingerprint: &str,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> String {
+        let facts = CertificateFacts {
+            key,
+            standing: view.standing,
+            edition: view.edition,
+            seats: view.seats,
+            latest_version: view.latest_version.as_deref(),
+            offline_lease_days: view.offline_lease_days,
+            fingerprint,
+            fingerprint_bound: view.fingerprint_bound == Some(true),
+        };
+        self.ctx
+            .keys
+            .certificate(&facts, now)
+            .map(|c| c.to_string())
+            .unwrap_or_default()
+    }
+
+    /// The certificate after a write that bound or renewed `fingerprint`:
+    /// read back as Validate reads it. A failure to read costs the
+    /// certificate, not the write's answer.
+    async fn certificate_after_write(
+        &self,
+        key: &LicenseKey,
+        fingerprint: &str,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> String {
+        match self.ctx.store.validation_view(key, Some(fingerprint)).await {
+            Ok(Some(view)) => self.certificate(key, &view, fingerprint, now),
+            Ok(None) => String::new(),
+            Err(e) => {
+                tracing::warn!(key = %key.redacted(), error = %e, "no offline certificate: the license could not be read back");
+                String::new()
+            }
+        }
+    }
 }
 
 /// The fixed answer of a ceiling server: a VALID license with every field
@@ -57,6 +103,7 @@ fn ceiling_response() -> pb::ValidateResponse {
         seats_used: 1,
         latest_version: "1.0.0".into(),
         update_available: false,
+        license_certificate: String::new(),
     }
 }
 
@@ -105,9 +152,11 @@ impl ActivationService for ActivationApi {
             .await
             .map_err(status_of)?;
         crate::observe::count(crate::observe::Business::Activation);
+        let license_certificate = self.certificate_after_write(&key, &fingerprint, now).await;
         Ok(Response::new(pb::ActivateResponse {
             license: Some(convert::license_to_proto(&license, now)),
             activation: Some(convert::activation_to_proto(&activation)),
+            license_certificate,
         }))
     }
 
@@ -187,6 +236,12 @@ impl ActivationService for ActivationApi {
             view.latest_version.as_deref(),
             now,
         );
+        let license_certificate = match &fingerprint {
+            Some(fp) if answer.validity == Validity::Valid => {
+                self.certificate(&key, &view, fp, now)
+            }
+            _ => String::new(),
+        };
         Ok(Response::new(pb::ValidateResponse {
             validity: convert::validity_to_proto(answer.validity) as i32,
             valid: answer.validity == Validity::Valid,
@@ -201,6 +256,7 @@ impl ActivationService for ActivationApi {
                 .map(|v| v.as_str().to_string())
                 .unwrap_or_default(),
             update_available: answer.update_available,
+            license_certificate,
         }))
     }
 
@@ -248,9 +304,22 @@ impl ActivationService for ActivationApi {
         })?;
         tracing::info!(key = %license.key.redacted(), "license renewed");
         crate::observe::count(crate::observe::Business::Renewal);
+        let license_certificate = self
+            .certificate_after_write(&license.key, &cmd.fingerprint, now)
+            .await;
         Ok(Response::new(pb::RedeemRenewalCodeResponse {
             license: Some(convert::license_to_proto(&license, now)),
             previous_expires_at: Some(convert::timestamp(previous)),
+            license_certificate,
+        }))
+    }
+
+    async fn get_signing_keys(
+        &self,
+        _req: Request<pb::GetSigningKeysRequest>,
+    ) -> Result<Response<pb::GetSigningKeysResponse>, Status> {
+        Ok(Response::new(pb::GetSigningKeysResponse {
+            jwks: self.ctx.keys.jwks(),
         }))
     }
 }

@@ -177,6 +177,7 @@ pub fn product_to_proto(p: &Product) -> pb::Product {
         business_terms_years: p.business_terms().to_vec(),
         grace_period_months: Some(p.grace_period_months()),
         renewal_basis: renewal_basis_to_proto(p.renewal_basis()) as i32,
+        offline_lease_days: Some(p.offline_lease_days()),
     }
 }
 

@@ -44,6 +44,8 @@ pub struct Ctx {
     pub clock: Clock,
     /// Failed renewal-code attempts per license key.
     pub code_failures: Arc<auth::FailureWindow>,
+    /// The keys of offline license certificates.
+    pub keys: Arc<crate::signing::KeyRing>,
 }
 
 impl Ctx {

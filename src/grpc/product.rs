@@ -28,6 +28,7 @@ const UPDATABLE: &[&str] = &[
     "business_terms_years",
     "grace_period_months",
     "renewal_basis",
+    "offline_lease_days",
 ];
 
 fn spec_of(p: &pb::Product) -> Result<ProductSpec, Refusal> {
@@ -38,6 +39,7 @@ fn spec_of(p: &pb::Product) -> Result<ProductSpec, Refusal> {
         business_terms: p.business_terms_years.clone(),
         grace_period_months: p.grace_period_months,
         renewal_basis: convert::renewal_basis("product.renewal_basis", p.renewal_basis)?,
+        offline_lease_days: p.offline_lease_days,
     })
 }
 
@@ -61,6 +63,7 @@ fn update_paths(
         add(!p.business_terms_years.is_empty(), "business_terms_years");
         add(p.grace_period_months.is_some(), "grace_period_months");
         add(p.renewal_basis != 0, "renewal_basis");
+        add(p.offline_lease_days.is_some(), "offline_lease_days");
         return Ok(set);
     }
     if paths.len() > UPDATABLE.len() * 2 {
@@ -177,6 +180,7 @@ impl ProductService for ProductApi {
                     "business_terms_years" => cur.business_terms = new.business_terms.clone(),
                     "grace_period_months" => cur.grace_period_months = new.grace_period_months,
                     "renewal_basis" => cur.renewal_basis = new.renewal_basis,
+                    "offline_lease_days" => cur.offline_lease_days = new.offline_lease_days,
                     _ => {}
                 }
             }

@@ -52,7 +52,7 @@ pub(super) const LOAD_SQL: &str = concat!(cache_select!(), "ORDER BY l.id");
 
 /// Every product's policy.
 pub(super) const PRODUCTS_SQL: &str =
-    "SELECT code, grace_period_months, latest_version FROM products";
+    "SELECT code, grace_period_months, latest_version, offline_lease_days FROM products";
 
 /// The newest event (SQLite: the position a load starts from).
 pub(super) const LAST_EVENT_SQL: &str = "SELECT COALESCE(MAX(id), 0) FROM license_events";
@@ -364,6 +364,7 @@ pub(super) fn product_policy(row: &impl Columns) -> StoreResult<ProductPolicy> {
         code: row.text(0)?,
         grace_period_months: row.int(1)? as u32,
         latest_version: latest_version(&row.text(2)?)?,
+        offline_lease_days: row.int(3)? as u32,
     })
 }
 

@@ -10,6 +10,7 @@ mod cache_feed;
 pub mod change_notify;
 pub mod metered;
 pub mod postgres;
+pub mod signing_keys;
 pub mod sql;
 pub mod sqlite;
 mod sqlite_fast;
@@ -306,6 +307,8 @@ pub struct ValidationView {
     pub fingerprint_bound: Option<bool>,
     /// The product's latest version.
     pub latest_version: Option<Arc<Version>>,
+    /// The product's offline certificate lifetime in days (0: none).
+    pub offline_lease_days: u32,
 }
 
 /// An API token as stored (its secret only as a hash).

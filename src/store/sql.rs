@@ -81,8 +81,8 @@ const MAX_ATTEMPTS: u32 = 5;
 /// A store over SQLite or PostgreSQL.
 #[derive(Clone)]
 pub struct SqlStore {
-    writer: AnyPool,
-    readers: AnyPool,
+    pub(super) writer: AnyPool,
+    pub(super) readers: AnyPool,
     code_secret: Vec<u8>,
     dialect: Dialect,
     /// SQLite only: Validate's lookups without sqlx's per-query overhead.
@@ -307,7 +307,7 @@ async fn load_or_create_secret(pool: &AnyPool) -> StoreResult<Vec<u8>> {
 // Row mapping
 // ---------------------------------------------------------------------------
 
-fn corrupt(what: &str, value: impl std::fmt::Display) -> StoreError {
+pub(super) fn corrupt(what: &str, value: impl std::fmt::Display) -> StoreError {
     StoreError::Internal(format!("unexpected {what} in database: {value}"))
 }
 
@@ -341,6 +341,7 @@ fn product_from_row(row: &AnyRow) -> StoreResult<Product> {
                 RenewalBasis::from_str_opt(&basis)
                     .ok_or_else(|| corrupt("renewal basis", &basis))?,
             ),
+            offline_lease_days: Some(row.try_get::<i64, _>("offline_lease_days")? as u32),
         },
     )
     .map_err(|v| corrupt("product", v.description))
@@ -496,6 +497,7 @@ pub(super) fn validation_from_row(
             .map(|_| row.opt_int(vcol::BOUND).map(|b| b.is_some()))
             .transpose()?,
         latest_version: latest_version(&row.text(vcol::LATEST_VERSION)?)?,
+        offline_lease_days: row.int(vcol::OFFLINE_LEASE_DAYS)? as u32,
     })
 }
 
@@ -512,7 +514,7 @@ pub(super) fn latest_version(text: &str) -> StoreResult<Option<Arc<Version>>> {
 /// Validate's one query: the license's standing, its product's policy, and
 /// whether the given fingerprint is bound.
 pub(super) const VALIDATION_SQL: &str = "SELECT l.status, l.kind, l.edition, l.expires_at, l.seats, l.seats_used, \
-     p.grace_period_months, p.latest_version, a.activated_at \
+     p.grace_period_months, p.latest_version, a.activated_at, p.offline_lease_days \
      FROM licenses l JOIN products p ON p.code = l.product_code \
      LEFT JOIN activations a ON a.license_id = l.id AND a.fingerprint = $2 WHERE l.license_key = $1";
 
@@ -528,9 +530,10 @@ pub(super) mod vcol {
     pub const LATEST_VERSION: usize = 7;
     /// Not NULL iff the fingerprint is bound.
     pub const BOUND: usize = 8;
+    pub const OFFLINE_LEASE_DAYS: usize = 9;
     /// Every column's name, by position.
     #[cfg(test)]
-    pub const NAMES: [&str; 9] = [
+    pub const NAMES: [&str; 10] = [
         "status",
         "kind",
         "edition",
@@ -540,6 +543,7 @@ pub(super) mod vcol {
         "grace_period_months",
         "latest_version",
         "activated_at",
+        "offline_lease_days",
     ];
 }
 
@@ -848,7 +852,7 @@ fn is_connection_lost(e: &sqlx::Error) -> bool {
     }
 }
 
-fn is_unique_violation(e: &sqlx::Error) -> bool {
+pub(super) fn is_unique_violation(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(db) if db.is_unique_violation())
 }
 
@@ -863,7 +867,8 @@ impl Store for SqlStore {
             let mut tx = self.begin_write().await?;
             let res = sqlx::query(
                 "INSERT INTO products (code, display_name, latest_version, personal_terms, business_terms, \
-                 grace_period_months, renewal_basis, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                 grace_period_months, renewal_basis, created_at, updated_at, offline_lease_days) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
             )
             .bind(product.code().as_str())
             .bind(product.display_name())
@@ -874,6 +879,7 @@ impl Store for SqlStore {
             .bind(product.renewal_basis().as_str())
             .bind(micros(now))
             .bind(micros(now))
+            .bind(i64::from(product.offline_lease_days()))
             .execute(&mut *tx)
             .await;
             match res {
@@ -921,7 +927,7 @@ impl Store for SqlStore {
                 Product::new(code.clone(), update(current.to_spec())).map_err(Refusal::InvalidField)?;
             sqlx::query(
                 "UPDATE products SET display_name = $1, latest_version = $2, personal_terms = $3, business_terms = $4, \
-                 grace_period_months = $5, renewal_basis = $6, updated_at = $7 WHERE code = $8",
+                 grace_period_months = $5, renewal_basis = $6, updated_at = $7, offline_lease_days = $9 WHERE code = $8",
             )
             .bind(updated.display_name())
             .bind(updated.latest_version().map(|v| v.to_string()).unwrap_or_default())
@@ -931,6 +937,7 @@ impl Store for SqlStore {
             .bind(updated.renewal_basis().as_str())
             .bind(micros(now))
             .bind(code.as_str())
+            .bind(i64::from(updated.offline_lease_days()))
             .execute(&mut *tx)
             .await?;
             tx.commit().await?;

@@ -161,6 +161,8 @@ pub struct ProductPolicy {
     pub grace_period_months: u32,
     /// Latest version, if set.
     pub latest_version: Option<Arc<Version>>,
+    /// Offline certificate lifetime in days (0: none).
+    pub offline_lease_days: u32,
 }
 
 /// A license as read from the database by the feed.
@@ -412,6 +414,7 @@ impl ValidationCache {
                     .is_ok()
             }),
             latest_version: product.latest_version.clone(),
+            offline_lease_days: product.offline_lease_days,
         })
     }
 

@@ -6,6 +6,7 @@ fn product(code: &str, grace: u32, latest: &str) -> ProductPolicy {
         code: code.into(),
         grace_period_months: grace,
         latest_version: Some(Arc::new(Version::parse(latest).unwrap())),
+        offline_lease_days: 21,
     }
 }
 
@@ -93,6 +94,7 @@ fn a_loaded_license_is_answered_with_every_field_and_its_fingerprints() {
             seats_used: 2,
             fingerprint_bound: Some(true),
             latest_version: Some(Arc::new(Version::parse("2.0").unwrap())),
+            offline_lease_days: 21,
         }
     );
     assert_eq!(
