@@ -57,6 +57,9 @@ enum Command {
     /// Manage the keys that sign offline license certificates.
     #[command(subcommand)]
     SigningKey(SigningKeyCommand),
+    /// Look into offline license certificates.
+    #[command(subcommand)]
+    Certificate(CertificateCommand),
     /// Seed a fresh database, start the server and measure calls/s,
     /// latency, CPU and memory under load (and the Validate ceiling).
     Bench(Box<BenchArgs>),
@@ -176,6 +179,19 @@ enum SigningKeyCommand {
     },
 }
 
+#[derive(Subcommand)]
+enum CertificateCommand {
+    /// Print a certificate's header and claims (times also as dates), and
+    /// with --jwks whether its signature verifies (exit status 1 if not).
+    Inspect {
+        /// The certificate (a compact JWS), or `-` to read it from stdin.
+        cert: String,
+        /// A JWK Set file, e.g. GetSigningKeys' `jwks` saved to a file.
+        #[arg(long, value_name = "FILE")]
+        jwks: Option<PathBuf>,
+    },
+}
+
 type BoxError = Box<dyn std::error::Error>;
 
 /// Parses the command line (and `--config`), runs the command, and prints
@@ -245,6 +261,9 @@ async fn run(cli: Cli) -> Result<(), BoxError> {
         }
         Command::Token(cmd) => token(cmd).await,
         Command::SigningKey(cmd) => signing_key(cmd).await,
+        Command::Certificate(CertificateCommand::Inspect { cert, jwks }) => {
+            inspect_certificate(&cert, jwks.as_deref())
+        }
         Command::Bench(args) => crate::bench::run(*args)
             .await
             .map_err(|e| -> BoxError { e }),
@@ -285,6 +304,54 @@ async fn serve(a: ServeArgs) -> Result<(), BoxError> {
         .run_until(server::shutdown_signal())
         .await?;
     Ok(())
+}
+
+fn inspect_certificate(cert: &str, jwks: Option<&std::path::Path>) -> Result<(), BoxError> {
+    let cert = if cert == "-" {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)?;
+        text
+    } else {
+        cert.to_string()
+    };
+    let jwks = jwks
+        .map(|p| std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display())))
+        .transpose()?;
+    let found = crate::signing::inspect(&cert, jwks.as_deref())?;
+    println!("header: {}", found.header);
+    println!("claims:");
+    if let Some(claims) = found.claims.as_object() {
+        for (name, value) in claims {
+            let date = match (name.as_str(), value.as_i64()) {
+                ("iat" | "nbf" | "exp" | "license_expires_at", Some(t)) => {
+                    chrono::DateTime::from_timestamp(t, 0)
+                        .map(|d| format!("  ({})", d.to_rfc3339()))
+                        .unwrap_or_default()
+                }
+                _ => String::new(),
+            };
+            println!("  {name}: {value}{date}");
+        }
+    }
+    let now = chrono::Utc::now().timestamp();
+    if let Some(exp) = found.claims["exp"].as_i64() {
+        if exp > now {
+            println!("expires in {:.1} days", (exp - now) as f64 / 86_400.0);
+        } else {
+            println!("expired {:.1} days ago", (now - exp) as f64 / 86_400.0);
+        }
+    }
+    match found.signature {
+        None => {
+            println!("signature: not checked (pass --jwks FILE with the published keys)");
+            Ok(())
+        }
+        Some(Ok(kid)) => {
+            println!("signature: verifies with key {kid}");
+            Ok(())
+        }
+        Some(Err(why)) => Err(format!("signature: does not verify: {why}").into()),
+    }
 }
 
 async fn signing_key(cmd: SigningKeyCommand) -> Result<(), BoxError> {

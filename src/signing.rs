@@ -29,7 +29,9 @@ use ed25519_dalek::{Signer as _, SigningKey};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
-use crate::domain::certificate::{CertificateClaims, CertificateFacts, certificate_claims};
+use crate::domain::certificate::{
+    CertificateClaims, CertificateFacts, certificate_claims, certificate_lifetime,
+};
 use crate::store::{SqlStore, StoreError, StoreResult};
 
 /// How often a replica re-reads the keys from the database.
@@ -126,28 +128,61 @@ pub fn thumbprint(public: &[u8; 32]) -> String {
     B64.encode(Sha256::digest(canonical.as_bytes()))
 }
 
-/// A certificate handed out within this long to the same workstation,
-/// for a license whose facts have not changed since, is handed out again
-/// rather than signed anew (its `exp` is at most this much earlier than a
-/// new one's would be).
-pub const REUSE_FOR: Duration = Duration::from_secs(600);
+/// Signing costs an Ed25519 signature (about as much as a whole Validate
+/// answered from memory), so a workstation that validates often (telemetry)
+/// is handed the certificate it got last, while the license's facts and
+/// the signing key are unchanged, until it is [`reuse_for`] old: a tenth of
+/// the product's lease, at most a day. Its `exp` is then at most that much
+/// earlier than a fresh one's.
+pub fn reuse_for(offline_lease_days: u32) -> Duration {
+    (Duration::from_secs(86_400) * offline_lease_days / 10).min(Duration::from_secs(86_400))
+}
 
-/// Certificates remembered for reuse at most (then forgotten, all at once).
-const REUSE_MAX: usize = 200_000;
+/// Certificates remembered for reuse at most, per replica (then forgotten,
+/// a shard at a time): about 1 KiB each.
+const REUSE_MAX: usize = 100_000;
 
 /// A certificate handed out, for reuse.
 struct Issued {
-    /// What it was decided from (license facts, signer).
-    facts: u64,
+    key: Box<str>,
+    fingerprint: Box<str>,
+    decided_from: DecidedFrom,
     iat: i64,
     exp: i64,
     jws: Arc<str>,
+}
+
+/// Everything a certificate says besides its times, and the key that
+/// signed it: while these are the same, a recent certificate is still right.
+#[derive(Debug, Clone, PartialEq)]
+struct DecidedFrom {
+    standing: crate::domain::Standing,
+    edition: crate::domain::Edition,
+    seats: u32,
+    latest_version: Option<crate::domain::Version>,
+    offline_lease_days: u32,
+    signer: u64,
+}
+
+impl DecidedFrom {
+    fn of(facts: &CertificateFacts<'_>, signer: u64) -> Self {
+        DecidedFrom {
+            standing: facts.standing,
+            edition: facts.edition,
+            seats: facts.seats,
+            latest_version: facts.latest_version.cloned(),
+            offline_lease_days: facts.offline_lease_days,
+            signer,
+        }
+    }
 }
 
 /// The signer and the published key set.
 struct Keys {
     signer: Option<(String, SigningKey, String)>,
     jwks: String,
+    /// Changes whenever the signer does.
+    generation: u64,
 }
 
 /// The keys a server signs and publishes with (see the module doc).
@@ -157,7 +192,7 @@ pub struct KeyRing {
     from_file: bool,
     keys: RwLock<Keys>,
     /// Recent certificates by (license key, fingerprint), in shards.
-    issued: Vec<std::sync::Mutex<std::collections::HashMap<(String, String), Issued>>>,
+    issued: Vec<std::sync::Mutex<std::collections::HashMap<u64, Issued>>>,
 }
 
 const SHARDS: usize = 16;
@@ -192,6 +227,7 @@ impl KeyRing {
             keys: RwLock::new(Keys {
                 signer: None,
                 jwks: jwks(&[]),
+                generation: 0,
             }),
             issued: (0..SHARDS).map(|_| Default::default()).collect(),
         };
@@ -203,6 +239,7 @@ impl KeyRing {
                 *ring.write() = Keys {
                     jwks: jwks(&[(kid.clone(), public)]),
                     signer: Some((kid.clone(), key, header(&kid))),
+                    generation: 1,
                 };
             }
             None => {
@@ -249,11 +286,17 @@ impl KeyRing {
                 }
             }
         }
-        let keys = Keys {
-            signer,
-            jwks: jwks(&published),
+        let mut keys = self.write();
+        let same_signer = match (&keys.signer, &signer) {
+            (Some((a, _, _)), Some((b, _, _))) => a == b,
+            (None, None) => true,
+            _ => false,
         };
-        *self.write() = keys;
+        if !same_signer {
+            keys.generation += 1;
+        }
+        keys.signer = signer;
+        keys.jwks = jwks(&published);
         Ok(())
     }
 
@@ -287,65 +330,54 @@ impl KeyRing {
 
     /// The certificate for `facts` at `now` (see
     /// [`crate::domain::certificate`]), or `None` when the workstation gets
-    /// none or no key can sign. One handed out to the same workstation less
-    /// than [`REUSE_FOR`] ago, from the same facts and key, is reused.
+    /// none or no key can sign. The one handed to the same workstation last
+    /// is handed out again while it is less than [`reuse_for`] old and
+    /// nothing it was decided from has changed.
     pub fn certificate(
         &self,
         facts: &CertificateFacts<'_>,
         now: DateTime<Utc>,
     ) -> Option<Arc<str>> {
-        let jti = format!("{:032x}", rand::random::<u128>());
-        let claims = certificate_claims(facts, &self.issuer, jti, now)?;
-        let kid = self.signing_kid()?;
-        let digest = {
+        let (iat, exp) = certificate_lifetime(facts, now)?;
+        let generation = self.read().generation;
+        let decided_from = DecidedFrom::of(facts, generation);
+        let key = facts.key.normalized();
+        let slot = {
             use std::hash::{Hash, Hasher};
             let mut h = std::collections::hash_map::DefaultHasher::new();
-            (
-                &kid,
-                facts.standing.status.as_str(),
-                facts.standing.expires_at,
-                claims.kind.as_str(),
-                claims.edition.as_str(),
-                claims.seats,
-                claims.latest_version.as_str(),
-                facts.offline_lease_days,
-            )
-                .hash(&mut h);
+            (key, facts.fingerprint).hash(&mut h);
             h.finish()
         };
-        let slot = (
-            facts.key.normalized().to_string(),
-            facts.fingerprint.to_string(),
-        );
-        let shard = {
-            use std::hash::{BuildHasher, BuildHasherDefault};
-            BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default()
-                .hash_one(&slot) as usize
-                % SHARDS
-        };
-        let reuse = REUSE_FOR.as_secs() as i64;
+        let shard = &self.issued[slot as usize % SHARDS];
+        let reuse = reuse_for(facts.offline_lease_days).as_secs() as i64;
         {
-            let issued = self.issued[shard].lock().unwrap_or_else(|e| e.into_inner());
+            let issued = shard.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(i) = issued.get(&slot)
-                && i.facts == digest
-                && claims.iat >= i.iat
-                && claims.iat - i.iat < reuse
-                && i.exp > claims.iat
+                && *i.key == *key
+                && *i.fingerprint == *facts.fingerprint
+                && i.decided_from == decided_from
+                && (0..reuse).contains(&(iat - i.iat))
+                && i.exp > iat
             {
                 return Some(i.jws.clone());
             }
         }
+        let jti = format!("{:032x}", rand::random::<u128>());
+        let claims = certificate_claims(facts, &self.issuer, jti, now)?;
+        debug_assert_eq!((claims.iat, claims.exp), (iat, exp));
         let jws: Arc<str> = self.sign(&claims)?.into();
-        let mut issued = self.issued[shard].lock().unwrap_or_else(|e| e.into_inner());
+        let mut issued = shard.lock().unwrap_or_else(|e| e.into_inner());
         if issued.len() >= REUSE_MAX / SHARDS {
             issued.clear();
         }
         issued.insert(
             slot,
             Issued {
-                facts: digest,
-                iat: claims.iat,
-                exp: claims.exp,
+                key: key.into(),
+                fingerprint: facts.fingerprint.into(),
+                decided_from,
+                iat,
+                exp,
                 jws: jws.clone(),
             },
         );
@@ -402,6 +434,74 @@ fn read_key_file(path: &Path) -> Result<SigningKey, KeyError> {
     let text = std::fs::read_to_string(path).map_err(|e| fail(e.to_string()))?;
     SigningKey::from_pkcs8_pem(&text)
         .map_err(|e| fail(format!("not a PKCS#8 PEM Ed25519 private key ({e})")))
+}
+
+/// What `licensd certificate inspect` finds in a certificate.
+#[derive(Debug)]
+pub struct Inspection {
+    /// The decoded header.
+    pub header: serde_json::Value,
+    /// The decoded claims.
+    pub claims: serde_json::Value,
+    /// Whether the signature verifies (`None`: no keys to check with).
+    pub signature: Option<Result<String, String>>,
+}
+
+/// Decodes `jws` and, given a JWK Set `jwks`, checks its signature: the
+/// header must say `EdDSA` and name a key of the set. Never trusts the
+/// header beyond choosing among the given keys.
+pub fn inspect(jws: &str, jwks: Option<&str>) -> Result<Inspection, String> {
+    let parts: Vec<&str> = jws.trim().split('.').collect();
+    let [h, p, sig] = parts[..] else {
+        return Err(format!(
+            "not a compact JWS: {} dot-separated parts, expected 3",
+            parts.len()
+        ));
+    };
+    let decode = |what: &str, part: &str| -> Result<serde_json::Value, String> {
+        let bytes = B64
+            .decode(part)
+            .map_err(|e| format!("{what}: not base64url ({e})"))?;
+        serde_json::from_slice(&bytes).map_err(|e| format!("{what}: not JSON ({e})"))
+    };
+    let header = decode("header", h)?;
+    let claims = decode("claims", p)?;
+    let signature = jwks.map(|set| -> Result<String, String> {
+        let set: serde_json::Value =
+            serde_json::from_str(set).map_err(|e| format!("the key set is not JSON ({e})"))?;
+        if header["alg"] != "EdDSA" {
+            return Err(format!("alg is {}, not EdDSA", header["alg"]));
+        }
+        let kid = header["kid"].as_str().ok_or("the header names no kid")?;
+        let key = set["keys"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|k| k["kid"] == kid && k["kty"] == "OKP" && k["crv"] == "Ed25519")
+            .ok_or_else(|| format!("no key {kid} in the key set (retired, or another issuer's)"))?;
+        let x = B64
+            .decode(key["x"].as_str().unwrap_or_default())
+            .ok()
+            .and_then(|x| <[u8; 32]>::try_from(x).ok())
+            .ok_or("the key's x is not 32 bytes of base64url")?;
+        let key = ed25519_dalek::VerifyingKey::from_bytes(&x).map_err(|e| e.to_string())?;
+        let sig = B64
+            .decode(sig)
+            .ok()
+            .and_then(|s| <[u8; 64]>::try_from(s).ok())
+            .ok_or("the signature is not 64 bytes of base64url")?;
+        key.verify_strict(
+            format!("{h}.{p}").as_bytes(),
+            &ed25519_dalek::Signature::from_bytes(&sig),
+        )
+        .map_err(|_| "the signature does not match".to_string())?;
+        Ok(kid.to_string())
+    });
+    Ok(Inspection {
+        header,
+        claims,
+        signature,
+    })
 }
 
 #[cfg(test)]

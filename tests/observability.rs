@@ -81,7 +81,7 @@ async fn admin_token(url: &str) -> String {
     String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
-async fn nodes_of(replicas: &[&Replica], token: String) -> Nodes {
+async fn nodes_of(replicas: &[&Replica], token: String, database_url: &str) -> Nodes {
     let mut channels = Vec::new();
     for r in replicas {
         channels.push(vec![r.channel().await]);
@@ -90,6 +90,7 @@ async fn nodes_of(replicas: &[&Replica], token: String) -> Nodes {
         channels,
         token,
         pids: replicas.iter().map(|r| r.pid()).collect(),
+        database_url: database_url.to_string(),
     }
 }
 
@@ -107,7 +108,7 @@ async fn every_metric_family_moves_under_a_short_load() {
     let metrics_addr = format!("127.0.0.1:{port}");
     let replica = Replica::start_with(&url, 0, &["--metrics-listen", &metrics_addr], &[]).await;
     assert!(replica.logged(&format!("http://{metrics_addr}/metrics")));
-    let nodes = nodes_of(&[&replica], token).await;
+    let nodes = nodes_of(&[&replica], token, &url).await;
     let before = scrape(port).await;
 
     create_product(&nodes, "METRO", "1.0.0").await;
@@ -309,7 +310,7 @@ async fn postgres_replicas_report_their_notifications() {
     let metrics_addr = format!("127.0.0.1:{port}");
     let first = Replica::start_with(&db.url, 0, &["--metrics-listen", &metrics_addr], &[]).await;
     let second = Replica::start(&db.url, 1).await;
-    let nodes = nodes_of(&[&first, &second], token).await;
+    let nodes = nodes_of(&[&first, &second], token, &db.url).await;
     create_product(&nodes, "NOTE", "1.0.0").await;
     issue(&nodes, license_req("NOTE", 1, 1)).await;
     tokio::time::sleep(Duration::from_millis(1_500)).await;
@@ -334,7 +335,7 @@ async fn a_request_id_is_echoed_and_on_every_log_line_of_its_call() {
     assert!(status.success());
     let token = admin_token(&url).await;
     let replica = Replica::start_with(&url, 0, &[], &[("RUST_LOG", "info,licensd=debug")]).await;
-    let nodes = nodes_of(&[&replica], token).await;
+    let nodes = nodes_of(&[&replica], token, &url).await;
     create_product(&nodes, "IDS", "1.0.0").await;
 
     let mut req = tonic::Request::new(license_req("IDS", 1, 1));

@@ -5,6 +5,7 @@
 //! none, the product's lease, tampering, rotation and retirement, and a key
 //! from `--signing-key-file`.
 
+mod cluster;
 mod common;
 
 use std::collections::HashMap;
@@ -122,6 +123,9 @@ async fn a_certificate_verifies_independently_and_says_what_the_license_is() {
     assert_eq!(v.validity, pb::Validity::Valid as i32);
     let again = verify(&v.license_certificate, &keys).expect("verifies");
     assert_eq!(again["fingerprint"], "ws-1");
+    // Nothing changed since the activation: the same certificate, not a
+    // new signature (src/signing.rs, reuse_for).
+    assert_eq!(v.license_certificate, activated.license_certificate);
     assert!(
         validate(&mut s, &license.key, "")
             .await
@@ -492,4 +496,166 @@ async fn a_key_file_signs_and_is_the_only_key_published() {
     .err()
     .expect("refused");
     assert!(err.to_string().contains("bad.pem"), "{err}");
+}
+
+#[tokio::test]
+async fn certificate_inspect_prints_the_claims_and_checks_the_signature() {
+    let mut s = TestServer::start().await;
+    product_with_lease(&mut s, "INSP", None).await;
+    let license = s.issue(license_req("INSP", 1, 1)).await;
+    let jws = s
+        .activate(&license.key, "ws-1")
+        .await
+        .unwrap()
+        .license_certificate;
+    let set = s
+        .activation
+        .get_signing_keys(pb::GetSigningKeysRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .jwks;
+    let dir = tempfile::tempdir().unwrap();
+    let jwks_file = dir.path().join("jwks.json");
+    std::fs::write(&jwks_file, &set).unwrap();
+    let inspect = |cert: &str, with_keys: bool| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_licensd"));
+        cmd.args(["certificate", "inspect", cert]);
+        if with_keys {
+            cmd.arg("--jwks").arg(&jwks_file);
+        }
+        let out = cmd.output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, out, err) = inspect(&jws, true);
+    assert!(ok, "{err}");
+    assert!(out.contains(&format!("sub: \"{}\"", license.key)), "{out}");
+    assert!(out.contains("fingerprint: \"ws-1\""), "{out}");
+    assert!(
+        out.contains("expires in 30.0 days") || out.contains("expires in 29.9 days"),
+        "{out}"
+    );
+    assert!(out.contains("signature: verifies with key"), "{out}");
+    let (ok, out, _) = inspect(&jws, false);
+    assert!(ok && out.contains("signature: not checked"), "{out}");
+    // A changed claim: printed, and refused.
+    let parts: Vec<&str> = jws.split('.').collect();
+    let mut claims: Value = serde_json::from_slice(&B64.decode(parts[1]).unwrap()).unwrap();
+    claims["seats"] = 50.into();
+    let forged = format!(
+        "{}.{}.{}",
+        parts[0],
+        B64.encode(serde_json::to_vec(&claims).unwrap()),
+        parts[2]
+    );
+    let (ok, out, err) = inspect(&forged, true);
+    assert!(!ok);
+    assert!(out.contains("seats: 50"), "{out}");
+    assert!(err.contains("does not verify"), "{err}");
+    let (ok, _, err) = inspect("not.a-certificate", true);
+    assert!(!ok && err.contains("3"), "{err}");
+    // Nothing private in what it prints.
+    assert!(!set.contains("\"d\""));
+    s.stop().await;
+}
+
+/// The kid a certificate's header names.
+fn kid_of(jws: &str) -> String {
+    let header: Value =
+        serde_json::from_slice(&B64.decode(jws.split('.').next().unwrap()).unwrap()).unwrap();
+    header["kid"].as_str().unwrap().to_string()
+}
+
+async fn replica_jwks(nodes: &cluster::Nodes, i: usize) -> HashMap<String, Vec<u8>> {
+    let text = nodes
+        .activation(i)
+        .get_signing_keys(pb::GetSigningKeysRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .jwks;
+    let set: Value = serde_json::from_str(&text).unwrap();
+    set["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| {
+            (
+                k["kid"].as_str().unwrap().to_string(),
+                B64.decode(k["x"].as_str().unwrap()).unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// Three replicas share the keys: a certificate from one verifies with
+/// every replica's key set, and after a rotation every replica signs with
+/// the new key while the old certificate still verifies.
+async fn replicas_share_keys_and_rotations(nodes: cluster::Nodes) {
+    cluster::create_product(&nodes, "REPL", "1.0.0").await;
+    let key = cluster::issue(&nodes, license_req("REPL", 3, 1)).await.key;
+    let old = nodes
+        .activation(0)
+        .activate(cluster::activate_req(&key, "ws-1"))
+        .await
+        .unwrap()
+        .into_inner()
+        .license_certificate;
+    let old_kid = kid_of(&old);
+    for i in 0..nodes.replicas() {
+        let keys = replica_jwks(&nodes, i).await;
+        assert_eq!(keys.len(), 1, "one key, shared, on replica {i}");
+        verify(&old, &keys).unwrap_or_else(|e| panic!("replica {i}: {e}"));
+    }
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_licensd"))
+        .args([
+            "signing-key",
+            "rotate",
+            "--database-url",
+            &nodes.database_url,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let new_kid = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    assert_ne!(new_kid, old_kid);
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    for i in 0..nodes.replicas() {
+        loop {
+            let v = nodes
+                .activation(i)
+                .validate(pb::ValidateRequest {
+                    license_key: key.clone(),
+                    fingerprint: "ws-1".into(),
+                    client_version: String::new(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            if kid_of(&v.license_certificate) == new_kid {
+                let keys = replica_jwks(&nodes, i).await;
+                verify(&v.license_certificate, &keys).unwrap();
+                verify(&old, &keys).unwrap_or_else(|e| panic!("old on replica {i}: {e}"));
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "replica {i} still signs with {old_kid}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_replicas_share_signing_keys_and_all_sign_with_the_new_key_after_a_rotation() {
+    cluster::on_postgres(replicas_share_keys_and_rotations).await;
 }

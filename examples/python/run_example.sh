@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
-# Runs the Python billing example against a fresh licensd, as CI does:
+# Runs the Python examples against a fresh licensd, as CI does:
 #
 #   examples/python/run_example.sh [PATH/TO/licensd]    # default target/debug/licensd
 #
 # Installs requirements.txt into a virtualenv under ${TMPDIR:-/tmp} (reused
 # while requirements.txt and the interpreter stay the same), creates an admin
 # token in a new SQLite database, starts `licensd serve` on a free loopback
-# port, runs billing_example.py against it, stops the server and exits with
-# the example's status. The whole run is bounded by LICENSD_EXAMPLE_TIMEOUT
-# seconds (default 300: a first run downloads the packages from PyPI).
+# port, runs billing_example.py and then verify_offline.py against it, stops
+# the server and exits with the status of the first example that failed (0
+# when both passed; the second does not run after a failure). The whole run
+# is bounded by LICENSD_EXAMPLE_TIMEOUT seconds (default 300: a first run
+# downloads the packages from PyPI).
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -105,9 +107,18 @@ if [ -z "$addr" ]; then
 fi
 echo "licensd (pid $server_pid) is serving on $addr"
 
-# 4. The example; its status is this script's.
+# 4. The examples, one after the other against the same server; the first
+#    failure's status is this script's.
 export PYTHONDONTWRITEBYTECODE=1
-status=0
-"$venv/bin/python" "$here/billing_example.py" --target "$addr" --token "$token" \
-    --proto-dir "$root/proto" || status=$?
-exit "$status"
+for example in billing_example.py verify_offline.py; do
+    echo
+    echo "=== $example"
+    status=0
+    "$venv/bin/python" "$here/$example" --target "$addr" --token "$token" \
+        --proto-dir "$root/proto" || status=$?
+    if [ "$status" -ne 0 ]; then
+        echo "run_example.sh: $example failed (status $status)" >&2
+        exit "$status"
+    fi
+done
+exit 0

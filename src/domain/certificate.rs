@@ -69,14 +69,12 @@ pub struct CertificateFacts<'a> {
     pub fingerprint_bound: bool,
 }
 
-/// The claims of a certificate for `facts` at `now`, or `None` when the
-/// workstation gets none. `jti` is the certificate's unique id.
-pub fn certificate_claims(
+/// Whether the workstation gets a certificate at `now`, and if so its
+/// `(iat, exp)` in Unix seconds: the rule, without building the claims.
+pub fn certificate_lifetime(
     facts: &CertificateFacts<'_>,
-    issuer: &str,
-    jti: String,
     now: DateTime<Utc>,
-) -> Option<CertificateClaims> {
+) -> Option<(i64, i64)> {
     if facts.offline_lease_days == 0
         || !facts.fingerprint_bound
         || facts.standing.validity_at(now) != Validity::Valid
@@ -84,13 +82,23 @@ pub fn certificate_claims(
         return None;
     }
     let lease_end = now + Duration::days(i64::from(facts.offline_lease_days));
-    let license_end = facts.standing.expires_at;
     let iat = now.timestamp();
     // Whole seconds, rounded down: never past the license's end.
-    let exp = lease_end.min(license_end).timestamp();
-    if exp <= iat {
-        return None;
-    }
+    let exp = lease_end.min(facts.standing.expires_at).timestamp();
+    (exp > iat).then_some((iat, exp))
+}
+
+/// The claims of a certificate for `facts` at `now`, or `None` when the
+/// workstation gets none ([`certificate_lifetime`]). `jti` is the
+/// certificate's unique id.
+pub fn certificate_claims(
+    facts: &CertificateFacts<'_>,
+    issuer: &str,
+    jti: String,
+    now: DateTime<Utc>,
+) -> Option<CertificateClaims> {
+    let (iat, exp) = certificate_lifetime(facts, now)?;
+    let license_end = facts.standing.expires_at;
     Some(CertificateClaims {
         iss: issuer.to_string(),
         sub: facts.key.to_string(),

@@ -272,6 +272,7 @@ impl Cluster {
                 channels,
                 token,
                 pids,
+                database_url: database_url.to_string(),
             },
         )
     }
@@ -323,6 +324,8 @@ pub struct Nodes {
     pub token: String,
     /// The replicas' process ids.
     pub pids: Vec<u32>,
+    /// The database they share.
+    pub database_url: String,
 }
 
 impl Nodes {
