@@ -81,6 +81,20 @@ async fn admin_token(url: &str) -> String {
     String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
+/// A migrated SQLite database in a temporary directory (kept while the
+/// first value lives), its URL and an admin token.
+async fn migrated_sqlite(name: &str) -> (tempfile::TempDir, String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite:{}", dir.path().join(format!("{name}.db")).display());
+    let status = std::process::Command::new(BIN)
+        .args(["migrate", "--database-url", &url])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let token = admin_token(&url).await;
+    (dir, url, token)
+}
+
 async fn nodes_of(replicas: &[&Replica], token: String, database_url: &str) -> Nodes {
     let mut channels = Vec::new();
     for r in replicas {
@@ -96,14 +110,7 @@ async fn nodes_of(replicas: &[&Replica], token: String, database_url: &str) -> N
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_metric_family_moves_under_a_short_load() {
-    let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite:{}", dir.path().join("metrics.db").display());
-    let status = std::process::Command::new(BIN)
-        .args(["migrate", "--database-url", &url])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let token = admin_token(&url).await;
+    let (_dir, url, token) = migrated_sqlite("metrics").await;
     let port = free_port();
     let metrics_addr = format!("127.0.0.1:{port}");
     let replica = Replica::start_with(&url, 0, &["--metrics-listen", &metrics_addr], &[]).await;
@@ -326,14 +333,7 @@ async fn postgres_replicas_report_their_notifications() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_id_is_echoed_and_on_every_log_line_of_its_call() {
-    let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite:{}", dir.path().join("ids.db").display());
-    let status = std::process::Command::new(BIN)
-        .args(["migrate", "--database-url", &url])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let token = admin_token(&url).await;
+    let (_dir, url, token) = migrated_sqlite("ids").await;
     let replica = Replica::start_with(&url, 0, &[], &[("RUST_LOG", "info,licensd=debug")]).await;
     let nodes = nodes_of(&[&replica], token, &url).await;
     create_product(&nodes, "IDS", "1.0.0").await;

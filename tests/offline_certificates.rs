@@ -29,7 +29,12 @@ async fn jwks(s: &mut TestServer) -> HashMap<String, Vec<u8>> {
         .expect("GetSigningKeys needs no token")
         .into_inner()
         .jwks;
-    let set: Value = serde_json::from_str(&text).expect("JWKS is JSON");
+    parse_jwks(&text)
+}
+
+/// A JWK Set's Ed25519 keys: kid → public key (and nothing private in it).
+fn parse_jwks(text: &str) -> HashMap<String, Vec<u8>> {
+    let set: Value = serde_json::from_str(text).expect("JWKS is JSON");
     set["keys"]
         .as_array()
         .expect("keys")
@@ -46,6 +51,19 @@ async fn jwks(s: &mut TestServer) -> HashMap<String, Vec<u8>> {
             )
         })
         .collect()
+}
+
+/// A product `code` with the default lease, a license, and the certificate
+/// its workstation `ws-1` got at activation.
+async fn activated(s: &mut TestServer, code: &str) -> (pb::License, String) {
+    product_with_lease(s, code, None).await;
+    let license = s.issue(license_req(code, 1, 1)).await;
+    let jws = s
+        .activate(&license.key, "ws-1")
+        .await
+        .unwrap()
+        .license_certificate;
+    (license, jws)
 }
 
 /// Verifies `jws` as a product does; its claims, or why not.
@@ -230,18 +248,19 @@ async fn no_certificate_for_a_license_that_is_not_valid_or_a_product_without_a_l
             .license_certificate
             .is_empty()
     );
+    let set_lease = |days: u32| pb::UpdateProductRequest {
+        product: Some(pb::Product {
+            code: "NOLS".into(),
+            offline_lease_days: Some(days),
+            ..Default::default()
+        }),
+        update_mask: Some(prost_types::FieldMask {
+            paths: vec!["offline_lease_days".into()],
+        }),
+    };
     let updated = s
         .products
-        .update_product(pb::UpdateProductRequest {
-            product: Some(pb::Product {
-                code: "NOLS".into(),
-                offline_lease_days: Some(7),
-                ..Default::default()
-            }),
-            update_mask: Some(prost_types::FieldMask {
-                paths: vec!["offline_lease_days".into()],
-            }),
-        })
+        .update_product(set_lease(7))
         .await
         .unwrap()
         .into_inner();
@@ -250,20 +269,7 @@ async fn no_certificate_for_a_license_that_is_not_valid_or_a_product_without_a_l
     let c = verify(&v.license_certificate, &keys).unwrap();
     assert_eq!(c["exp"], c["iat"].as_i64().unwrap() + 7 * DAY);
     // Out of range: refused, nothing changed.
-    let refused = s
-        .products
-        .update_product(pb::UpdateProductRequest {
-            product: Some(pb::Product {
-                code: "NOLS".into(),
-                offline_lease_days: Some(366),
-                ..Default::default()
-            }),
-            update_mask: Some(prost_types::FieldMask {
-                paths: vec!["offline_lease_days".into()],
-            }),
-        })
-        .await
-        .unwrap_err();
+    let refused = s.products.update_product(set_lease(366)).await.unwrap_err();
     assert_eq!(refused.code(), tonic::Code::InvalidArgument);
     assert_eq!(
         common::bad_fields(&refused),
@@ -305,13 +311,7 @@ async fn an_expired_license_gets_no_certificate() {
 #[tokio::test]
 async fn tampering_and_foreign_keys_fail_verification() {
     let mut s = TestServer::start().await;
-    product_with_lease(&mut s, "TAMP", None).await;
-    let license = s.issue(license_req("TAMP", 1, 1)).await;
-    let jws = s
-        .activate(&license.key, "ws-1")
-        .await
-        .unwrap()
-        .license_certificate;
+    let (_, jws) = activated(&mut s, "TAMP").await;
     let keys = jwks(&mut s).await;
     verify(&jws, &keys).expect("the untouched certificate verifies");
     let parts: Vec<&str> = jws.split('.').collect();
@@ -501,13 +501,7 @@ async fn a_key_file_signs_and_is_the_only_key_published() {
 #[tokio::test]
 async fn certificate_inspect_prints_the_claims_and_checks_the_signature() {
     let mut s = TestServer::start().await;
-    product_with_lease(&mut s, "INSP", None).await;
-    let license = s.issue(license_req("INSP", 1, 1)).await;
-    let jws = s
-        .activate(&license.key, "ws-1")
-        .await
-        .unwrap()
-        .license_certificate;
+    let (license, jws) = activated(&mut s, "INSP").await;
     let set = s
         .activation
         .get_signing_keys(pb::GetSigningKeysRequest {})
@@ -578,18 +572,7 @@ async fn replica_jwks(nodes: &cluster::Nodes, i: usize) -> HashMap<String, Vec<u
         .unwrap()
         .into_inner()
         .jwks;
-    let set: Value = serde_json::from_str(&text).unwrap();
-    set["keys"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|k| {
-            (
-                k["kid"].as_str().unwrap().to_string(),
-                B64.decode(k["x"].as_str().unwrap()).unwrap(),
-            )
-        })
-        .collect()
+    parse_jwks(&text)
 }
 
 /// Three replicas share the keys: a certificate from one verifies with
