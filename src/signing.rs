@@ -154,7 +154,7 @@ struct Issued {
 
 /// Everything a certificate says besides its times, and the key that
 /// signed it: while these are the same, a recent certificate is still right.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 struct DecidedFrom {
     standing: crate::domain::Standing,
     edition: crate::domain::Edition,
@@ -174,6 +174,17 @@ impl DecidedFrom {
             offline_lease_days: facts.offline_lease_days,
             signer,
         }
+    }
+
+    /// Whether `facts` and `signer` are what this was decided from (without
+    /// building a new one: this runs on every Validate that gets one).
+    fn is(&self, facts: &CertificateFacts<'_>, signer: u64) -> bool {
+        self.standing == facts.standing
+            && self.edition == facts.edition
+            && self.seats == facts.seats
+            && self.latest_version.as_ref() == facts.latest_version
+            && self.offline_lease_days == facts.offline_lease_days
+            && self.signer == signer
     }
 }
 
@@ -340,7 +351,6 @@ impl KeyRing {
     ) -> Option<Arc<str>> {
         let (iat, exp) = certificate_lifetime(facts, now)?;
         let generation = self.read().generation;
-        let decided_from = DecidedFrom::of(facts, generation);
         let key = facts.key.normalized();
         let slot = {
             use std::hash::{Hash, Hasher};
@@ -355,7 +365,7 @@ impl KeyRing {
             if let Some(i) = issued.get(&slot)
                 && *i.key == *key
                 && *i.fingerprint == *facts.fingerprint
-                && i.decided_from == decided_from
+                && i.decided_from.is(facts, generation)
                 && (0..reuse).contains(&(iat - i.iat))
                 && i.exp > iat
             {
@@ -375,7 +385,7 @@ impl KeyRing {
             Issued {
                 key: key.into(),
                 fingerprint: facts.fingerprint.into(),
-                decided_from,
+                decided_from: DecidedFrom::of(facts, generation),
                 iat,
                 exp,
                 jws: jws.clone(),
