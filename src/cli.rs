@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::bench::BenchArgs;
 use crate::domain::auth::{Role, Token};
+use crate::grpc::admission::AdmissionLimits;
 use crate::grpc::auth::LimitConfig;
 use crate::server::{self, Application, Config, TlsFiles};
 use crate::store::{DatabaseUrl, Store};
@@ -113,6 +114,14 @@ struct ServeArgs {
     /// Keep the address private: it is not authenticated.
     #[arg(long, env = "LICENSD_METRICS_LISTEN", value_name = "ADDR")]
     metrics_listen: Option<std::net::SocketAddr>,
+    /// Validate calls in flight beyond which Validate is refused at once
+    /// (UNAVAILABLE, reason OVERLOADED, with a retry delay); 0: no limit.
+    #[arg(long, env = "LICENSD_MAX_VALIDATES_IN_FLIGHT", default_value_t = AdmissionLimits::default().validate)]
+    max_validates_in_flight: u32,
+    /// Other licensing calls (writes, reads) in flight beyond which they
+    /// are refused at once; 0: no limit. Health and reflection never are.
+    #[arg(long, env = "LICENSD_MAX_CALLS_IN_FLIGHT", default_value_t = AdmissionLimits::default().other)]
+    max_calls_in_flight: u32,
     /// The issuer (`iss`) of offline license certificates.
     #[arg(long, env = "LICENSD_CERTIFICATE_ISSUER", default_value = "licensd")]
     certificate_issuer: String,
@@ -294,6 +303,10 @@ async fn serve(a: ServeArgs) -> Result<(), BoxError> {
         },
         tls,
         metrics_listen: a.metrics_listen,
+        admission: AdmissionLimits {
+            validate: a.max_validates_in_flight,
+            other: a.max_calls_in_flight,
+        },
         certificate_issuer: a.certificate_issuer,
         signing_key_file: a.signing_key_file,
         validate_ceiling: a.validate_ceiling,

@@ -21,6 +21,7 @@ use tonic_health::server::HealthReporter;
 
 use crate::store::validation_cache::ValidationCache;
 
+use crate::grpc::admission::{AdmissionLayer, AdmissionLimits};
 use crate::grpc::auth::{FailureWindow, Gate, GateLayer, LimitConfig};
 use crate::grpc::{ActivationApi, Clock, Ctx, LicenseApi, ProductApi, system_clock};
 use crate::observe::calls::ObserveLayer;
@@ -61,6 +62,8 @@ pub struct Config {
     pub limits: LimitConfig,
     /// TLS, if any.
     pub tls: Option<TlsFiles>,
+    /// Calls in flight beyond which calls are refused at once.
+    pub admission: AdmissionLimits,
     /// Where to serve Prometheus metrics (`None`: no metrics).
     pub metrics_listen: Option<SocketAddr>,
     /// The `iss` of offline license certificates.
@@ -99,6 +102,7 @@ impl Default for Config {
             limits: LimitConfig::default(),
             tls: None,
             metrics_listen: None,
+            admission: AdmissionLimits::default(),
             certificate_issuer: "licensd".into(),
             signing_key_file: None,
             validate_ceiling: false,
@@ -266,6 +270,9 @@ impl Application {
             // Outermost: every call, refused by the gate or not, gets its
             // request id, span and metrics.
             .layer(ObserveLayer::new(metrics))
+            // Before the gate: an overloaded server spends nothing on a
+            // call it refuses.
+            .layer(AdmissionLayer::new(self.config.admission))
             .layer(GateLayer(gate))
             .add_service(health_service)
             .add_service(reflection_v1)

@@ -288,7 +288,7 @@ where
             };
             match decision {
                 Ok(()) => inner.call(req).await.map(malformed_is_invalid_argument),
-                Err(status) => Ok(status.into_http()),
+                Err(status) => Ok(super::refuse_after_reading(req.into_body(), status).await),
             }
         })
     }

@@ -4,6 +4,7 @@
 //! place, [`status_of`].
 
 mod activation;
+pub mod admission;
 pub mod auth;
 mod convert;
 mod license;
@@ -92,6 +93,29 @@ pub fn status_of(err: StoreError) -> Status {
             Status::internal("internal error")
         }
     }
+}
+
+/// Answers a call refused before any service saw it with `status`, after
+/// reading its request to the end (a unary request is at most
+/// [`crate::server::MAX_MESSAGE_BYTES`]; reading stops past that). Answering
+/// while the client is still sending makes HTTP/2 reset the stream, and a
+/// connection on which many streams are reset is closed by the server's
+/// reset-flood protection: every call on it would fail, the accepted ones
+/// too.
+pub async fn refuse_after_reading(
+    body: tonic::body::Body,
+    status: Status,
+) -> http::Response<tonic::body::Body> {
+    use http_body::Body as _;
+    let mut body = std::pin::pin!(body);
+    let mut read = 0usize;
+    while read <= crate::server::MAX_MESSAGE_BYTES + 64 {
+        match std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await {
+            Some(Ok(frame)) => read += frame.data_ref().map_or(0, |d| d.len()),
+            Some(Err(_)) | None => break,
+        }
+    }
+    status.into_http()
 }
 
 /// Who is calling, for the history: the token's name, or the client's
