@@ -930,6 +930,7 @@ contract!(
     renewal_codes_are_stored_only_as_hashes,
     constraints_refuse_impossible_states,
     concurrent_writes_keep_every_rule,
+    a_write_dropped_at_any_point_is_still_seen_at_once,
 );
 
 /// Has PostgreSQL end every session on database `name`, as a restart would;
@@ -1273,4 +1274,102 @@ async fn a_license_issued_elsewhere_is_found_at_once(db: &TestDb, s: &SqlStore) 
         assert!(v.is_some(), "issued elsewhere, answered missing");
     }
     cached.close().await;
+}
+
+/// Polls a future at most `polls` times, then drops it: a caller that
+/// gives up (a deadline, a client gone) at every await point of a write in
+/// turn.
+struct DropAfter<F> {
+    inner: std::pin::Pin<Box<F>>,
+    polls: usize,
+}
+
+impl<F: std::future::Future> std::future::Future for DropAfter<F> {
+    type Output = Option<F::Output>;
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        if self.polls == 0 {
+            return std::task::Poll::Ready(None);
+        }
+        self.polls -= 1;
+        self.inner.as_mut().poll(cx).map(Some)
+    }
+}
+
+/// A write dropped after its commit but before it marked the license in
+/// the cache (src/store/sql.rs, cancel_guard) must not leave the cache
+/// answering the old state. The write is dropped after 1, 2, 3, … polls,
+/// so at each of its await points in turn, until it completes; each time a
+/// lookup right after must agree with the database.
+async fn a_write_dropped_at_any_point_is_still_seen_at_once(db: &TestDb, plain: &SqlStore) {
+    use std::time::{Duration, Instant};
+    product(plain, "ACME", "").await;
+    let l = plain
+        .issue_license(&issue_cmd("dropped", 1), &actor(), t(NOW))
+        .await
+        .unwrap();
+    // Polls far apart (after the first load): only the marking can be right.
+    let s = db
+        .open()
+        .await
+        .with_validation_cache(Duration::from_secs(30));
+    let cache = s.validation_cache().unwrap().clone();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while cached_status(&cache, &l.key).await != Some(LicenseStatus::Active) {
+        assert!(Instant::now() < deadline, "the cache did not load");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut wrong = Vec::new();
+    let mut points = 0;
+    let mut suspend = true;
+    // The await points a write passes vary with timing: sweep five times.
+    for _sweep in 0..5 {
+        let mut polls = 1;
+        loop {
+            let action = if suspend {
+                StatusAction::Suspend
+            } else {
+                StatusAction::Reinstate
+            };
+            let who = actor();
+            let finished = DropAfter {
+                inner: Box::pin(s.change_status(&l.key, action, "", None, &who, t(NOW))),
+                polls,
+            }
+            .await
+            .is_some();
+            // A dropped COMMIT may still be landing (PostgreSQL): the answer
+            // must be the database's state before or after it.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let truth = s.get_license(&l.key).await.unwrap().status;
+            let answered = s.validation_view(&l.key, None).await.unwrap().unwrap();
+            if answered.standing.status != truth {
+                wrong.push(format!(
+                    "dropped after {polls} polls: cache {:?}, database {truth:?}",
+                    answered.standing.status
+                ));
+            }
+            if truth
+                == if suspend {
+                    LicenseStatus::Suspended
+                } else {
+                    LicenseStatus::Active
+                }
+            {
+                suspend = !suspend;
+            }
+            if finished {
+                break;
+            }
+            polls += 1;
+            points += 1;
+            assert!(polls < 500, "the write never finished");
+        }
+    }
+    eprintln!("dropped at {points} points in five sweeps");
+    assert!(points >= 5, "no write was dropped before it finished");
+    assert!(wrong.is_empty(), "{wrong:#?}");
+    s.close().await;
 }

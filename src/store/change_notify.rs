@@ -273,6 +273,12 @@ impl Changes {
             .record(started.elapsed().as_secs_f64());
     }
 
+    /// Announces `change` without waiting for anything (a write whose
+    /// caller is gone).
+    pub fn announce_detached(&self, change: Change) {
+        self.queue(Token::Change(change));
+    }
+
     /// The replicas that did not acknowledge `batch` in time are not waited
     /// for until they do.
     fn gave_up_on(&self, batch: u64) {

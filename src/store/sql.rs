@@ -110,6 +110,36 @@ pub struct PoolStats {
     pub max: u32,
 }
 
+/// See [`SqlStore::cancel_guard`].
+struct CancelGuard {
+    cache: Option<Arc<ValidationCache>>,
+    changes: Option<Arc<Changes>>,
+    change: Option<Change>,
+}
+
+impl CancelGuard {
+    fn disarm(mut self) {
+        self.change = None;
+    }
+}
+
+impl Drop for CancelGuard {
+    fn drop(&mut self) {
+        let Some(change) = self.change.take() else {
+            return;
+        };
+        if let Some(cache) = &self.cache {
+            match &change {
+                Change::License(key) => cache.mark_changed(key),
+                Change::Products => cache.mark_products_changed(),
+            }
+        }
+        if let Some(changes) = &self.changes {
+            changes.announce_detached(change);
+        }
+    }
+}
+
 impl SqlStore {
     /// A store over pools the backend module opened and migrated.
     pub(super) async fn new(
@@ -209,6 +239,19 @@ impl SqlStore {
         }
     }
 
+    /// Armed before a write of `change`: if the write's future is dropped
+    /// before it could announce (its caller's deadline passed, the client
+    /// went away), perhaps after its commit, the change is marked and
+    /// announced anyway when the guard drops. Disarmed once the write has
+    /// an outcome; [`announce`](Self::announce) then does it.
+    fn cancel_guard(&self, change: Change) -> CancelGuard {
+        CancelGuard {
+            cache: self.cache.clone(),
+            changes: self.changes.clone(),
+            change: Some(change),
+        }
+    }
+
     /// After a write to the license `key`.
     async fn touched<T>(&self, key: &LicenseKey, result: &StoreResult<T>) {
         self.announce(Change::License(key.clone()), result).await;
@@ -253,7 +296,19 @@ impl SqlStore {
         // so up to the pool's size, then one fresh connection.
         let mut left = self.writer.options().get_max_connections() + 1;
         loop {
-            match self.writer.begin_with(self.dialect.begin()).await {
+            // Its own task: a caller dropped while BEGIN runs (a deadline, a
+            // client gone) would otherwise return the connection to the pool
+            // inside a transaction sqlx does not know about, and a later,
+            // unrelated write on it would fail. Finished in the task, a
+            // dropped transaction rolls back like any other.
+            let begin = tokio::spawn({
+                let writer = self.writer.clone();
+                let statement = self.dialect.begin();
+                async move { writer.begin_with(statement).await }
+            })
+            .await
+            .map_err(|e| StoreError::Internal(format!("BEGIN task: {e}")))?;
+            match begin {
                 Err(e) if is_connection_lost(&e) && left > 1 => {
                     left -= 1;
                     tracing::debug!(error = %e, "a pooled connection was lost; trying another");
@@ -863,6 +918,7 @@ pub(super) fn is_unique_violation(e: &sqlx::Error) -> bool {
 #[async_trait]
 impl Store for SqlStore {
     async fn create_product(&self, product: &Product, now: DateTime<Utc>) -> StoreResult<Product> {
+        let guard = self.cancel_guard(Change::Products);
         let result = self.retrying(move || async move {
             let mut tx = self.begin_write().await?;
             let res = sqlx::query(
@@ -892,6 +948,7 @@ impl Store for SqlStore {
             Ok(product.clone())
         })
         .await;
+        guard.disarm();
         self.touched_products(&result).await;
         result
     }
@@ -920,6 +977,7 @@ impl Store for SqlStore {
         update: &(dyn Fn(ProductSpec) -> ProductSpec + Send + Sync),
         now: DateTime<Utc>,
     ) -> StoreResult<Product> {
+        let guard = self.cancel_guard(Change::Products);
         let result = self.retrying(move || async move {
             let mut tx = self.begin_write().await?;
             let current = require_product(&mut tx, code, Lock::ForUpdate(self.dialect)).await?;
@@ -944,6 +1002,7 @@ impl Store for SqlStore {
             Ok(updated)
         })
         .await;
+        guard.disarm();
         self.touched_products(&result).await;
         result
     }
@@ -1080,6 +1139,7 @@ impl Store for SqlStore {
         actor: &Actor,
         now: DateTime<Utc>,
     ) -> StoreResult<License> {
+        let guard = self.cancel_guard(Change::License(key.clone()));
         let result = self
             .retrying(move || async move {
                 let mut tx = self.begin_write().await?;
@@ -1121,6 +1181,7 @@ impl Store for SqlStore {
                 Ok(license)
             })
             .await;
+        guard.disarm();
         self.touched(key, &result).await;
         result
     }
@@ -1277,6 +1338,7 @@ impl Store for SqlStore {
         actor: &Actor,
         now: DateTime<Utc>,
     ) -> StoreResult<(License, Activation)> {
+        let guard = self.cancel_guard(Change::License(key.clone()));
         let result = self.retrying(move || async move {
             let mut tx = self.begin_write().await?;
             let (id, license) = require_license(&mut tx, key, Lock::ForUpdate(self.dialect)).await?;
@@ -1332,6 +1394,7 @@ impl Store for SqlStore {
             }
         })
         .await;
+        guard.disarm();
         self.touched(key, &result).await;
         result
     }
@@ -1343,6 +1406,7 @@ impl Store for SqlStore {
         actor: &Actor,
         now: DateTime<Utc>,
     ) -> StoreResult<License> {
+        let guard = self.cancel_guard(Change::License(key.clone()));
         let result = self
             .retrying(move || async move {
                 let mut tx = self.begin_write().await?;
@@ -1374,6 +1438,7 @@ impl Store for SqlStore {
                 Ok(license)
             })
             .await;
+        guard.disarm();
         self.touched(key, &result).await;
         result
     }
@@ -1418,6 +1483,7 @@ impl Store for SqlStore {
         actor: &Actor,
         now: DateTime<Utc>,
     ) -> StoreResult<(License, DateTime<Utc>)> {
+        let guard = self.cancel_guard(Change::License(cmd.license_key.clone()));
         let result = self.retrying(move || async move {
             let mut tx = self.begin_write().await?;
             let (license_id, license) = require_license(&mut tx, &cmd.license_key, Lock::ForUpdate(self.dialect)).await?;
@@ -1497,6 +1563,7 @@ impl Store for SqlStore {
             Ok((license, decision.previous_expires_at))
         })
         .await;
+        guard.disarm();
         self.touched(&cmd.license_key, &result).await;
         result
     }
