@@ -334,11 +334,6 @@ impl KeyRing {
         self.read().jwks.clone()
     }
 
-    /// The id of the key that signs now.
-    pub fn signing_kid(&self) -> Option<String> {
-        self.read().signer.as_ref().map(|(kid, _, _)| kid.clone())
-    }
-
     /// The certificate for `facts` at `now` (see
     /// [`crate::domain::certificate`]), or `None` when the workstation gets
     /// none or no key can sign. The one handed to the same workstation last

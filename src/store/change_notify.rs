@@ -146,14 +146,23 @@ struct Peer {
     late: u64,
 }
 
+impl Peer {
+    /// Heard saying hello within [`PEER_TTL`].
+    fn listening(&self, now: Instant) -> bool {
+        now.duration_since(self.seen) < PEER_TTL
+    }
+
+    /// Listening and not late: a write waits for it.
+    fn waited_for(&self, now: Instant) -> bool {
+        self.listening(now) && self.acked >= self.late
+    }
+}
+
 impl Progress {
     /// The listening replicas that have not acknowledged `batch` yet.
     fn waiting_for(&self, batch: u64, now: Instant) -> impl Iterator<Item = u64> + '_ {
         self.peers.iter().filter_map(move |(&id, p)| {
-            let waited = now.duration_since(p.seen) < PEER_TTL
-                && batch > p.since
-                && p.acked >= p.late
-                && p.acked < batch;
+            let waited = p.waited_for(now) && batch > p.since && p.acked < batch;
             waited.then_some(id)
         })
     }
@@ -164,7 +173,7 @@ impl Progress {
     fn done_up_to(&self, now: Instant) -> u64 {
         self.peers
             .values()
-            .filter(|p| now.duration_since(p.seen) < PEER_TTL && p.acked >= p.late)
+            .filter(|p| p.waited_for(now))
             .map(|p| p.acked.max(p.since))
             .fold(self.echo, u64::min)
     }
@@ -306,7 +315,7 @@ impl Changes {
         self.progress()
             .peers
             .values()
-            .filter(|p| now.duration_since(p.seen) < PEER_TTL && p.acked >= p.late)
+            .filter(|p| p.waited_for(now))
             .count()
     }
 
@@ -650,7 +659,7 @@ fn receive(changes: &Changes, cache: &ValidationCache, payload: &str) {
     } else if parsed.hello {
         let echo = p.echo;
         match p.peers.get_mut(&from) {
-            Some(peer) if now.duration_since(peer.seen) < PEER_TTL => peer.seen = now,
+            Some(peer) if peer.listening(now) => peer.seen = now,
             _ => {
                 answer_hello = true;
                 p.peers.insert(
