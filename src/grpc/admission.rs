@@ -18,9 +18,6 @@ use http::{Request, Response};
 use tokio::sync::Semaphore;
 use tonic::body::Body;
 use tonic::{Code, Status};
-use tonic_types::{ErrorDetails, StatusExt};
-
-use super::ERROR_DOMAIN;
 
 /// How long a refused caller is asked to wait before retrying.
 pub const RETRY_AFTER: Duration = Duration::from_millis(50);
@@ -97,22 +94,12 @@ fn budget<'a>(
 
 /// The refusal of a call beyond its budget.
 pub fn overloaded(budget: &str) -> Status {
-    let mut details = ErrorDetails::with_retry_info(Some(RETRY_AFTER));
-    details.set_error_info(
-        "OVERLOADED",
-        ERROR_DOMAIN,
-        [
-            ("budget".to_string(), budget.to_string()),
-            (
-                "retry_after_ms".to_string(),
-                RETRY_AFTER.as_millis().to_string(),
-            ),
-        ],
-    );
-    Status::with_error_details(
+    super::retry_later(
         Code::Unavailable,
+        "OVERLOADED",
         "licensd is at capacity; retry shortly",
-        details,
+        RETRY_AFTER,
+        [("budget", budget)],
     )
 }
 

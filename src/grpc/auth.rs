@@ -131,13 +131,7 @@ impl FailureWindow {
 
 /// RESOURCE_EXHAUSTED with a retry delay (`google.rpc.RetryInfo`).
 pub fn exhausted(reason: &str, message: &str, wait: Duration) -> Status {
-    let mut details = ErrorDetails::with_retry_info(Some(wait.max(Duration::from_millis(1))));
-    details.set_error_info(
-        reason,
-        ERROR_DOMAIN,
-        [("retry_after_ms".to_string(), wait.as_millis().to_string())],
-    );
-    Status::with_error_details(Code::ResourceExhausted, message, details)
+    super::retry_later(Code::ResourceExhausted, reason, message, wait, [])
 }
 
 fn refusal(code: Code, reason: &str, message: &str) -> Status {

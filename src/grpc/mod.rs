@@ -95,6 +95,27 @@ pub fn status_of(err: StoreError) -> Status {
     }
 }
 
+/// A refusal that asks the caller to come back after `wait`: a
+/// `google.rpc.RetryInfo` delay (at least 1 ms), and an ErrorInfo `reason`
+/// whose metadata holds `retry_after_ms` and `metadata`.
+pub fn retry_later<const N: usize>(
+    code: Code,
+    reason: &str,
+    message: &str,
+    wait: std::time::Duration,
+    metadata: [(&str, &str); N],
+) -> Status {
+    let mut details =
+        ErrorDetails::with_retry_info(Some(wait.max(std::time::Duration::from_millis(1))));
+    let mut info: std::collections::HashMap<String, String> = metadata
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    info.insert("retry_after_ms".into(), wait.as_millis().to_string());
+    details.set_error_info(reason, ERROR_DOMAIN, info);
+    Status::with_error_details(code, message, details)
+}
+
 /// Answers a call refused before any service saw it with `status`, after
 /// reading its request to the end (a unary request is at most
 /// [`crate::server::MAX_MESSAGE_BYTES`]; reading stops past that). Answering
