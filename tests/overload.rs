@@ -80,6 +80,7 @@ async fn calls_beyond_the_budget_are_refused_at_once_and_validate_keeps_its_own(
                 let (reason, md) = common::error_info(&status);
                 assert_eq!(reason, "OVERLOADED");
                 assert_eq!(md["budget"], "other");
+                assert_eq!(md["retry_after_ms"], "50");
                 let retry = status
                     .get_details_retry_info()
                     .and_then(|r| r.retry_delay)
