@@ -825,16 +825,9 @@ async fn a_cache_whose_polls_fail_leaves_validate_to_the_database(db: &TestDb, s
         .issue_license(&issue_cmd("r-1", 1), &actor(), t(NOW))
         .await
         .unwrap();
-    let cached = db
-        .open()
-        .await
-        .with_validation_cache(Duration::from_millis(20));
-    let cache = cached.validation_cache().unwrap().clone();
     let deadline = Instant::now() + Duration::from_secs(20);
-    while !matches!(cache.lookup(&l.key, None, Instant::now()), Answer::Found(_)) {
-        assert!(Instant::now() < deadline, "the cache did not load");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let cached = cached_store(db, Duration::from_millis(20), Some(&l.key)).await;
+    let cache = cached.validation_cache().unwrap().clone();
     // Polls now fail (the event log is out of reach); the license changes
     // behind the cache's back.
     raw(
@@ -1003,6 +996,32 @@ async fn postgres_writes_survive_the_database_dropping_every_connection() {
 }
 
 /// The cache's status for `key`, once it answers from memory.
+/// Another replica's store, its validation cache polling every `refresh`,
+/// once its first load has finished and, given `holding`, it answers that
+/// license from memory.
+async fn cached_store(
+    db: &TestDb,
+    refresh: std::time::Duration,
+    holding: Option<&LicenseKey>,
+) -> SqlStore {
+    use licensd::store::validation_cache::Answer;
+    use std::time::{Duration, Instant};
+    let s = db.open().await.with_validation_cache(refresh);
+    let cache = s.validation_cache().unwrap().clone();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let ready = match holding {
+            Some(key) => matches!(cache.lookup(key, None, Instant::now()), Answer::Found(_)),
+            None => cache.stats().loaded,
+        };
+        if ready {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "the cache did not load");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 async fn cached_status(
     cache: &licensd::store::validation_cache::ValidationCache,
     key: &LicenseKey,
@@ -1034,16 +1053,9 @@ async fn postgres_cache_applies_an_event_that_commits_after_a_later_one() {
         .issue_license(&issue_cmd("b", 1), &actor(), t(NOW))
         .await
         .unwrap();
-    let cached = db
-        .open()
-        .await
-        .with_validation_cache(Duration::from_millis(20));
-    let cache = cached.validation_cache().unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
-    while cached_status(cache, &a.key).await.is_none() {
-        assert!(Instant::now() < deadline, "the cache did not load");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let cached = cached_store(&db, Duration::from_millis(20), Some(&a.key)).await;
+    let cache = cached.validation_cache().unwrap();
 
     // A transaction suspends `a`, taking an event id, and stays open...
     let mut slow = sqlx::PgConnection::connect(&db.url).await.unwrap();
@@ -1120,16 +1132,8 @@ async fn postgres_changes_are_pushed_and_a_lost_listener_silences_the_cache_unti
         .unwrap();
     // This replica polls every 10 s of its own accord: whatever reaches it
     // sooner was pushed.
-    let cached = db
-        .open()
-        .await
-        .with_validation_cache(Duration::from_secs(10));
+    let cached = cached_store(&db, Duration::from_secs(10), Some(&l.key)).await;
     let cache = cached.validation_cache().unwrap().clone();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while cached_status(&cache, &l.key).await != Some(LicenseStatus::Active) {
-        assert!(Instant::now() < deadline, "the cache did not load");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
     assert!(cache.stats().listening);
 
     // A change on the other replica: pushed, then re-read by the poll the
@@ -1253,18 +1257,9 @@ async fn postgres_changes_are_pushed_and_a_lost_listener_silences_the_cache_unti
 /// store whose cache has loaded (it does not hold the key yet): the cache
 /// never answers "no such license" itself.
 async fn a_license_issued_elsewhere_is_found_at_once(db: &TestDb, s: &SqlStore) {
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
     product(s, "ACME", "").await;
-    let cached = db
-        .open()
-        .await
-        .with_validation_cache(Duration::from_secs(10));
-    let cache = cached.validation_cache().unwrap().clone();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !cache.stats().loaded {
-        assert!(Instant::now() < deadline, "the cache did not load");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let cached = cached_store(db, Duration::from_secs(10), None).await;
     for i in 0..20 {
         let l = s
             .issue_license(&issue_cmd(&format!("elsewhere-{i}"), 1), &actor(), t(NOW))
@@ -1304,23 +1299,14 @@ impl<F: std::future::Future> std::future::Future for DropAfter<F> {
 /// so at each of its await points in turn, until it completes; each time a
 /// lookup right after must agree with the database.
 async fn a_write_dropped_at_any_point_is_still_seen_at_once(db: &TestDb, plain: &SqlStore) {
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
     product(plain, "ACME", "").await;
     let l = plain
         .issue_license(&issue_cmd("dropped", 1), &actor(), t(NOW))
         .await
         .unwrap();
     // Polls far apart (after the first load): only the marking can be right.
-    let s = db
-        .open()
-        .await
-        .with_validation_cache(Duration::from_secs(30));
-    let cache = s.validation_cache().unwrap().clone();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while cached_status(&cache, &l.key).await != Some(LicenseStatus::Active) {
-        assert!(Instant::now() < deadline, "the cache did not load");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let s = cached_store(db, Duration::from_secs(30), Some(&l.key)).await;
     let mut wrong = Vec::new();
     let mut points = 0;
     let mut suspend = true;
