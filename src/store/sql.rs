@@ -110,6 +110,15 @@ pub struct PoolStats {
     pub max: u32,
 }
 
+/// Validate reads what `change` names from the database until a poll has
+/// re-read it.
+fn mark(cache: &ValidationCache, change: &Change) {
+    match change {
+        Change::License(key) => cache.mark_changed(key),
+        Change::Products => cache.mark_products_changed(),
+    }
+}
+
 /// See [`SqlStore::cancel_guard`].
 struct CancelGuard {
     cache: Option<Arc<ValidationCache>>,
@@ -129,10 +138,7 @@ impl Drop for CancelGuard {
             return;
         };
         if let Some(cache) = &self.cache {
-            match &change {
-                Change::License(key) => cache.mark_changed(key),
-                Change::Products => cache.mark_products_changed(),
-            }
+            mark(cache, &change);
         }
         if let Some(changes) = &self.changes {
             changes.announce_detached(change);
@@ -229,10 +235,7 @@ impl SqlStore {
             return;
         }
         if let Some(cache) = &self.cache {
-            match &change {
-                Change::License(key) => cache.mark_changed(key),
-                Change::Products => cache.mark_products_changed(),
-            }
+            mark(cache, &change);
         }
         if let Some(changes) = &self.changes {
             changes.announce(change).await;
