@@ -95,6 +95,11 @@ struct ServeArgs {
     /// Seconds in-flight calls may take to finish after SIGINT/SIGTERM.
     #[arg(long, env = "LICENSD_DRAIN_SECONDS", default_value_t = 10)]
     drain_seconds: u64,
+    /// Seconds a WatchEvents stream waits for its consumer to take the next
+    /// event; then the stream ends (CONSUMER_TOO_SLOW) and the consumer
+    /// resumes from its last cursor.
+    #[arg(long, env = "LICENSD_WATCH_STALL_SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    watch_stall_seconds: u64,
     /// TLS certificate chain (PEM); with --tls-key enables TLS.
     #[arg(long, env = "LICENSD_TLS_CERT", requires = "tls_key")]
     tls_cert: Option<PathBuf>,
@@ -296,6 +301,7 @@ async fn serve(a: ServeArgs) -> Result<(), BoxError> {
         validate_cache_refresh: (!a.no_validate_cache)
             .then(|| Duration::from_millis(a.validate_cache_refresh_ms)),
         drain_timeout: Duration::from_secs(a.drain_seconds),
+        watch_stall: Duration::from_secs(a.watch_stall_seconds),
         limits: LimitConfig {
             activation_per_ip_per_sec: a.activation_rate_per_ip,
             code_failures_per_window: a.code_failures_per_hour,

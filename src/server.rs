@@ -36,6 +36,9 @@ use crate::store::{DatabaseUrl, SqlStore, Store};
 /// Largest request message accepted (a licensing call is a few hundred bytes).
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
 
+/// How often an idle connection is pinged.
+pub const HTTP2_KEEPALIVE: Duration = Duration::from_secs(30);
+
 /// How often the validation cache polls for changes by default.
 pub const DEFAULT_VALIDATE_CACHE_REFRESH: Duration = Duration::from_millis(100);
 
@@ -71,6 +74,9 @@ pub struct Config {
     /// A PKCS#8 PEM Ed25519 key to sign certificates with, instead of the
     /// database's keys.
     pub signing_key_file: Option<PathBuf>,
+    /// How long a WatchEvents stream waits for its consumer to take the next
+    /// event before it ends the stream (`CONSUMER_TOO_SLOW`).
+    pub watch_stall: Duration,
     /// Benchmark only (`licensd bench`): Validate answers a fixed VALID
     /// response without touching the store, to measure the framework's
     /// ceiling. Never set in production.
@@ -105,6 +111,7 @@ impl Default for Config {
             admission: AdmissionLimits::default(),
             certificate_issuer: "licensd".into(),
             signing_key_file: None,
+            watch_stall: crate::store::event_feed::DEFAULT_STALL,
             validate_ceiling: false,
         }
     }
@@ -153,6 +160,7 @@ pub async fn open_store(config: &Config) -> Result<SqlStore, ServerError> {
         ..SqliteOptions::default()
     };
     let store = url.open_tuned(pg, lite).await?;
+    store.event_feed().set_stall(config.watch_stall);
     Ok(match config.validate_cache_refresh {
         Some(refresh) => store.with_validation_cache(refresh),
         None => store,
@@ -267,6 +275,10 @@ impl Application {
         let router = builder
             .timeout(self.config.request_timeout)
             .tcp_nodelay(true)
+            // Event streams live long and may be quiet: HTTP/2 pings keep
+            // them (and the proxies between) alive, and find dead peers.
+            .http2_keepalive_interval(Some(HTTP2_KEEPALIVE))
+            .http2_keepalive_timeout(Some(Duration::from_secs(20)))
             // Outermost: every call, refused by the gate or not, gets its
             // request id, span and metrics.
             .layer(ObserveLayer::new(metrics))
@@ -327,6 +339,9 @@ impl Application {
         key_refresh.abort();
         sampler.iter().for_each(|t| t.abort());
         set_all(&health, ServingStatus::NotServing).await;
+        // Event streams never finish on their own: end them (their
+        // consumers resume from their cursors on another replica).
+        self.store.event_feed().close();
         let _ = stop_tx.send(());
         match tokio::time::timeout(self.config.drain_timeout, &mut server).await {
             Ok(Ok(res)) => res?,

@@ -47,6 +47,8 @@ enum Rpc {
     IssueRenewalCode,
     GetRenewalCode,
     VoidRenewalCode,
+    ListEvents,
+    WatchEvents,
     Activate,
     Deactivate,
     Validate,
@@ -86,6 +88,8 @@ const MATRIX: &[(&str, Rpc, Need)] = &[
     ("LicenseService",    Rpc::IssueRenewalCode,  R(BILLING)),
     ("LicenseService",    Rpc::GetRenewalCode,    R(READERS)),
     ("LicenseService",    Rpc::VoidRenewalCode,   R(BILLING)),
+    ("LicenseService",    Rpc::ListEvents,        R(READERS)),
+    ("LicenseService",    Rpc::WatchEvents,       R(READERS)),
     ("ActivationService", Rpc::Activate,          Nothing),
     ("ActivationService", Rpc::Deactivate,        Nothing),
     ("ActivationService", Rpc::Validate,          Nothing),
@@ -280,6 +284,16 @@ async fn perform(rpc: Rpc, c: &mut Clients, fx: &Fixture) -> Result<(), Status> 
                 reason: "refund".into(),
                 request_id: String::new(),
             })
+            .await
+            .map(drop),
+        Rpc::ListEvents => c
+            .licenses
+            .list_events(pb::ListEventsRequest::default())
+            .await
+            .map(drop),
+        Rpc::WatchEvents => c
+            .licenses
+            .watch_events(pb::WatchEventsRequest::default())
             .await
             .map(drop),
         Rpc::Activate => c

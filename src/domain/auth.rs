@@ -82,9 +82,8 @@ pub fn required_access(path: &str) -> Access {
             _ => Access::Roles(ADMIN),
         },
         "licensing.v1.LicenseService" => match method {
-            "GetLicense" | "ListLicenses" | "ListLicenseEvents" | "GetRenewalCode" => {
-                Access::Roles(EVERYONE)
-            }
+            "GetLicense" | "ListLicenses" | "ListLicenseEvents" | "GetRenewalCode"
+            | "ListEvents" | "WatchEvents" => Access::Roles(EVERYONE),
             _ => Access::Roles(BILLING),
         },
         _ => Access::Public,
@@ -214,6 +213,12 @@ mod tests {
             required_access("/licensing.v1.LicenseService/GetRenewalCode"),
             Roles(EVERYONE)
         );
+        for feed in ["ListEvents", "WatchEvents"] {
+            assert_eq!(
+                required_access(&format!("/licensing.v1.LicenseService/{feed}")),
+                Roles(EVERYONE)
+            );
+        }
         assert_eq!(
             required_access("/licensing.v1.LicenseService/Unknown"),
             Roles(BILLING)

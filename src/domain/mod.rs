@@ -8,6 +8,7 @@
 pub mod auth;
 pub mod certificate;
 pub mod error;
+pub mod event;
 pub mod keys;
 pub mod license;
 pub mod product;

@@ -248,6 +248,9 @@ pub fn event_to_proto(e: &LicenseEvent) -> pb::LicenseEvent {
         renewal_code_id: e.renewal_code_id.clone().unwrap_or_default(),
         refusal_reason: e.refusal_reason.clone(),
         detail: e.detail.clone(),
+        license_key: e.license_key.to_string(),
+        product: e.product.clone(),
+        cursor: token::feed(e.id),
     }
 }
 
@@ -290,6 +293,21 @@ pub mod token {
     pub fn events(id: i64) -> String {
         format!("e1.{id}")
     }
+    /// The event feed's cursor: after event `id`.
+    pub fn feed(id: i64) -> String {
+        format!("f1.{id}")
+    }
+    /// A feed cursor; empty: from the beginning.
+    pub fn parse_feed(t: &str) -> Result<i64, Refusal> {
+        if t.is_empty() {
+            return Ok(0);
+        }
+        t.strip_prefix("f1.")
+            .and_then(|id| id.parse::<i64>().ok())
+            .filter(|id| *id >= 0 && !t[3..].starts_with('+'))
+            .ok_or_else(|| invalid("after", "not a cursor returned by this service"))
+    }
+
     pub fn parse_events(t: &str) -> Result<Option<i64>, Refusal> {
         if t.is_empty() {
             return Ok(None);

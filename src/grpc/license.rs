@@ -3,7 +3,7 @@
 use tonic::{Request, Response, Status};
 
 use super::convert::{self, field, token};
-use super::{Ctx, actor_of, refusal_status, status_of};
+use super::{Ctx, actor_of, events, refusal_status, status_of};
 use crate::domain::Refusal;
 use crate::domain::rules::{self, StatusAction, input};
 use crate::proto as pb;
@@ -213,6 +213,37 @@ impl LicenseService for LicenseApi {
             events: events.iter().map(convert::event_to_proto).collect(),
             next_page_token,
         }))
+    }
+
+    async fn list_events(
+        &self,
+        req: Request<pb::ListEventsRequest>,
+    ) -> Result<Response<pb::ListEventsResponse>, Status> {
+        let r = req.into_inner();
+        let size = convert::page_size(r.page_size, 100, 1000).map_err(|r| refusal_status(&r))?;
+        let feed = events::parse(&self.ctx, &r.after, &r.product, &r.event_types).await?;
+        let page = self
+            .ctx
+            .store
+            .list_feed(feed.after, &feed.filter, size)
+            .await
+            .map_err(status_of)?;
+        Ok(Response::new(pb::ListEventsResponse {
+            events: page.events.iter().map(convert::event_to_proto).collect(),
+            next_cursor: token::feed(page.next),
+        }))
+    }
+
+    type WatchEventsStream = events::WatchStream;
+
+    async fn watch_events(
+        &self,
+        req: Request<pb::WatchEventsRequest>,
+    ) -> Result<Response<Self::WatchEventsStream>, Status> {
+        let r = req.into_inner();
+        let feed = events::parse(&self.ctx, &r.after, &r.product, &r.event_types).await?;
+        let watch = self.ctx.store.watch_feed(feed.after, feed.filter);
+        Ok(Response::new(events::WatchStream::new(watch)))
     }
 
     async fn issue_renewal_code(

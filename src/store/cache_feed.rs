@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use sqlx::{AnyConnection, AnyPool};
 use tokio_stream::StreamExt;
 
+use super::event_feed::pg_xmin;
 use super::sql::{Columns, Dialect, enum_of, latest_version};
 use super::sqlite_fast::FastReader;
 use super::validation_cache::{LicenseRow, Poll, ProductPolicy, ValidationCache};
@@ -305,14 +306,6 @@ impl Feed {
         *cursor = next;
         Ok(())
     }
-}
-
-async fn pg_xmin(conn: &mut AnyConnection) -> StoreResult<i64> {
-    Ok(
-        sqlx::query_scalar("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint")
-            .fetch_one(&mut *conn)
-            .await?,
-    )
 }
 
 enum Bind<'a> {

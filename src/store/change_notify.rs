@@ -208,9 +208,16 @@ pub struct Changes {
     progress: Mutex<Progress>,
     /// Whether a listener is connected (only then is an echo awaited).
     listening: AtomicBool,
+    /// Woken by every change heard from another replica (the event feed).
+    on_change: std::sync::OnceLock<Arc<tokio::sync::Notify>>,
 }
 
 impl Changes {
+    /// Also wakes `wake` on every change heard from another replica.
+    pub(super) fn wake_on_change(&self, wake: Arc<tokio::sync::Notify>) {
+        let _ = self.on_change.set(wake);
+    }
+
     /// Sets up both ends for the database at `url` (connections are made
     /// on first use). Must be called inside a Tokio runtime.
     pub fn new(url: &str, statement_timeout: Duration) -> StoreResult<Arc<Changes>> {
@@ -237,6 +244,7 @@ impl Changes {
             listen_pool,
             progress: Mutex::new(Progress::default()),
             listening: AtomicBool::new(false),
+            on_change: std::sync::OnceLock::new(),
         });
         tokio::spawn(send_loop(Arc::downgrade(&changes), rx));
         tokio::spawn(say_hello(Arc::downgrade(&changes)));
@@ -639,6 +647,9 @@ fn receive(changes: &Changes, cache: &ValidationCache, payload: &str) {
     }
     if !parsed.keys.is_empty() || parsed.products {
         cache.nudge();
+        if let Some(wake) = changes.on_change.get() {
+            wake.notify_one();
+        }
         // Marked: the writer may answer its caller.
         changes.queue(Token::Ack {
             replica: from,

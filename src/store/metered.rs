@@ -11,8 +11,9 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
 use super::{
-    Actor, IssueLicense, IssueRenewalCode, LicenseCursor, LicenseEvent, LicenseFilter, Redeem,
-    Store, StoreError, StoreResult, TokenRecord, ValidationView,
+    Actor, EventFilter, FeedPage, FeedWatch, IssueLicense, IssueRenewalCode, LicenseCursor,
+    LicenseEvent, LicenseFilter, Redeem, Store, StoreError, StoreResult, TokenRecord,
+    ValidationView,
 };
 use crate::domain::auth::{Role, Token};
 use crate::domain::product::ProductSpec;
@@ -110,6 +111,17 @@ impl<S: Store> Store for Metered<S> {
         limit: u32,
     ) -> StoreResult<Vec<LicenseEvent>> {
         timed!("list_events", self.0.list_events(key, after, limit))
+    }
+    async fn list_feed(
+        &self,
+        after: i64,
+        filter: &EventFilter,
+        limit: u32,
+    ) -> StoreResult<FeedPage> {
+        timed!("list_feed", self.0.list_feed(after, filter, limit))
+    }
+    fn watch_feed(&self, after: i64, filter: EventFilter) -> FeedWatch {
+        self.0.watch_feed(after, filter)
     }
     async fn issue_renewal_code(
         &self,

@@ -8,6 +8,7 @@
 pub mod bulk;
 mod cache_feed;
 pub mod change_notify;
+pub mod event_feed;
 pub mod metered;
 pub mod postgres;
 pub mod signing_keys;
@@ -16,6 +17,7 @@ pub mod sqlite;
 mod sqlite_fast;
 pub mod validation_cache;
 
+pub use event_feed::{EventFilter, FeedEnd, FeedItem, FeedPage, FeedWatch};
 pub use sql::{Dialect, PoolStats, SqlStore};
 
 use async_trait::async_trait;
@@ -289,6 +291,10 @@ pub struct LicenseEvent {
     pub refusal_reason: String,
     /// Free text.
     pub detail: String,
+    /// The license's key.
+    pub license_key: LicenseKey,
+    /// The license's product.
+    pub product: String,
 }
 
 /// What Validate needs about one license, whether read from the database or
@@ -383,6 +389,16 @@ pub trait Store: Send + Sync + 'static {
         after: Option<i64>,
         limit: u32,
     ) -> StoreResult<Vec<LicenseEvent>>;
+    /// A page of the event feed (every license's history in one order)
+    /// after event `after`, up to the last event certainly final.
+    async fn list_feed(
+        &self,
+        after: i64,
+        filter: &EventFilter,
+        limit: u32,
+    ) -> StoreResult<FeedPage>;
+    /// Follows the event feed after event `after`.
+    fn watch_feed(&self, after: i64, filter: EventFilter) -> FeedWatch;
 
     /// Issues a renewal code; returns its record and the code itself (also on
     /// an idempotent retry).

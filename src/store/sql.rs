@@ -33,6 +33,7 @@ use sqlx::any::AnyRow;
 use sqlx::{AnyConnection, AnyPool};
 
 use super::change_notify::{Change, Changes};
+use super::event_feed::{EventFeed, EventFilter, FeedPage, FeedWatch};
 use super::validation_cache::{Answer, ValidationCache};
 use super::{
     Actor, IssueLicense, IssueRenewalCode, LicenseCursor, LicenseEvent, LicenseFilter, Redeem,
@@ -91,6 +92,8 @@ pub struct SqlStore {
     cache: Option<Arc<ValidationCache>>,
     /// PostgreSQL: change notifications to and from the other replicas.
     changes: Option<Arc<Changes>>,
+    /// The event feed.
+    feed: Arc<EventFeed>,
     /// Validate answered from memory, and left to the database (metric
     /// handles, registered with the cache).
     cache_hits: metrics::Counter,
@@ -121,6 +124,7 @@ fn mark(cache: &ValidationCache, change: &Change) {
 
 /// See [`SqlStore::cancel_guard`].
 struct CancelGuard {
+    feed: Arc<EventFeed>,
     cache: Option<Arc<ValidationCache>>,
     changes: Option<Arc<Changes>>,
     change: Option<Change>,
@@ -137,6 +141,7 @@ impl Drop for CancelGuard {
         let Some(change) = self.change.take() else {
             return;
         };
+        self.feed.nudge();
         if let Some(cache) = &self.cache {
             mark(cache, &change);
         }
@@ -154,7 +159,9 @@ impl SqlStore {
         dialect: Dialect,
     ) -> StoreResult<Self> {
         let code_secret = load_or_create_secret(&writer).await?;
+        let feed = EventFeed::start(readers.clone(), dialect);
         Ok(SqlStore {
+            feed,
             writer,
             readers,
             code_secret,
@@ -170,6 +177,7 @@ impl SqlStore {
     /// Announces every committed change to the other replicas, and (with a
     /// cache) hears theirs (see [`super::change_notify`]).
     pub(super) fn with_changes(mut self, changes: Arc<Changes>) -> Self {
+        changes.wake_on_change(self.feed.waker());
         self.changes = Some(changes);
         self
     }
@@ -231,6 +239,8 @@ impl SqlStore {
     /// Validate reads the change from the database until a poll re-reads
     /// it, and every other replica is told.
     async fn announce<T>(&self, change: Change, result: &StoreResult<T>) {
+        // Some refusals record an event too (renewal_refused).
+        self.feed.nudge();
         if matches!(result, Err(StoreError::Refused(_))) {
             return;
         }
@@ -249,6 +259,7 @@ impl SqlStore {
     /// an outcome; [`announce`](Self::announce) then does it.
     fn cancel_guard(&self, change: Change) -> CancelGuard {
         CancelGuard {
+            feed: self.feed.clone(),
             cache: self.cache.clone(),
             changes: self.changes.clone(),
             change: Some(change),
@@ -276,8 +287,14 @@ impl SqlStore {
         self.dialect
     }
 
+    /// The event feed.
+    pub fn event_feed(&self) -> &Arc<EventFeed> {
+        &self.feed
+    }
+
     /// Closes the pools (SQLite checkpoints its WAL).
     pub async fn close(&self) {
+        self.feed.close();
         if let Some(changes) = &self.changes {
             changes.close().await;
         }
@@ -1201,37 +1218,20 @@ impl Store for SqlStore {
             .fetch_optional(&mut *conn)
             .await?
             .ok_or(StoreError::Refused(Refusal::LicenseNotFound))?;
-        let rows = sqlx::query(
-            "SELECT id, type, at, actor, fingerprint, old_expires_at, new_expires_at, renewal_code_id, \
-             refusal_reason, detail FROM license_events WHERE license_id = $1 AND id > $2 ORDER BY id LIMIT $3",
-        )
-        .bind(id)
-        .bind(after.unwrap_or(0))
-        .bind(i64::from(limit))
-        .fetch_all(&mut *conn)
-        .await?;
-        rows.iter()
-            .map(|row| {
-                Ok(LicenseEvent {
-                    id: row.try_get("id")?,
-                    event_type: row.try_get("type")?,
-                    at: from_micros(row.try_get("at")?)?,
-                    actor: row.try_get("actor")?,
-                    fingerprint: row.try_get("fingerprint")?,
-                    old_expires_at: row
-                        .try_get::<Option<i64>, _>("old_expires_at")?
-                        .map(from_micros)
-                        .transpose()?,
-                    new_expires_at: row
-                        .try_get::<Option<i64>, _>("new_expires_at")?
-                        .map(from_micros)
-                        .transpose()?,
-                    renewal_code_id: row.try_get("renewal_code_id")?,
-                    refusal_reason: row.try_get("refusal_reason")?,
-                    detail: row.try_get("detail")?,
-                })
-            })
-            .collect()
+        super::event_feed::read_license_events(&mut conn, id, after.unwrap_or(0), limit).await
+    }
+
+    async fn list_feed(
+        &self,
+        after: i64,
+        filter: &EventFilter,
+        limit: u32,
+    ) -> StoreResult<FeedPage> {
+        self.feed.list(after, filter, limit).await
+    }
+
+    fn watch_feed(&self, after: i64, filter: EventFilter) -> FeedWatch {
+        self.feed.watch(after, filter)
     }
 
     async fn issue_renewal_code(
