@@ -108,10 +108,21 @@ async fn bench_on_postgres_runs_every_workload_with_only_ok_answers_and_exact_se
         return;
     };
     let url = db.url.clone();
-    // Two replicas: `all` then includes the cross-replica lag.
-    let report =
-        tokio::task::spawn_blocking(move || bench(&["--database-url", &url, "--replicas", "2"]))
-            .await;
+    // Two replicas: `all` then includes the cross-replica lag; `events`
+    // streams from the second replica.
+    let report = tokio::task::spawn_blocking(move || {
+        bench(&[
+            "--database-url",
+            &url,
+            "--replicas",
+            "2",
+            "--workload",
+            "events",
+            "--watchers",
+            "20",
+        ])
+    })
+    .await;
     db.drop_db().await;
     let report = report.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
     assert_eq!(report["backend"], "postgres");
@@ -120,4 +131,9 @@ async fn bench_on_postgres_runs_every_workload_with_only_ok_answers_and_exact_se
     assert!(lag["samples"].as_u64().unwrap() > 0, "{lag:#}");
     let [p50, p99, max] = [0, 1, 2].map(|i| lag["agreed_ms"][i].as_f64().unwrap());
     assert!(0.0 < p50 && p50 <= p99 && p99 <= max, "{lag:#}");
+    let events = &report["events"];
+    assert!(events["samples"].as_u64().unwrap() > 0, "{events:#}");
+    assert_eq!(events["complete_streams"], 21, "{events:#}");
+    let [p50, p99, max] = [0, 1, 2].map(|i| events["sent_to_received_ms"][i].as_f64().unwrap());
+    assert!(0.0 < p50 && p50 <= p99 && p99 <= max, "{events:#}");
 }

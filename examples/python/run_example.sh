@@ -6,9 +6,10 @@
 # Installs requirements.txt into a virtualenv under ${TMPDIR:-/tmp} (reused
 # while requirements.txt and the interpreter stay the same), creates an admin
 # token in a new SQLite database, starts `licensd serve` on a free loopback
-# port, runs billing_example.py and then verify_offline.py against it, stops
-# the server and exits with the status of the first example that failed (0
-# when both passed; the second does not run after a failure). The whole run
+# port, runs billing_example.py, verify_offline.py and event_consumer.py
+# against it, stops the server and exits with the status of the first
+# example that failed (0 when all passed; none runs after a failure). The
+# whole run
 # is bounded by LICENSD_EXAMPLE_TIMEOUT seconds (default 300: a first run
 # downloads the packages from PyPI).
 set -euo pipefail
@@ -110,7 +111,7 @@ echo "licensd (pid $server_pid) is serving on $addr"
 # 4. The examples, one after the other against the same server; the first
 #    failure's status is this script's.
 export PYTHONDONTWRITEBYTECODE=1
-for example in billing_example.py verify_offline.py; do
+for example in billing_example.py verify_offline.py event_consumer.py; do
     echo
     echo "=== $example"
     status=0

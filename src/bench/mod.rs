@@ -23,6 +23,7 @@
 //!    the seat counts; `--json PATH` writes the same as JSON ([`report`]).
 
 mod child;
+mod event_lag;
 mod lag;
 mod load;
 mod report;
@@ -71,7 +72,13 @@ pub enum Workload {
     /// With `--replicas 2` or more: a write on the first replica, then
     /// Validate on another until it agrees; reports the lag.
     Lag,
-    /// Every workload above, in that order (`lag` with `--replicas` ≥ 2).
+    /// WatchEvents streams (`--watchers` besides the timing one; on another
+    /// replica with `--replicas` 2 or more) while licenses are suspended and
+    /// reinstated one at a time: how soon each event arrives, what the
+    /// streams cost. Not part of `all`.
+    Events,
+    /// Every workload above but `events`, in that order (`lag` with
+    /// `--replicas` ≥ 2).
     All,
 }
 
@@ -85,6 +92,7 @@ impl Workload {
             Workload::Mixed => "mixed",
             Workload::ValidateUnknown => "validate-unknown",
             Workload::Lag => "lag",
+            Workload::Events => "events",
             Workload::All => "all",
         }
     }
@@ -138,6 +146,9 @@ pub struct BenchArgs {
     /// drive the first; `lag` writes on it and validates on the others).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=8))]
     pub replicas: u32,
+    /// `events`: WatchEvents streams to hold open besides the timing one.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=20_000))]
+    pub watchers: u64,
     /// Serve Prometheus metrics from the measured server (not the ceiling),
     /// to measure what recording them costs; the bench scrapes them once at
     /// the end and reports how many series it read.
@@ -181,6 +192,9 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
         return Err("--duration must be a positive number of seconds".into());
     }
     let workloads = workloads(&args.workload, args.replicas);
+    if workloads.contains(&Workload::Events) && args.target.is_some() {
+        return Err("the events workload starts its own servers (no --target)".into());
+    }
     if workloads.contains(&Workload::Lag) && (args.replicas < 2 || args.target.is_some()) {
         return Err("the lag workload needs --replicas 2 or more (and no --target)".into());
     }
@@ -359,6 +373,7 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
     let sample = |s: &Option<ServerChild>| s.as_ref().map(ServerChild::sample);
     let mut reports = Vec::new();
     let mut lag_report = None;
+    let mut events_report = None;
     for w in workloads {
         progress(format_args!(
             "running {} for {:.1} s",
@@ -430,13 +445,31 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
             lag_report = Some(lag);
             continue;
         }
+        if w == Workload::Events {
+            let (watched_addr, watched) = match extra_replicas.first() {
+                Some(r) => (r.addr.clone(), Some(r)),
+                None => (addr.clone(), server.as_ref()),
+            };
+            let report = event_lag::measure(
+                &shared,
+                &channels[0],
+                &watched_addr,
+                args.watchers as usize,
+                duration,
+                || watched.map(ServerChild::sample),
+            )
+            .await?;
+            progress(format_args!("{}", report.summary()));
+            events_report = Some(report);
+            continue;
+        }
         let (kind, pool) = match w {
             Workload::ValidateUnknown => (Load::ValidateUnknown, &no_codes),
             Workload::Activate => (Load::Churn, &no_codes),
             Workload::Redeem => (Load::Redeem, &redeem_pool),
             Workload::Issue => (Load::Issue, &no_codes),
             Workload::Mixed => (Load::Mixed, &mixed_pool),
-            Workload::Validate | Workload::Lag | Workload::All => {
+            Workload::Validate | Workload::Lag | Workload::Events | Workload::All => {
                 unreachable!("expanded above")
             }
         };
@@ -511,6 +544,7 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
         replicas: args.replicas,
         metrics_series,
         lag: lag_report,
+        events: events_report,
         validate_to_ceiling_ratio: ratio,
         renewal_codes_exhausted: redeem_pool.exhausted.load(Ordering::Relaxed)
             || mixed_pool.exhausted.load(Ordering::Relaxed),

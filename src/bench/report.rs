@@ -319,6 +319,8 @@ pub struct Report {
     pub metrics_series: Option<usize>,
     /// The cross-replica lag, from the `lag` workload.
     pub lag: Option<super::lag::LagReport>,
+    /// Event delivery, from the `events` workload.
+    pub events: Option<super::event_lag::EventsReport>,
     /// Whether a workload ran out of renewal codes (raise `--codes`).
     pub renewal_codes_exhausted: bool,
     /// The database after the run.
@@ -515,6 +517,9 @@ impl Report {
             None => {
                 let _ = writeln!(out, "Validate / ceiling: n/a");
             }
+        }
+        if let Some(events) = &self.events {
+            let _ = writeln!(out, "{}", events.summary());
         }
         if let Some(lag) = &self.lag {
             let _ = writeln!(out, "{}", lag.summary());

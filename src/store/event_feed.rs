@@ -363,10 +363,12 @@ pub(super) async fn pg_xmin(conn: &mut AnyConnection) -> StoreResult<i64> {
     )
 }
 
-/// Follows the horizon while anyone watches, a poll per wake-up (at most
-/// one per [`MIN_GAP`]) or per [`TICK`], and again soon while it trails.
+/// Follows the horizon while anyone watches: a poll per wake-up or per
+/// [`TICK`], again soon while it trails; under a stream of wake-ups, at most
+/// one poll per [`MIN_GAP`] (a lone write is followed at once).
 async fn follow(feed: std::sync::Weak<EventFeed>) {
     let mut failing = false;
+    let mut last_poll = Instant::now();
     loop {
         let Some(f) = feed.upgrade() else { return };
         if f.readers.is_closed() {
@@ -374,6 +376,7 @@ async fn follow(feed: std::sync::Weak<EventFeed>) {
         }
         let watched = f.stretches.receiver_count() > 0;
         let soon = watched && f.behind().await;
+        let waited = Instant::now();
         if !soon {
             // A weak wait: the feed may be dropped meanwhile.
             let wait = async {
@@ -391,6 +394,17 @@ async fn follow(feed: std::sync::Weak<EventFeed>) {
         if f.stretches.receiver_count() == 0 {
             continue;
         }
+        // Woken at once: pace the polls.
+        if waited.elapsed() < Duration::from_millis(1) {
+            let next = last_poll
+                + if failing {
+                    Duration::from_millis(500)
+                } else {
+                    MIN_GAP
+                };
+            tokio::time::sleep_until(next.into()).await;
+        }
+        last_poll = Instant::now();
         match f.advance().await {
             Ok(_) if failing => {
                 failing = false;
@@ -403,13 +417,6 @@ async fn follow(feed: std::sync::Weak<EventFeed>) {
             }
             Err(_) => {}
         }
-        drop(f);
-        tokio::time::sleep(if failing {
-            Duration::from_millis(500)
-        } else {
-            MIN_GAP
-        })
-        .await;
     }
 }
 
