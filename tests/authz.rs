@@ -320,6 +320,7 @@ async fn perform(rpc: Rpc, c: &mut Clients, fx: &Fixture) -> Result<(), Status> 
                 license_key: fx.key.clone(),
                 fingerprint: "fp-main".into(),
                 client_version: "2.0.0".into(),
+                certificate_expires_at: None,
             })
             .await
             .map(drop),

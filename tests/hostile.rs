@@ -1230,6 +1230,7 @@ fn validate(seed: &Seed) -> BoxedStrategy<pb::ValidateRequest> {
                     license_key,
                     fingerprint,
                     client_version,
+                    certificate_expires_at: None,
                 },
             )
             .boxed()
@@ -1439,6 +1440,7 @@ impl Harness {
                         license_key: key.clone(),
                         fingerprint: FINGERPRINT.into(),
                         client_version: "2.0.0".into(),
+                        certificate_expires_at: None,
                     })
                     .await;
                 let l = c

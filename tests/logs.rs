@@ -267,6 +267,7 @@ async fn story(addr: &str, db_url: &str) -> (Vec<Secret>, String) {
             license_key: key.clone(),
             fingerprint: "ws-1".into(),
             client_version: "2.0.0".into(),
+            certificate_expires_at: None,
         })
         .await
         .expect("validate")
@@ -346,6 +347,7 @@ async fn story(addr: &str, db_url: &str) -> (Vec<Secret>, String) {
             license_key: voided.clone(),
             fingerprint: String::new(),
             client_version: String::new(),
+            certificate_expires_at: None,
         })
         .await
         .expect("validate a code")
@@ -418,6 +420,7 @@ async fn story(addr: &str, db_url: &str) -> (Vec<Secret>, String) {
             license_key: mistyped.clone(),
             fingerprint: String::new(),
             client_version: String::new(),
+            certificate_expires_at: None,
         })
         .await
         .expect_err("mistyped key");

@@ -132,6 +132,7 @@ async fn every_metric_family_moves_under_a_short_load() {
                 license_key: a.clone(),
                 fingerprint: "fp-a".into(),
                 client_version: "1.0.0".into(),
+                certificate_expires_at: None,
             })
             .await
             .unwrap()
@@ -145,6 +146,7 @@ async fn every_metric_family_moves_under_a_short_load() {
             license_key: unknown.to_string(),
             fingerprint: String::new(),
             client_version: String::new(),
+            certificate_expires_at: None,
         })
         .await
         .unwrap()

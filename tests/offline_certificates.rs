@@ -156,6 +156,91 @@ async fn a_certificate_verifies_independently_and_says_what_the_license_is() {
     s.stop().await;
 }
 
+/// A product that says which certificate it holds (`certificate_expires_at`)
+/// is not sent the same again on every Validate: only once a new one would
+/// last half a lease longer.
+#[tokio::test]
+async fn a_workstation_that_holds_a_fresh_certificate_gets_a_new_one_half_a_lease_later() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicI64, Ordering};
+    let offset = Arc::new(AtomicI64::new(0));
+    let clock: licensd::grpc::Clock = {
+        let offset = offset.clone();
+        Arc::new(move || {
+            licensd::domain::time::truncate_micros(
+                Utc::now() + chrono::Duration::seconds(offset.load(Ordering::Relaxed)),
+            )
+        })
+    };
+    let mut s = TestServer::start_with_clock(clock).await;
+    let (license, jws) = activated(&mut s, "HINT").await;
+    let keys = jwks(&mut s).await;
+    let held = verify(&jws, &keys).expect("verifies")["exp"]
+        .as_i64()
+        .unwrap();
+    let with_hint = |held: i64, nanos: i32| pb::ValidateRequest {
+        license_key: license.key.clone(),
+        fingerprint: "ws-1".into(),
+        client_version: String::new(),
+        certificate_expires_at: Some(prost_types::Timestamp {
+            seconds: held,
+            nanos,
+        }),
+    };
+    let mut activation = s.activation.clone();
+
+    // Just received: VALID, and nothing new to carry.
+    let v = activation
+        .validate(with_hint(held, 0))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(v.validity, pb::Validity::Valid as i32);
+    assert_eq!(v.license_certificate, "");
+    // Without the hint, as before: one on every VALID answer.
+    assert!(
+        !validate(&mut s, &license.key, "ws-1")
+            .await
+            .license_certificate
+            .is_empty()
+    );
+    // A certificate held from long ago: a new one.
+    let v = activation
+        .validate(with_hint(held - 40 * DAY, 0))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!v.license_certificate.is_empty());
+
+    // 14 days on, a new one would add 14 days: not yet.
+    offset.store(14 * DAY, Ordering::Relaxed);
+    let v = activation
+        .validate(with_hint(held, 0))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(v.validity, pb::Validity::Valid as i32);
+    assert_eq!(v.license_certificate, "");
+    // 15 days on: half the lease more; the new one runs 30 days from now.
+    offset.store(15 * DAY + 60, Ordering::Relaxed);
+    let v = activation
+        .validate(with_hint(held, 0))
+        .await
+        .unwrap()
+        .into_inner();
+    let fresh = verify(&v.license_certificate, &keys).expect("verifies");
+    assert_eq!(fresh["exp"].as_i64().unwrap(), held + 15 * DAY + 60);
+
+    // A hint that is no timestamp: refused, naming the field.
+    let status = activation
+        .validate(with_hint(held, -1))
+        .await
+        .expect_err("bad nanos");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert_eq!(common::bad_fields(&status), vec!["certificate_expires_at"]);
+    s.stop().await;
+}
+
 #[tokio::test]
 async fn a_certificate_never_outlives_its_license_and_a_renewal_carries_the_new_expiry() {
     let mut s = TestServer::start().await;
@@ -619,6 +704,7 @@ async fn replicas_share_keys_and_rotations(nodes: cluster::Nodes) {
                     license_key: key.clone(),
                     fingerprint: "ws-1".into(),
                     client_version: String::new(),
+                    certificate_expires_at: None,
                 })
                 .await
                 .unwrap()

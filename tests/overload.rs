@@ -64,6 +64,7 @@ async fn calls_beyond_the_budget_are_refused_at_once_and_validate_keeps_its_own(
                 license_key: license.key.clone(),
                 fingerprint: String::new(),
                 client_version: String::new(),
+                certificate_expires_at: None,
             })
             .await
             .expect("Validate is not refused by the write budget");

@@ -499,6 +499,7 @@ async fn e_message_over_64_kib_gets_a_clean_error() {
         license_key: key.clone(),
         fingerprint: "f".repeat(LIMIT + 10),
         client_version: String::new(),
+        certificate_expires_at: None,
     }
     .encode_to_vec();
     assert!(big.len() > LIMIT);

@@ -417,6 +417,7 @@ async fn changes_reach_validate_on_every_replica(nodes: Nodes) {
         license_key: String::new(),
         fingerprint: fp.into(),
         client_version: version.into(),
+        certificate_expires_at: None,
     };
     let valid = pb::Validity::Valid as i32;
     let mut lags = Vec::new();

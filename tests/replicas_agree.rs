@@ -31,6 +31,7 @@ fn validate_req(key: &str, fingerprint: &str, version: &str) -> pb::ValidateRequ
         license_key: key.into(),
         fingerprint: fingerprint.into(),
         client_version: version.into(),
+        certificate_expires_at: None,
     }
 }
 

@@ -320,6 +320,19 @@ def run(client: Client, pb2, token: str) -> None:
            if validity.license_certificate == certificate else " (signed anew)"))
     certificate = validity.license_certificate
 
+    step("Validate saying which certificate it holds (certificate_expires_at): none again")
+    held_exp = refreshed["exp"]
+    request = pb2.ValidateRequest(license_key=license_.key, fingerprint=fingerprint,
+                                  client_version="4.10.0")
+    request.certificate_expires_at.FromSeconds(held_exp)
+    hinted = client._device(client.activation.Validate, request)
+    say(f"{enum_name(pb2.Validity, hinted.validity)}; license_certificate "
+        f"{hinted.license_certificate!r} (the one held expires {held_exp}; a new one would "
+        "not last half a lease longer)")
+    check(hinted.validity == pb2.VALIDITY_VALID,
+          f"Validate says {enum_name(pb2.Validity, hinted.validity)}")
+    check(hinted.license_certificate == "", "a fresh certificate was sent again")
+
     step("Validate without a fingerprint hands out none")
     anonymous = client.validate(license_key=license_.key)
     say(f"{enum_name(pb2.Validity, anonymous.validity)}; license_certificate "

@@ -242,6 +242,7 @@ fn main() {
                 license_key: "@K".into(),
                 fingerprint: "fp-1".into(),
                 client_version: "4.9".into(),
+                certificate_expires_at: None,
             }
             .encode_to_vec(),
         ),

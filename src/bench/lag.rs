@@ -107,6 +107,7 @@ pub async fn measure(
                         license_key: key.clone(),
                         fingerprint: String::new(),
                         client_version: String::new(),
+                        certificate_expires_at: None,
                     })
                     .await?
                     .into_inner();

@@ -93,6 +93,10 @@ pub struct Shared {
     pub run_id: String,
     /// Workers in flight (also the churn partition count).
     pub concurrency: usize,
+    /// Validate with a fingerprint says it holds a fresh offline
+    /// certificate (`certificate_expires_at`), as a product that keeps its
+    /// certificate does: the answer then carries none.
+    pub certificate_hint: bool,
 }
 
 /// Runs `load` with `shared.concurrency` workers over `channels` for
@@ -206,10 +210,18 @@ impl Worker {
         } else {
             String::new()
         };
+        // The seeded product's lease is the default, 30 days: a certificate
+        // received just now expires then.
+        let certificate_expires_at = (self.shared.certificate_hint && !fingerprint.is_empty())
+            .then(|| prost_types::Timestamp {
+                seconds: chrono::Utc::now().timestamp() + 30 * 86_400,
+                nanos: 0,
+            });
         let req = pb::ValidateRequest {
             license_key: self.shared.keys[i].to_string(),
             fingerprint,
             client_version: SEED_VERSION.into(),
+            certificate_expires_at,
         };
         let started = Instant::now();
         let res = self.activation.validate(req).await;
@@ -237,6 +249,7 @@ impl Worker {
             license_key: self.shared.unknown_keys[i].to_string(),
             fingerprint: String::new(),
             client_version: String::new(),
+            certificate_expires_at: None,
         };
         let started = Instant::now();
         let outcome = match self.activation.validate(req).await {

@@ -146,6 +146,12 @@ pub struct BenchArgs {
     /// drive the first; `lag` writes on it and validates on the others).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=8))]
     pub replicas: u32,
+    /// Validate calls with a fingerprint send `certificate_expires_at` of a
+    /// certificate received just now, as a product that keeps its offline
+    /// certificate does (the answer then carries none); without it, every
+    /// VALID answer to a bound fingerprint carries a certificate.
+    #[arg(long)]
+    pub certificate_hint: bool,
     /// `events`: WatchEvents streams to hold open besides the timing one.
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=20_000))]
     pub watchers: u64,
@@ -350,6 +356,7 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
         product: PRODUCT.into(),
         run_id: format!("{:x}", now.timestamp_micros()),
         concurrency,
+        certificate_hint: args.certificate_hint,
     });
     let redeem_pool = Arc::new(CodePool::new(0..redeem_codes));
     let mixed_pool = Arc::new(CodePool::new(redeem_codes..redeem_codes + mixed_codes));

@@ -88,6 +88,17 @@ pub fn certificate_lifetime(
     (exp > iat).then_some((iat, exp))
 }
 
+/// Whether a workstation that holds a certificate expiring at `held_exp`
+/// (Unix seconds; `None`: it holds none, or does not say) is sent a new one
+/// expiring at `exp`: only when that extends its offline time by at least
+/// half the lease. A workstation that validates often then gets about two
+/// certificates per lease instead of one per call, and one whose license
+/// ends before a lease does is not sent the same end again and again.
+pub fn worth_sending(held_exp: Option<i64>, exp: i64, offline_lease_days: u32) -> bool {
+    let half_lease = i64::from(offline_lease_days) * 86_400 / 2;
+    held_exp.is_none_or(|held| exp.saturating_sub(held) >= half_lease)
+}
+
 /// The claims of a certificate for `facts` at `now`, or `None` when the
 /// workstation gets none ([`certificate_lifetime`]). `jti` is the
 /// certificate's unique id.
@@ -212,5 +223,27 @@ mod tests {
             assert_eq!(none(f, now).unwrap().kind, kind.as_str());
             assert!(none(f, at(2026, 6, 2)).is_none());
         }
+    }
+
+    #[test]
+    fn a_held_certificate_is_replaced_only_for_half_a_lease_more() {
+        let day = 86_400;
+        let now = at(2026, 3, 1).timestamp();
+        // Nothing held: always.
+        assert!(worth_sending(None, now + 30 * day, 30));
+        // Just received: not again.
+        assert!(!worth_sending(Some(now + 30 * day), now + 30 * day, 30));
+        // 14 days old: 14 more days is less than half of 30.
+        assert!(!worth_sending(Some(now + 16 * day), now + 30 * day, 30));
+        // 15 days old: half the lease more.
+        assert!(worth_sending(Some(now + 15 * day), now + 30 * day, 30));
+        // Expired long ago, or a nonsense value: a new one.
+        assert!(worth_sending(Some(now - 400 * day), now + 30 * day, 30));
+        assert!(worth_sending(Some(i64::MIN), now + 30 * day, 30));
+        // The license ends in 5 days: the held certificate already ends
+        // there, a new one would add nothing.
+        assert!(!worth_sending(Some(now + 5 * day), now + 5 * day, 30));
+        // Held from before a renewal cut it short: the new one goes further.
+        assert!(worth_sending(Some(now + 5 * day), now + 30 * day, 30));
     }
 }

@@ -5,7 +5,7 @@ use tonic::{Request, Response, Status};
 
 use super::convert::{self, field, invalid};
 use super::{Ctx, actor_of, auth, refusal_status, status_of};
-use crate::domain::certificate::CertificateFacts;
+use crate::domain::certificate::{CertificateFacts, certificate_lifetime, worth_sending};
 use crate::domain::rules::{self, input};
 use crate::domain::{LicenseKey, ParseError, Refusal, Validity, Version};
 use crate::proto as pb;
@@ -37,12 +37,14 @@ impl ActivationApi {
     }
 
     /// The offline certificate for `fingerprint` on the license `view`
-    /// describes ("" when it gets none).
+    /// describes ("" when it gets none, or when the one it holds, expiring
+    /// at `held`, is good enough: [`worth_sending`]).
     fn certificate(
         &self,
         key: &LicenseKey,
         view: &ValidationView,
         fingerprint: &str,
+        held: Option<i64>,
         now: chrono::DateTime<chrono::Utc>,
     ) -> String {
         let facts = CertificateFacts {
@@ -55,6 +57,12 @@ impl ActivationApi {
             fingerprint,
             fingerprint_bound: view.fingerprint_bound == Some(true),
         };
+        if held.is_some()
+            && certificate_lifetime(&facts, now)
+                .is_none_or(|(_, exp)| !worth_sending(held, exp, facts.offline_lease_days))
+        {
+            return String::new();
+        }
         self.ctx
             .keys
             .certificate(&facts, now)
@@ -72,7 +80,7 @@ impl ActivationApi {
         now: chrono::DateTime<chrono::Utc>,
     ) -> String {
         match self.ctx.store.validation_view(key, Some(fingerprint)).await {
-            Ok(Some(view)) => self.certificate(key, &view, fingerprint, now),
+            Ok(Some(view)) => self.certificate(key, &view, fingerprint, None, now),
             Ok(None) => String::new(),
             Err(e) => {
                 tracing::warn!(key = %key.redacted(), error = %e, "no offline certificate: the license could not be read back");
@@ -212,9 +220,14 @@ impl ActivationService for ActivationApi {
                 Some(field(input::fingerprint("fingerprint", &r.fingerprint))?)
             };
             let client_version = optional_version("client_version", &r.client_version)?;
-            Ok::<_, Refusal>((key, fingerprint, client_version))
+            let held = convert::parse_timestamp(
+                "certificate_expires_at",
+                r.certificate_expires_at.as_ref(),
+            )?
+            .map(|t| t.timestamp());
+            Ok::<_, Refusal>((key, fingerprint, client_version, held))
         })();
-        let (key, fingerprint, client_version) = parsed.map_err(|r| refusal_status(&r))?;
+        let (key, fingerprint, client_version, held) = parsed.map_err(|r| refusal_status(&r))?;
         let Some(key) = key else {
             return Ok(Response::new(validity_only(Validity::RenewalCode)));
         };
@@ -238,7 +251,7 @@ impl ActivationService for ActivationApi {
         );
         let license_certificate = match &fingerprint {
             Some(fp) if answer.validity == Validity::Valid => {
-                self.certificate(&key, &view, fp, now)
+                self.certificate(&key, &view, fp, held, now)
             }
             _ => String::new(),
         };

@@ -400,6 +400,7 @@ impl TestServer {
                 license_key: key.into(),
                 fingerprint: fingerprint.into(),
                 client_version: client_version.into(),
+                certificate_expires_at: None,
             })
             .await
             .map(|r| r.into_inner())
