@@ -25,6 +25,7 @@ use crate::grpc::admission::{AdmissionLayer, AdmissionLimits};
 use crate::grpc::auth::{FailureWindow, Gate, GateLayer, LimitConfig};
 use crate::grpc::{ActivationApi, Clock, Ctx, LicenseApi, ProductApi, system_clock};
 use crate::observe::calls::ObserveLayer;
+use crate::observe::client::TrustedProxies;
 use crate::proto::activation_service_server::ActivationServiceServer;
 use crate::proto::license_service_server::LicenseServiceServer;
 use crate::proto::product_service_server::ProductServiceServer;
@@ -63,6 +64,9 @@ pub struct Config {
     pub request_timeout: Duration,
     /// Abuse limits of the ActivationService.
     pub limits: LimitConfig,
+    /// Peers (load balancers) whose `x-forwarded-for`/`x-real-ip` name the
+    /// client the limits and the history use.
+    pub trusted_proxies: TrustedProxies,
     /// TLS, if any.
     pub tls: Option<TlsFiles>,
     /// Calls in flight beyond which calls are refused at once.
@@ -106,6 +110,7 @@ impl Default for Config {
             drain_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(30),
             limits: LimitConfig::default(),
+            trusted_proxies: TrustedProxies::default(),
             tls: None,
             metrics_listen: None,
             admission: AdmissionLimits::default(),
@@ -280,8 +285,8 @@ impl Application {
             .http2_keepalive_interval(Some(HTTP2_KEEPALIVE))
             .http2_keepalive_timeout(Some(Duration::from_secs(20)))
             // Outermost: every call, refused by the gate or not, gets its
-            // request id, span and metrics.
-            .layer(ObserveLayer::new(metrics))
+            // request id, client address, span and metrics.
+            .layer(ObserveLayer::new(metrics).trusting(&self.config.trusted_proxies))
             // Before the gate: an overloaded server spends nothing on a
             // call it refuses.
             .layer(AdmissionLayer::new(self.config.admission))
@@ -311,6 +316,12 @@ impl Application {
             let _ = stop_rx.await;
         }));
         tracing::info!(%addr, "licensd serving");
+        if !self.config.trusted_proxies.is_empty() {
+            tracing::info!(
+                trusted_proxies = %self.config.trusted_proxies,
+                "calls from these peers are limited and recorded as the client their x-forwarded-for or x-real-ip names"
+            );
+        }
 
         tokio::select! {
             res = &mut server => {

@@ -21,6 +21,7 @@ use tonic_types::{ErrorDetails, StatusExt};
 
 use super::ERROR_DOMAIN;
 use crate::domain::auth::{Access, Role, Token, required_access};
+use crate::observe::client;
 use crate::store::Store;
 
 /// The authenticated caller of a billing/support method, put in the request
@@ -203,8 +204,8 @@ impl Gate {
         })
     }
 
-    fn limit_peer(&self, peer: Option<IpAddr>) -> Result<(), Status> {
-        let (Some(limiter), Some(ip)) = (&self.per_ip, peer) else {
+    fn limit_client(&self, client: Option<IpAddr>) -> Result<(), Status> {
+        let (Some(limiter), Some(ip)) = (&self.per_ip, client) else {
             return Ok(());
         };
         limiter.check_key(&ip).map_err(|not_until| {
@@ -218,9 +219,10 @@ impl Gate {
     }
 }
 
-/// The client's IP address, with or without TLS.
-pub fn peer_ip<B>(req: &Request<B>) -> Option<IpAddr> {
-    crate::observe::peer_addr(req).map(|a| a.ip())
+/// The client's IP address (with or without TLS; behind a trusted proxy,
+/// the one it forwarded the call for).
+pub fn client_ip<B>(req: &Request<B>) -> Option<IpAddr> {
+    client::client_ip(req.extensions().get(), client::peer_addr(req))
 }
 
 /// The tower layer.
@@ -269,7 +271,7 @@ where
             let decision = match required_access(&path) {
                 Access::Public => {
                     if path.starts_with(ACTIVATION_PREFIX) {
-                        gate.limit_peer(peer_ip(&req))
+                        gate.limit_client(client_ip(&req))
                     } else {
                         Ok(())
                     }

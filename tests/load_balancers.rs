@@ -1,0 +1,201 @@
+//! Load balancers and NAT (README, Security, "Abuse limits" and "Behind a
+//! load balancer"): from a trusted proxy (`--trusted-proxies`) the client
+//! is the address `x-forwarded-for` / `x-real-ip` name, for the
+//! per-address limits and as the actor in the history; from any other peer
+//! those headers are ignored.
+//!
+//! Every call really comes from 127.0.0.1; the forwarded addresses are
+//! documentation ranges (RFC 5737) that only ever appear in metadata.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{TestServer, error_info, license_req};
+use licensd::grpc::auth::LimitConfig;
+use licensd::observe::client::TrustedProxies;
+use licensd::proto as pb;
+use licensd::server::Config;
+
+/// `msg` with metadata `name: value` (as a proxy would add it).
+fn with_header<T>(msg: T, name: &'static str, value: &str) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    req.metadata_mut().insert(name, value.parse().unwrap());
+    req
+}
+
+/// `msg` as forwarded for `xff` (an `x-forwarded-for` value).
+fn forwarded<T>(msg: T, xff: &str) -> tonic::Request<T> {
+    with_header(msg, "x-forwarded-for", xff)
+}
+
+/// A server that trusts `proxies` and allows `per_sec` ActivationService
+/// calls per address (burst twice that).
+async fn server(proxies: &str, per_sec: u32) -> TestServer {
+    TestServer::start_with(Config {
+        trusted_proxies: TrustedProxies::parse(proxies).unwrap(),
+        limits: LimitConfig {
+            activation_per_ip_per_sec: per_sec,
+            ..LimitConfig::default()
+        },
+        ..Config::default()
+    })
+    .await
+}
+
+/// Whether GetSigningKeys (a rate-limited ActivationService call) passes
+/// the per-address limit when sent with `header: value` (or none).
+async fn passes(s: &TestServer, header: Option<(&'static str, &str)>) -> bool {
+    let msg = pb::GetSigningKeysRequest {};
+    let req = match header {
+        Some((name, value)) => with_header(msg, name, value),
+        None => tonic::Request::new(msg),
+    };
+    match s.activation.clone().get_signing_keys(req).await {
+        Ok(_) => true,
+        Err(st) => {
+            assert_eq!(st.code(), tonic::Code::ResourceExhausted, "{st:?}");
+            assert_eq!(error_info(&st).0, "RATE_LIMITED");
+            false
+        }
+    }
+}
+
+/// Calls as `header` until the first refusal; how many passed (`None`: no
+/// refusal within `max` calls).
+async fn passed_before_refusal(
+    s: &TestServer,
+    header: Option<(&'static str, &str)>,
+    max: usize,
+) -> Option<usize> {
+    for n in 0..max {
+        if !passes(s, header).await {
+            return Some(n);
+        }
+    }
+    None
+}
+
+#[tokio::test]
+async fn behind_a_trusted_proxy_each_forwarded_client_has_its_own_budget() {
+    // 1 call/s, burst 2, per client.
+    let s = server("127.0.0.0/8", 1).await;
+    let started = Instant::now();
+    let xff = |v| Some(("x-forwarded-for", v));
+    let first = passed_before_refusal(&s, xff("203.0.113.7"), 10).await;
+    assert!(
+        matches!(first, Some(2..=3)),
+        "203.0.113.7's budget: {first:?}"
+    );
+    // Other clients of the same proxy are not affected: the proxy's own
+    // address, another x-forwarded-for, x-real-ip, and a client that forged
+    // the left part of the list (the proxy appended the truth, and a second
+    // trusted proxy its own).
+    for header in [
+        xff("198.51.100.9"),
+        Some(("x-real-ip", "198.51.100.10")),
+        xff("203.0.113.7, 192.0.2.1, 127.0.0.9"),
+        None,
+    ] {
+        assert!(passes(&s, header).await, "{header:?} is refused");
+        assert!(passes(&s, header).await, "{header:?} is refused");
+    }
+    // And 203.0.113.7 is still over its budget, also with a port.
+    if started.elapsed() < Duration::from_millis(900) {
+        assert!(!passes(&s, xff("203.0.113.7:40000")).await);
+    }
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn behind_a_trusted_proxy_the_history_records_the_forwarded_client() {
+    let mut s = server("127.0.0.0/8", 200).await;
+    s.product("ACME", "").await;
+    let key = s.issue(license_req("ACME", 2, 1)).await.key;
+    let activate = |fingerprint: &str| pb::ActivateRequest {
+        license_key: key.clone(),
+        fingerprint: fingerprint.into(),
+        hostname: "host".into(),
+        client_version: "1.0.0".into(),
+    };
+    let mut client = s.activation.clone();
+    client
+        .activate(forwarded(
+            activate("ws-1"),
+            "1.1.1.1, 203.0.113.7, 127.0.0.9",
+        ))
+        .await
+        .expect("activate behind a proxy");
+    client
+        .deactivate(with_header(
+            pb::DeactivateRequest {
+                license_key: key.clone(),
+                fingerprint: "ws-1".into(),
+            },
+            "x-real-ip",
+            "198.51.100.9",
+        ))
+        .await
+        .expect("deactivate behind a proxy");
+    // A proxy that sends nonsense: the call is served, as the peer's.
+    client
+        .activate(forwarded(activate("ws-2"), "unknown"))
+        .await
+        .expect("a malformed x-forwarded-for is ignored");
+    let actors: Vec<(String, String)> = s
+        .events(&key)
+        .await
+        .into_iter()
+        .map(|e| (e.r#type, e.actor))
+        .collect();
+    let expected = [
+        ("activated", "peer:203.0.113.7"),
+        ("deactivated", "peer:198.51.100.9"),
+        ("activated", "peer:127.0.0.1"),
+    ];
+    assert_eq!(
+        actors[1..],
+        expected.map(|(t, a)| (t.to_string(), a.to_string())),
+        "{actors:?}"
+    );
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn from_an_untrusted_peer_forwarding_headers_are_ignored() {
+    // Only 10.0.0.0/8 is trusted; the calls come from 127.0.0.1.
+    let mut s = server("10.0.0.0/8", 1).await;
+    s.product("ACME", "").await;
+    let key = s.issue(license_req("ACME", 1, 1)).await.key;
+    // The history records the peer, not the forged address.
+    s.activation
+        .activate(forwarded(
+            pb::ActivateRequest {
+                license_key: key.clone(),
+                fingerprint: "ws-1".into(),
+                hostname: "host".into(),
+                client_version: "1.0.0".into(),
+            },
+            "203.0.113.7",
+        ))
+        .await
+        .expect("activate");
+    let events = s.events(&key).await;
+    assert_eq!(events.last().unwrap().actor, "peer:127.0.0.1", "{events:?}");
+    // A fresh forged address per call does not buy a fresh budget: the
+    // peer's (burst 2, one spent above) runs out.
+    let mut passed = 0;
+    for i in 1..=10 {
+        let header = if i % 2 == 0 {
+            ("x-forwarded-for", format!("203.0.113.{i}"))
+        } else {
+            ("x-real-ip", format!("198.51.100.{i}"))
+        };
+        if !passes(&s, Some((header.0, &header.1))).await {
+            break;
+        }
+        passed += 1;
+    }
+    assert!(passed <= 2, "{passed} calls passed on forged addresses");
+    s.stop().await;
+}
