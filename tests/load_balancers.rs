@@ -2,7 +2,10 @@
 //! load balancer"): from a trusted proxy (`--trusted-proxies`) the client
 //! is the address `x-forwarded-for` / `x-real-ip` name, for the
 //! per-address limits and as the actor in the history; from any other peer
-//! those headers are ignored.
+//! those headers are ignored. Validate has a per-address budget of its own,
+//! far above the other ActivationService calls', so that a site behind one
+//! NAT keeps validating, while guessing renewal codes is limited per
+//! license key.
 //!
 //! Every call really comes from 127.0.0.1; the forwarded addresses are
 //! documentation ranges (RFC 5737) that only ever appear in metadata.
@@ -11,7 +14,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{TestServer, error_info, license_req};
+use common::{TestServer, code_req, error_info, license_req};
 use licensd::grpc::auth::LimitConfig;
 use licensd::observe::client::TrustedProxies;
 use licensd::proto as pb;
@@ -30,7 +33,7 @@ fn forwarded<T>(msg: T, xff: &str) -> tonic::Request<T> {
 }
 
 /// A server that trusts `proxies` and allows `per_sec` ActivationService
-/// calls per address (burst twice that).
+/// calls but Validate per address (burst twice that).
 async fn server(proxies: &str, per_sec: u32) -> TestServer {
     TestServer::start_with(Config {
         trusted_proxies: TrustedProxies::parse(proxies).unwrap(),
@@ -197,5 +200,139 @@ async fn from_an_untrusted_peer_forwarding_headers_are_ignored() {
         passed += 1;
     }
     assert!(passed <= 2, "{passed} calls passed on forged addresses");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn validate_from_one_address_far_above_the_activation_budget_is_served_while_code_guessing_is_refused_per_key()
+ {
+    let limits = LimitConfig {
+        activation_per_ip_per_sec: 5,
+        code_failures_per_window: 3,
+        ..LimitConfig::default()
+    };
+    let mut s = TestServer::start_with(Config {
+        limits: limits.clone(),
+        ..Config::default()
+    })
+    .await;
+    s.product("ACME", "").await;
+    let key = s.issue(license_req("ACME", 1, 1)).await.key;
+    s.activate(&key, "ws-1").await.unwrap();
+    let real = s.code(code_req("ACME", 1, 1)).await.renewal_code;
+
+    // A site behind one NAT address validates: 8 workstations at a time,
+    // 1,000 calls, all served.
+    const CALLS: usize = 1000;
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let mut client = s.activation.clone();
+        let key = key.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut refused = Vec::new();
+            for _ in 0..CALLS / 8 {
+                let r = client
+                    .validate(pb::ValidateRequest {
+                        license_key: key.clone(),
+                        fingerprint: "ws-1".into(),
+                        client_version: String::new(),
+                    })
+                    .await;
+                match r {
+                    Ok(v) => assert_eq!(v.into_inner().validity(), pb::Validity::Valid),
+                    Err(st) => refused.push(st),
+                }
+            }
+            refused
+        }));
+    }
+    for t in tasks {
+        let refused = t.await.unwrap();
+        assert!(refused.is_empty(), "Validate refused: {:?}", refused[0]);
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    // What the other calls' budget would have let through in that time.
+    let activation_budget = 2.0 * 5.0 + elapsed * 5.0;
+    assert!(
+        CALLS as f64 > 10.0 * activation_budget,
+        "{CALLS} calls in {elapsed:.2} s are not far above the activation budget"
+    );
+    // In the meantime the same address guesses renewal codes for the
+    // license: refused after 3 failures, even the real code; Validate goes on.
+    let redeem = |code: String| pb::RedeemRenewalCodeRequest {
+        license_key: key.clone(),
+        renewal_code: code,
+        fingerprint: "ws-1".into(),
+        client_version: "1.0".into(),
+    };
+    for _ in 0..3 {
+        let guess = licensd::domain::RenewalCode::generate().expose_display();
+        let st = s
+            .activation
+            .redeem_renewal_code(redeem(guess))
+            .await
+            .unwrap_err();
+        assert_eq!(error_info(&st).0, "RENEWAL_CODE_NOT_FOUND", "{st:?}");
+    }
+    let st = s
+        .activation
+        .redeem_renewal_code(redeem(real))
+        .await
+        .unwrap_err();
+    assert_eq!(st.code(), tonic::Code::ResourceExhausted, "{st:?}");
+    assert_eq!(error_info(&st).0, "TOO_MANY_FAILED_RENEWAL_ATTEMPTS");
+    assert_eq!(
+        s.validate(&key, "ws-1", "").await.unwrap().validity(),
+        pb::Validity::Valid
+    );
+    // The other calls' budget is in force for this address (5 spent above,
+    // burst 10): Validate did not spend it, and it is not unlimited.
+    let passed = passed_before_refusal(&s, None, 20).await;
+    assert!(matches!(passed, Some(1..=9)), "{passed:?}");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn validate_beyond_its_own_per_address_budget_is_refused_with_a_retry_delay() {
+    let s = TestServer::start_with(Config {
+        limits: LimitConfig {
+            // The other calls are unlimited: this is Validate's own budget.
+            activation_per_ip_per_sec: 0,
+            validate_per_ip_per_sec: 5,
+            ..LimitConfig::default()
+        },
+        ..Config::default()
+    })
+    .await;
+    let code = licensd::domain::RenewalCode::generate().expose_display();
+    let (mut ok, mut limited) = (0, 0);
+    for _ in 0..40 {
+        let r = s
+            .activation
+            .clone()
+            .validate(pb::ValidateRequest {
+                license_key: code.clone(),
+                ..Default::default()
+            })
+            .await;
+        match r {
+            Ok(_) => ok += 1,
+            Err(st) => {
+                assert_eq!(st.code(), tonic::Code::ResourceExhausted, "{st:?}");
+                assert_eq!(error_info(&st).0, "RATE_LIMITED");
+                assert!(st.message().contains("Validate"), "{st:?}");
+                assert!(
+                    tonic_types::StatusExt::get_error_details(&st)
+                        .retry_info()
+                        .is_some()
+                );
+                limited += 1;
+            }
+        }
+    }
+    assert!(ok >= 10 && limited > 0, "ok {ok}, limited {limited}");
+    // The other calls are not limited by it.
+    assert!(passed_before_refusal(&s, None, 20).await.is_none());
     s.stop().await;
 }

@@ -83,6 +83,8 @@ impl Replica {
                 // (in production the replicas see many addresses).
                 "--activation-rate-per-ip",
                 "0",
+                "--validate-rate-per-ip",
+                "0",
                 "--database-url",
                 database_url,
             ])
