@@ -23,6 +23,7 @@ use crate::store::validation_cache::ValidationCache;
 
 use crate::grpc::admission::{AdmissionLayer, AdmissionLimits};
 use crate::grpc::auth::{FailureWindow, Gate, GateLayer, LimitConfig};
+use crate::grpc::drain::Drain;
 use crate::grpc::{ActivationApi, Clock, Ctx, LicenseApi, ProductApi, system_clock};
 use crate::observe::calls::ObserveLayer;
 use crate::observe::client::TrustedProxies;
@@ -273,6 +274,7 @@ impl Application {
             .build_v1alpha()
             .expect("embedded descriptors are valid");
 
+        let (drain, drain_layer) = Drain::new();
         let mut builder = Server::builder();
         if let Some(tls) = &self.config.tls {
             builder = builder.tls_config(tls_config(tls)?)?;
@@ -287,6 +289,9 @@ impl Application {
             // Outermost: every call, refused by the gate or not, gets its
             // request id, client address, span and metrics.
             .layer(ObserveLayer::new(metrics).trusting(&self.config.trusted_proxies))
+            // Streams (health watchers) end when the drain starts, after
+            // what they had to say (NOT_SERVING): they never end otherwise.
+            .layer(drain_layer)
             // Before the gate: an overloaded server spends nothing on a
             // call it refuses.
             .layer(AdmissionLayer::new(self.config.admission))
@@ -353,6 +358,9 @@ impl Application {
         // Event streams never finish on their own: end them (their
         // consumers resume from their cursors on another replica).
         self.store.event_feed().close();
+        // Any other stream (a health watcher) ends once it has said what it
+        // had to say (NOT_SERVING).
+        drain.start();
         let _ = stop_tx.send(());
         match tokio::time::timeout(self.config.drain_timeout, &mut server).await {
             Ok(Ok(res)) => res?,

@@ -74,13 +74,21 @@ fn new_request_id() -> String {
 fn method_labels(path: &str) -> (&'static str, &'static str) {
     known_methods()
         .get(path)
-        .copied()
+        .map(|&(service, method, _)| (service, method))
         .unwrap_or(("unknown", "unknown"))
 }
 
-/// Path → (service, method) of every method the server routes.
-fn known_methods() -> &'static HashMap<String, (&'static str, &'static str)> {
-    static KNOWN: OnceLock<HashMap<String, (&'static str, &'static str)>> = OnceLock::new();
+/// Whether `path` is a method whose answer is a stream (health's Watch,
+/// reflection, any `stream` response of the licensing API).
+pub fn is_server_stream(path: &str) -> bool {
+    known_methods().get(path).is_some_and(|m| m.2)
+}
+
+/// Path → (service, method, answers with a stream) of every method the
+/// server routes.
+#[allow(clippy::type_complexity)]
+fn known_methods() -> &'static HashMap<String, (&'static str, &'static str, bool)> {
+    static KNOWN: OnceLock<HashMap<String, (&'static str, &'static str, bool)>> = OnceLock::new();
     KNOWN.get_or_init(|| {
         let mut known = HashMap::new();
         for set in [
@@ -98,10 +106,11 @@ fn known_methods() -> &'static HashMap<String, (&'static str, &'static str)> {
                     let name = format!("{package}.{}", service.name.unwrap_or_default());
                     let service_label: &'static str = name.clone().leak();
                     for method in service.method {
+                        let streams = method.server_streaming();
                         let method = method.name.unwrap_or_default();
                         known.insert(
                             format!("/{name}/{method}"),
-                            (service_label, &*method.leak()),
+                            (service_label, &*method.leak(), streams),
                         );
                     }
                 }
@@ -149,7 +158,7 @@ struct Recorders {
 impl Recorders {
     fn new() -> Self {
         let mut methods = HashMap::new();
-        for (path, (service, method)) in known_methods() {
+        for (path, (service, method, _)) in known_methods() {
             methods.insert(path.as_str(), Arc::new(MethodMetrics::new(service, method)));
         }
         Recorders {
