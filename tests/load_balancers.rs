@@ -252,6 +252,10 @@ async fn validate_from_one_address_far_above_the_activation_budget_is_served_whi
         assert!(refused.is_empty(), "Validate refused: {:?}", refused[0]);
     }
     let elapsed = started.elapsed().as_secs_f64();
+    eprintln!(
+        "{CALLS} Validates from one address in {elapsed:.2} s ({:.0}/s)",
+        CALLS as f64 / elapsed
+    );
     // What the other calls' budget would have let through in that time.
     let activation_budget = 2.0 * 5.0 + elapsed * 5.0;
     assert!(

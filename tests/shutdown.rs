@@ -233,6 +233,7 @@ async fn sigterm_under_load_with_an_idle_connection_turns_health_not_serving_fir
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     let exited = sent.elapsed();
+    eprintln!("exited {exited:?} after SIGTERM");
     assert!(status.success(), "{status:?}:\n{}", server.log_tail());
     assert!(
         !server.logged("drain timed out"),
