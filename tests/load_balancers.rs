@@ -10,6 +10,7 @@
 //! Every call really comes from 127.0.0.1; the forwarded addresses are
 //! documentation ranges (RFC 5737) that only ever appear in metadata.
 
+mod cluster;
 mod common;
 
 use std::time::{Duration, Instant};
@@ -339,4 +340,53 @@ async fn validate_beyond_its_own_per_address_budget_is_refused_with_a_retry_dela
     // The other calls are not limited by it.
     assert!(passed_before_refusal(&s, None, 20).await.is_none());
     s.stop().await;
+}
+
+/// The first line `replica` logs with every one of `parts` (waits up to 5 s).
+async fn line_with(replica: &cluster::Replica, parts: &[&str]) -> String {
+    let started = Instant::now();
+    loop {
+        let found = replica
+            .lines()
+            .into_iter()
+            .find(|l| parts.iter().all(|p| l.contains(p)));
+        if let Some(line) = found {
+            return line;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "no line with {parts:?}:\n{}",
+            replica.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_trusts_the_proxies_it_is_given_and_logs_the_forwarded_client() {
+    let db = common::TestDb::sqlite();
+    let replica = cluster::Replica::start_with(
+        &db.url,
+        0,
+        &["--trusted-proxies", "10.0.0.0/8, 127.0.0.1"],
+        &[("RUST_LOG", "info,licensd=debug")],
+    )
+    .await;
+    line_with(
+        &replica,
+        &[r#""trusted_proxies":"10.0.0.0/8,127.0.0.1/32""#],
+    )
+    .await;
+    let mut req = forwarded(pb::GetSigningKeysRequest {}, "192.0.2.1, 203.0.113.7");
+    req.metadata_mut()
+        .insert("x-request-id", "lb-test-1".parse().unwrap());
+    licensd::proto::activation_service_client::ActivationServiceClient::new(
+        replica.channel().await,
+    )
+    .get_signing_keys(req)
+    .await
+    .unwrap();
+    let finished = line_with(&replica, &["lb-test-1", "call finished"]).await;
+    assert!(finished.contains(r#""client":"203.0.113.7""#), "{finished}");
+    assert!(finished.contains(r#""peer":"127.0.0.1:"#), "{finished}");
 }

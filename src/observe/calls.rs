@@ -84,11 +84,12 @@ pub fn is_server_stream(path: &str) -> bool {
     known_methods().get(path).is_some_and(|m| m.2)
 }
 
-/// Path → (service, method, answers with a stream) of every method the
-/// server routes.
-#[allow(clippy::type_complexity)]
-fn known_methods() -> &'static HashMap<String, (&'static str, &'static str, bool)> {
-    static KNOWN: OnceLock<HashMap<String, (&'static str, &'static str, bool)>> = OnceLock::new();
+/// Path → (service, method, answers with a stream).
+type Methods = HashMap<String, (&'static str, &'static str, bool)>;
+
+/// Every method the server routes.
+fn known_methods() -> &'static Methods {
+    static KNOWN: OnceLock<Methods> = OnceLock::new();
     KNOWN.get_or_init(|| {
         let mut known = HashMap::new();
         for set in [
