@@ -289,7 +289,7 @@ impl Application {
             // Outermost: every call, refused by the gate or not, gets its
             // request id, client address, span and metrics.
             .layer(ObserveLayer::new(metrics).trusting(&self.config.trusted_proxies))
-            // Streams (health watchers) end when the drain starts, after
+            // Health watchers' streams end when the drain starts, after
             // what they had to say (NOT_SERVING): they never end otherwise.
             .layer(drain_layer)
             // Before the gate: an overloaded server spends nothing on a
@@ -358,8 +358,7 @@ impl Application {
         // Event streams never finish on their own: end them (their
         // consumers resume from their cursors on another replica).
         self.store.event_feed().close();
-        // Any other stream (a health watcher) ends once it has said what it
-        // had to say (NOT_SERVING).
+        // A health watcher's stream ends once it has said NOT_SERVING.
         drain.start();
         let _ = stop_tx.send(());
         match tokio::time::timeout(self.config.drain_timeout, &mut server).await {

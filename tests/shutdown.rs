@@ -1,10 +1,10 @@
 //! Graceful shutdown of the real binary (README, Reliability): SIGTERM while
 //! calls are in flight, one client holds an idle HTTP/2 connection and
 //! another watches health (as gRPC client-side health checking does).
-//! Health turns NOT_SERVING first, the call in flight completes, and the
-//! process exits on its own, well within `--drain-seconds`: neither the
-//! idle connection nor the open Watch stream holds it until the drain time
-//! runs out.
+//! Health turns NOT_SERVING first (then the Watch ends, `UNAVAILABLE`
+//! `SHUTTING_DOWN`), the call in flight completes, and the process exits on
+//! its own, well within `--drain-seconds`: neither the idle connection nor
+//! the open Watch stream holds it until the drain time runs out.
 
 mod cluster;
 mod common;
@@ -208,6 +208,13 @@ async fn sigterm_under_load_with_an_idle_connection_turns_health_not_serving_fir
         .expect("the Watch stream failed before saying NOT_SERVING")
         .expect("the Watch stream ended before saying NOT_SERVING");
     assert_eq!(next.status(), ServingStatus::NotServing);
+    // Then the stream ends, with a status clients retry elsewhere.
+    let end = tokio::time::timeout(Duration::from_secs(3), watch.message())
+        .await
+        .expect("the Watch stream did not end within 3 s of NOT_SERVING")
+        .expect_err("the Watch stream said more after NOT_SERVING");
+    assert_eq!(end.code(), tonic::Code::Unavailable, "{end:?}");
+    assert_eq!(common::error_info(&end).0, "SHUTTING_DOWN");
 
     // The call in flight completes, its request finished half a second
     // into the drain.

@@ -7,12 +7,17 @@
 //! watching health (gRPC client-side health checking holds a `Watch` open
 //! for as long as it is connected) would hold the process until the drain
 //! time ran out, and then be cut off without a status. So, once the drain
-//! begins, every answer that is a stream ends as soon as it has nothing
-//! ready to send, with `UNAVAILABLE` ("the server is shutting down"),
-//! which clients retry elsewhere. What was ready goes out first: the
-//! health watchers hear NOT_SERVING, which is set before the drain starts.
-//! Unary calls pass through untouched: their answer is complete before its
-//! body is read, and the transport already waits for them.
+//! begins, the streams of the services licensd embeds (health, reflection)
+//! end as soon as they have nothing ready to send, with `UNAVAILABLE`,
+//! reason `SHUTTING_DOWN`, which clients retry elsewhere. What was ready
+//! goes out first: the health watchers hear NOT_SERVING, which is set
+//! before the drain starts.
+//!
+//! licensd's own streams (`licensing.v1`, e.g. WatchEvents) are left to end
+//! themselves: they say more (the cursor to resume from), and ending them
+//! here would race their own last word. Unary calls pass through
+//! untouched: their answer is complete before its body is read, and the
+//! transport already waits for them.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -22,10 +27,17 @@ use bytes::Bytes;
 use http::{HeaderMap, Request, Response};
 use http_body::Frame;
 use tokio::sync::watch;
-use tonic::Status;
 use tonic::body::Body;
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
 
+use super::ERROR_DOMAIN;
 use crate::observe::calls::is_server_stream;
+
+/// Whether the answer to `path` is a stream this layer ends at the drain.
+fn ends_at_drain(path: &str) -> bool {
+    is_server_stream(path) && !path.starts_with("/licensing.v1.")
+}
 
 /// Starts the drain of every stream [`DrainLayer`] wrapped.
 pub struct Drain(watch::Sender<bool>);
@@ -79,7 +91,7 @@ where
     }
 
     fn call(&mut self, req: Request<Body>) -> Self::Future {
-        let stream = is_server_stream(req.uri().path());
+        let stream = ends_at_drain(req.uri().path());
         let call = self.inner.call(req);
         if !stream {
             return Box::pin(call);
@@ -127,7 +139,12 @@ impl http_body::Body for Ending {
         }
         self.ended = true;
         let mut trailers = HeaderMap::new();
-        let _ = Status::unavailable("the server is shutting down").add_header(&mut trailers);
+        let _ = Status::with_error_details(
+            Code::Unavailable,
+            "licensd is shutting down",
+            ErrorDetails::with_error_info("SHUTTING_DOWN", ERROR_DOMAIN, []),
+        )
+        .add_header(&mut trailers);
         Poll::Ready(Some(Ok(Frame::trailers(trailers))))
     }
 
@@ -141,15 +158,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn streams_are_known_from_the_descriptors() {
-        assert!(is_server_stream("/grpc.health.v1.Health/Watch"));
-        assert!(is_server_stream(
+    fn embedded_services_streams_end_at_the_drain_and_nothing_else() {
+        assert!(ends_at_drain("/grpc.health.v1.Health/Watch"));
+        assert!(ends_at_drain(
             "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"
         ));
-        assert!(!is_server_stream("/grpc.health.v1.Health/Check"));
-        assert!(!is_server_stream(
-            "/licensing.v1.ActivationService/Validate"
+        assert!(ends_at_drain(
+            "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
         ));
-        assert!(!is_server_stream("/nope/Nope"));
+        // A stream, but licensd's own: it ends itself.
+        assert!(is_server_stream("/licensing.v1.LicenseService/WatchEvents"));
+        assert!(!ends_at_drain("/licensing.v1.LicenseService/WatchEvents"));
+        assert!(!ends_at_drain("/grpc.health.v1.Health/Check"));
+        assert!(!ends_at_drain("/licensing.v1.ActivationService/Validate"));
+        assert!(!ends_at_drain("/nope/Nope"));
     }
 }
