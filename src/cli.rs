@@ -10,6 +10,7 @@ use crate::bench::BenchArgs;
 use crate::domain::auth::{Role, Token};
 use crate::grpc::admission::AdmissionLimits;
 use crate::grpc::auth::LimitConfig;
+use crate::observe::client::TrustedProxies;
 use crate::server::{self, Application, Config, TlsFiles};
 use crate::store::{DatabaseUrl, Store};
 use crate::telemetry::{self, LogFormat};
@@ -109,9 +110,22 @@ struct ServeArgs {
     /// CA (PEM) that client certificates must chain to: enables mTLS.
     #[arg(long, env = "LICENSD_TLS_CLIENT_CA", requires = "tls_cert")]
     tls_client_ca: Option<PathBuf>,
-    /// ActivationService calls per second per client IP (0: unlimited).
+    /// ActivationService calls other than Validate (Activate, Deactivate,
+    /// RedeemRenewalCode, GetSigningKeys) per second per client IP, burst
+    /// twice that (0: unlimited).
     #[arg(long, env = "LICENSD_ACTIVATION_RATE_PER_IP", default_value_t = LimitConfig::default().activation_per_ip_per_sec)]
     activation_rate_per_ip: u32,
+    /// Validate calls per second per client IP, burst twice that (0:
+    /// unlimited); high, since a whole site behind one NAT is one address.
+    #[arg(long, env = "LICENSD_VALIDATE_RATE_PER_IP", default_value_t = LimitConfig::default().validate_per_ip_per_sec)]
+    validate_rate_per_ip: u32,
+    /// Load balancers or proxies (CIDRs or addresses, comma-separated)
+    /// whose calls name their client in `x-forwarded-for` (the right-most
+    /// hop that is not one of them) or `x-real-ip`; the per-address limits
+    /// and the history use that client. From any other peer these
+    /// headers are ignored. None by default.
+    #[arg(long, env = "LICENSD_TRUSTED_PROXIES", value_name = "CIDR,...", value_parser = TrustedProxies::parse)]
+    trusted_proxies: Option<TrustedProxies>,
     /// Attempts with unknown renewal codes per license key and hour (0: unlimited).
     #[arg(long, env = "LICENSD_CODE_FAILURES_PER_HOUR", default_value_t = LimitConfig::default().code_failures_per_window)]
     code_failures_per_hour: u32,
@@ -304,9 +318,11 @@ async fn serve(a: ServeArgs) -> Result<(), BoxError> {
         watch_stall: Duration::from_secs(a.watch_stall_seconds),
         limits: LimitConfig {
             activation_per_ip_per_sec: a.activation_rate_per_ip,
+            validate_per_ip_per_sec: a.validate_rate_per_ip,
             code_failures_per_window: a.code_failures_per_hour,
             code_failure_window: Duration::from_secs(3600),
         },
+        trusted_proxies: a.trusted_proxies.unwrap_or_default(),
         tls,
         metrics_listen: a.metrics_listen,
         admission: AdmissionLimits {

@@ -23,8 +23,10 @@ use crate::store::validation_cache::ValidationCache;
 
 use crate::grpc::admission::{AdmissionLayer, AdmissionLimits};
 use crate::grpc::auth::{FailureWindow, Gate, GateLayer, LimitConfig};
+use crate::grpc::drain::Drain;
 use crate::grpc::{ActivationApi, Clock, Ctx, LicenseApi, ProductApi, system_clock};
 use crate::observe::calls::ObserveLayer;
+use crate::observe::client::TrustedProxies;
 use crate::proto::activation_service_server::ActivationServiceServer;
 use crate::proto::license_service_server::LicenseServiceServer;
 use crate::proto::product_service_server::ProductServiceServer;
@@ -63,6 +65,9 @@ pub struct Config {
     pub request_timeout: Duration,
     /// Abuse limits of the ActivationService.
     pub limits: LimitConfig,
+    /// Peers (load balancers) whose `x-forwarded-for`/`x-real-ip` name the
+    /// client the limits and the history use.
+    pub trusted_proxies: TrustedProxies,
     /// TLS, if any.
     pub tls: Option<TlsFiles>,
     /// Calls in flight beyond which calls are refused at once.
@@ -106,6 +111,7 @@ impl Default for Config {
             drain_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(30),
             limits: LimitConfig::default(),
+            trusted_proxies: TrustedProxies::default(),
             tls: None,
             metrics_listen: None,
             admission: AdmissionLimits::default(),
@@ -268,6 +274,7 @@ impl Application {
             .build_v1alpha()
             .expect("embedded descriptors are valid");
 
+        let (drain, drain_layer) = Drain::new();
         let mut builder = Server::builder();
         if let Some(tls) = &self.config.tls {
             builder = builder.tls_config(tls_config(tls)?)?;
@@ -280,8 +287,11 @@ impl Application {
             .http2_keepalive_interval(Some(HTTP2_KEEPALIVE))
             .http2_keepalive_timeout(Some(Duration::from_secs(20)))
             // Outermost: every call, refused by the gate or not, gets its
-            // request id, span and metrics.
-            .layer(ObserveLayer::new(metrics))
+            // request id, client address, span and metrics.
+            .layer(ObserveLayer::new(metrics).trusting(&self.config.trusted_proxies))
+            // Health watchers' streams end when the drain starts, after
+            // what they had to say (NOT_SERVING): they never end otherwise.
+            .layer(drain_layer)
             // Before the gate: an overloaded server spends nothing on a
             // call it refuses.
             .layer(AdmissionLayer::new(self.config.admission))
@@ -311,6 +321,12 @@ impl Application {
             let _ = stop_rx.await;
         }));
         tracing::info!(%addr, "licensd serving");
+        if !self.config.trusted_proxies.is_empty() {
+            tracing::info!(
+                trusted_proxies = %self.config.trusted_proxies,
+                "calls from these peers are limited and recorded as the client their x-forwarded-for or x-real-ip names"
+            );
+        }
 
         tokio::select! {
             res = &mut server => {
@@ -342,6 +358,8 @@ impl Application {
         // Event streams never finish on their own: end them (their
         // consumers resume from their cursors on another replica).
         self.store.event_feed().close();
+        // A health watcher's stream ends once it has said NOT_SERVING.
+        drain.start();
         let _ = stop_tx.send(());
         match tokio::time::timeout(self.config.drain_timeout, &mut server).await {
             Ok(Ok(res)) => res?,

@@ -52,6 +52,37 @@ fn serve_refuses_a_database_url_it_cannot_use() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("unsupported database URL"));
 }
 
+#[test]
+fn serve_refuses_trusted_proxies_that_are_not_cidrs_from_a_flag_the_environment_or_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path();
+    std::fs::write(
+        path.join("licensd.toml"),
+        "trusted_proxies = \"10.0.0.0/8, lb-1\"\n",
+    )
+    .unwrap();
+    let serve = ["serve", "--listen", "127.0.0.1:0"];
+    let with = |extra: &[&'static str]| [&serve[..], extra].concat();
+    for (args, envs, bad) in [
+        (
+            with(&["--trusted-proxies", "10.0.0.0/8,192.168.1.0/33"]),
+            vec![],
+            "192.168.1.0/33",
+        ),
+        (
+            with(&[]),
+            vec![("LICENSD_TRUSTED_PROXIES", "10.0.0.0/8;10.1.0.0/16")],
+            "10.0.0.0/8;10.1.0.0/16",
+        ),
+        (with(&["--config", "licensd.toml"]), vec![], "lb-1"),
+    ] {
+        let (ok, _, err) = licensd_in(path, &args, &envs);
+        assert!(!ok, "{args:?} {envs:?} started");
+        assert!(err.contains("trusted") && err.contains(bad), "{err}");
+    }
+    assert!(!path.join("licensd.db").exists(), "nothing was opened");
+}
+
 /// `licensd token create` in `dir` (default database); returns stdout.
 fn create_token(dir: &std::path::Path, role: &str, name: &str) -> String {
     let out = Command::new(BIN)

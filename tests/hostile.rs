@@ -1598,6 +1598,7 @@ fn hostile_input_is_refused_and_changes_nothing() {
     let config = Config {
         limits: LimitConfig {
             activation_per_ip_per_sec: 0,
+            validate_per_ip_per_sec: 0,
             ..LimitConfig::default()
         },
         ..Config::default()

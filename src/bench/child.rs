@@ -56,6 +56,8 @@ impl ServerChild {
             "json",
             "--activation-rate-per-ip",
             "0",
+            "--validate-rate-per-ip",
+            "0",
             "--code-failures-per-hour",
             "0",
             "--database-url",

@@ -21,6 +21,7 @@ use tonic_types::{ErrorDetails, StatusExt};
 
 use super::ERROR_DOMAIN;
 use crate::domain::auth::{Access, Role, Token, required_access};
+use crate::observe::client;
 use crate::store::Store;
 
 /// The authenticated caller of a billing/support method, put in the request
@@ -33,11 +34,14 @@ pub struct Caller {
     pub role: Role,
 }
 
-/// Abuse-limit settings.
+/// Abuse-limit settings (README, Security, says what each one is for).
 #[derive(Debug, Clone)]
 pub struct LimitConfig {
-    /// ActivationService calls per second per client IP (0: no limit).
+    /// ActivationService calls other than Validate per second per client
+    /// IP (0: no limit).
     pub activation_per_ip_per_sec: u32,
+    /// Validate calls per second per client IP (0: no limit).
+    pub validate_per_ip_per_sec: u32,
     /// Failed renewal-code attempts per license key and window (0: no limit).
     pub code_failures_per_window: u32,
     /// The window for failed renewal-code attempts.
@@ -45,12 +49,28 @@ pub struct LimitConfig {
 }
 
 impl Default for LimitConfig {
-    /// Defaults that never bother an honest product: a workstation validates
-    /// a few times a day, and a site behind one NAT address still stays far
-    /// below 200 calls per second; a person typing a code gets 20 tries an hour.
+    /// Defaults that never bother an honest product, and tell a fleet
+    /// behind one address from an attack:
+    ///
+    /// * Validate is what every installed product calls, on start and every
+    ///   so often, and 5,000 workstations behind one NAT are one address:
+    ///   a morning's start of all of them within 10 s is 500 calls/s, which
+    ///   the burst (twice the rate) absorbs many times over. 2,000 calls/s
+    ///   is still a tenth of what one replica answers at its slowest
+    ///   measured (about 20,000 calls/s, README, Performance), so one
+    ///   address cannot take a replica's Validate away from the others.
+    ///   A key has 100 random bits: guessing them through Validate is
+    ///   hopeless at any rate.
+    /// * Activate, Deactivate, RedeemRenewalCode and GetSigningKeys happen
+    ///   at installation, at a move and at renewal: 200 calls/s per address
+    ///   is a whole site reinstalling at once.
+    /// * Guessing renewal codes is counted per license key, wherever the
+    ///   guesses come from: 20 failed attempts an hour, plenty for a person
+    ///   mistyping a code.
     fn default() -> Self {
         LimitConfig {
             activation_per_ip_per_sec: 200,
+            validate_per_ip_per_sec: 2000,
             code_failures_per_window: 20,
             code_failure_window: Duration::from_secs(3600),
         }
@@ -142,26 +162,40 @@ fn refusal(code: Code, reason: &str, message: &str) -> Status {
     )
 }
 
+/// Calls per second per client address, with a burst of twice that.
+type PerAddress = DefaultKeyedRateLimiter<IpAddr>;
+
+fn per_address(per_sec: u32) -> Option<PerAddress> {
+    NonZeroU32::new(per_sec).map(|rate| {
+        let burst = NonZeroU32::new(rate.get().saturating_mul(2)).unwrap_or(rate);
+        RateLimiter::keyed(Quota::per_second(rate).allow_burst(burst))
+    })
+}
+
 /// Shared state of the gate.
 pub struct Gate {
     store: Arc<dyn Store>,
-    per_ip: Option<DefaultKeyedRateLimiter<IpAddr>>,
+    /// ActivationService calls but Validate.
+    per_ip: Option<PerAddress>,
+    /// Validate, a budget of its own: a fleet behind one NAT validates far
+    /// more often than it activates.
+    validate_per_ip: Option<PerAddress>,
 }
 
 impl Gate {
     /// A gate over `store` with `limits`.
     pub fn new(store: Arc<dyn Store>, limits: &LimitConfig) -> Arc<Self> {
-        let per_ip = NonZeroU32::new(limits.activation_per_ip_per_sec).map(|rate| {
-            let burst = NonZeroU32::new(rate.get().saturating_mul(2)).unwrap_or(rate);
-            RateLimiter::keyed(Quota::per_second(rate).allow_burst(burst))
-        });
-        Arc::new(Gate { store, per_ip })
+        Arc::new(Gate {
+            store,
+            per_ip: per_address(limits.activation_per_ip_per_sec),
+            validate_per_ip: per_address(limits.validate_per_ip_per_sec),
+        })
     }
 
     /// Forgets idle per-IP buckets (called periodically).
     pub fn forget_idle(&self) {
-        if let Some(l) = &self.per_ip {
-            l.retain_recent();
+        for limiter in [&self.per_ip, &self.validate_per_ip].into_iter().flatten() {
+            limiter.retain_recent();
         }
     }
 
@@ -203,24 +237,33 @@ impl Gate {
         })
     }
 
-    fn limit_peer(&self, peer: Option<IpAddr>) -> Result<(), Status> {
-        let (Some(limiter), Some(ip)) = (&self.per_ip, peer) else {
+    /// The per-address budget of ActivationService method `path`.
+    fn limit_client(&self, path: &str, client: Option<IpAddr>) -> Result<(), Status> {
+        let (limiter, message) = if path == VALIDATE_PATH {
+            (
+                &self.validate_per_ip,
+                "too many Validate calls from this address; retry later",
+            )
+        } else {
+            (
+                &self.per_ip,
+                "too many calls from this address; retry later",
+            )
+        };
+        let (Some(limiter), Some(ip)) = (limiter, client) else {
             return Ok(());
         };
         limiter.check_key(&ip).map_err(|not_until| {
             let wait = not_until.wait_time_from(DefaultClock::default().now());
-            exhausted(
-                "RATE_LIMITED",
-                "too many calls from this address; retry later",
-                wait,
-            )
+            exhausted("RATE_LIMITED", message, wait)
         })
     }
 }
 
-/// The client's IP address, with or without TLS.
-pub fn peer_ip<B>(req: &Request<B>) -> Option<IpAddr> {
-    crate::observe::peer_addr(req).map(|a| a.ip())
+/// The client's IP address (with or without TLS; behind a trusted proxy,
+/// the one it forwarded the call for).
+pub fn client_ip<B>(req: &Request<B>) -> Option<IpAddr> {
+    client::client_ip(req.extensions().get(), client::peer_addr(req))
 }
 
 /// The tower layer.
@@ -269,7 +312,7 @@ where
             let decision = match required_access(&path) {
                 Access::Public => {
                     if path.starts_with(ACTIVATION_PREFIX) {
-                        gate.limit_peer(peer_ip(&req))
+                        gate.limit_client(&path, client_ip(&req))
                     } else {
                         Ok(())
                     }
@@ -324,3 +367,4 @@ fn malformed_is_invalid_argument(resp: Response<Body>) -> Response<Body> {
 }
 
 const ACTIVATION_PREFIX: &str = "/licensing.v1.ActivationService/";
+const VALIDATE_PATH: &str = "/licensing.v1.ActivationService/Validate";

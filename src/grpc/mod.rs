@@ -7,6 +7,7 @@ mod activation;
 pub mod admission;
 pub mod auth;
 mod convert;
+pub mod drain;
 mod events;
 mod license;
 mod product;
@@ -24,6 +25,7 @@ use tonic_types::{ErrorDetails, StatusExt};
 use crate::domain::Refusal;
 use crate::domain::error::RefusalClass;
 use crate::domain::keys::redact_secrets;
+use crate::observe::client::{ClientAddr, client_ip};
 use crate::store::{Actor, Store, StoreError};
 
 /// The `google.rpc.ErrorInfo` domain of every refusal.
@@ -141,13 +143,15 @@ pub async fn refuse_after_reading(
 }
 
 /// Who is calling, for the history: the token's name, or the client's
-/// address for the ActivationService (whose credential is the license key).
+/// address for the ActivationService (whose credential is the license key;
+/// behind a trusted proxy, the address it forwarded the call for).
 fn actor_of<T>(req: &tonic::Request<T>) -> Actor {
     if let Some(caller) = req.extensions().get::<auth::Caller>() {
         return Actor(caller.name.clone());
     }
-    match req.remote_addr() {
-        Some(addr) => Actor(format!("peer:{}", addr.ip())),
+    let forwarded = req.extensions().get::<ClientAddr>();
+    match client_ip(forwarded, req.remote_addr()) {
+        Some(ip) => Actor(format!("peer:{ip}")),
         None => Actor("peer:unknown".into()),
     }
 }

@@ -5,7 +5,11 @@
 //!   characters of `A–Z a–z 0–9 - _ . : / + =`), else a fresh random one; it is
 //!   echoed in the response metadata and is a field of the call's span, so
 //!   every log line of the call carries it.
-//! * **Span** `call` with `request_id`, `method` and `peer`; when the call
+//! * **Client address**: the TCP peer's, or the one a trusted proxy forwarded
+//!   the call for ([`super::client`]), put in the request's extensions for
+//!   the limits and the history.
+//! * **Span** `call` with `request_id`, `method` and `peer` (and `client`
+//!   when a trusted proxy forwarded the call); when the call
 //!   ends, the line `call finished` (level DEBUG, or WARN for
 //!   `INTERNAL`/`UNKNOWN`/`DATA_LOSS`) adds its `code` and `latency_ms`.
 //!   Validate's budget is a few microseconds per call, so the end of a call
@@ -33,6 +37,8 @@ use tonic::Code;
 use tonic::body::Body;
 use tracing::Span;
 use tracing::field::Empty;
+
+use super::client::{ClientAddr, TrustedProxies, peer_addr};
 
 /// The metadata key of the request id.
 pub const REQUEST_ID: &str = "x-request-id";
@@ -68,13 +74,22 @@ fn new_request_id() -> String {
 fn method_labels(path: &str) -> (&'static str, &'static str) {
     known_methods()
         .get(path)
-        .copied()
+        .map(|&(service, method, _)| (service, method))
         .unwrap_or(("unknown", "unknown"))
 }
 
-/// Path → (service, method) of every method the server routes.
-fn known_methods() -> &'static HashMap<String, (&'static str, &'static str)> {
-    static KNOWN: OnceLock<HashMap<String, (&'static str, &'static str)>> = OnceLock::new();
+/// Whether `path` is a method whose answer is a stream (health's Watch,
+/// reflection, any `stream` response of the licensing API).
+pub fn is_server_stream(path: &str) -> bool {
+    known_methods().get(path).is_some_and(|m| m.2)
+}
+
+/// Path → (service, method, answers with a stream).
+type Methods = HashMap<String, (&'static str, &'static str, bool)>;
+
+/// Every method the server routes.
+fn known_methods() -> &'static Methods {
+    static KNOWN: OnceLock<Methods> = OnceLock::new();
     KNOWN.get_or_init(|| {
         let mut known = HashMap::new();
         for set in [
@@ -92,10 +107,11 @@ fn known_methods() -> &'static HashMap<String, (&'static str, &'static str)> {
                     let name = format!("{package}.{}", service.name.unwrap_or_default());
                     let service_label: &'static str = name.clone().leak();
                     for method in service.method {
+                        let streams = method.server_streaming();
                         let method = method.name.unwrap_or_default();
                         known.insert(
                             format!("/{name}/{method}"),
-                            (service_label, &*method.leak()),
+                            (service_label, &*method.leak(), streams),
                         );
                     }
                 }
@@ -143,7 +159,7 @@ struct Recorders {
 impl Recorders {
     fn new() -> Self {
         let mut methods = HashMap::new();
-        for (path, (service, method)) in known_methods() {
+        for (path, (service, method, _)) in known_methods() {
             methods.insert(path.as_str(), Arc::new(MethodMetrics::new(service, method)));
         }
         Recorders {
@@ -162,6 +178,7 @@ impl Recorders {
 #[derive(Clone)]
 pub struct ObserveLayer {
     recorders: Option<Arc<Recorders>>,
+    trusted: Option<Arc<TrustedProxies>>,
 }
 
 impl ObserveLayer {
@@ -170,7 +187,14 @@ impl ObserveLayer {
     pub fn new(metrics: bool) -> Self {
         ObserveLayer {
             recorders: metrics.then(|| Arc::new(Recorders::new())),
+            trusted: None,
         }
+    }
+
+    /// Takes the client's address from calls of `proxies` that forward one.
+    pub fn trusting(mut self, proxies: &TrustedProxies) -> Self {
+        self.trusted = (!proxies.is_empty()).then(|| Arc::new(proxies.clone()));
+        self
     }
 }
 
@@ -180,6 +204,7 @@ impl<S> tower::Layer<S> for ObserveLayer {
         Observe {
             inner,
             recorders: self.recorders.clone(),
+            trusted: self.trusted.clone(),
         }
     }
 }
@@ -189,6 +214,7 @@ impl<S> tower::Layer<S> for ObserveLayer {
 pub struct Observe<S> {
     inner: S,
     recorders: Option<Arc<Recorders>>,
+    trusted: Option<Arc<TrustedProxies>>,
 }
 
 impl<S> tower::Service<Request<Body>> for Observe<S>
@@ -205,8 +231,16 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Request<Body>) -> Self::Future {
+    fn call(&mut self, mut req: Request<Body>) -> Self::Future {
         let start = Instant::now();
+        let peer = peer_addr(&req);
+        let forwarded = match (&self.trusted, peer) {
+            (Some(trusted), Some(peer)) => trusted.forwarded_for(peer.ip(), req.headers()),
+            _ => None,
+        };
+        if let Some(ip) = forwarded {
+            req.extensions_mut().insert(ClientAddr(ip));
+        }
         let id = match req.headers().get(REQUEST_ID).and_then(sane_request_id) {
             Some(id) => id.to_string(),
             None => new_request_id(),
@@ -216,10 +250,17 @@ where
             .recorders
             .as_ref()
             .map(|r| (r.of(path).clone(), r.in_flight.clone()));
-        let span = match super::peer_addr(&req) {
-            Some(peer) => tracing::info_span!("call", request_id = %id, method = %path, %peer),
-            None => tracing::info_span!("call", request_id = %id, method = %path, peer = Empty),
+        let span = match peer {
+            Some(peer) => {
+                tracing::info_span!("call", request_id = %id, method = %path, %peer, client = Empty)
+            }
+            None => {
+                tracing::info_span!("call", request_id = %id, method = %path, peer = Empty, client = Empty)
+            }
         };
+        if let Some(ip) = forwarded {
+            span.record("client", tracing::field::display(ip));
+        }
         if let Some((_, in_flight)) = &recorded {
             in_flight.increment(1.0);
         }

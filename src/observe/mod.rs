@@ -12,6 +12,7 @@
 //! here); business counters (the services, where a change succeeds).
 
 pub mod calls;
+pub mod client;
 
 use std::net::SocketAddr;
 use std::sync::OnceLock;
@@ -105,18 +106,6 @@ pub async fn sample(store: SqlStore) {
         }
         tokio::time::sleep(SAMPLE_EVERY).await;
     }
-}
-
-/// The client's address, with or without TLS.
-pub fn peer_addr<B>(req: &http::Request<B>) -> Option<SocketAddr> {
-    use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
-    let ext = req.extensions();
-    ext.get::<TcpConnectInfo>()
-        .and_then(|i| i.remote_addr())
-        .or_else(|| {
-            ext.get::<TlsConnectInfo<TcpConnectInfo>>()
-                .and_then(|i| i.get_ref().remote_addr())
-        })
 }
 
 /// One business event, counted where the change succeeds.

@@ -83,6 +83,8 @@ impl Replica {
                 // (in production the replicas see many addresses).
                 "--activation-rate-per-ip",
                 "0",
+                "--validate-rate-per-ip",
+                "0",
                 "--database-url",
                 database_url,
             ])
@@ -149,6 +151,28 @@ impl Replica {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// The address it serves on.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// Sends SIGTERM and returns at once ([`terminate`](Self::terminate)
+    /// waits).
+    pub fn signal_term(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    }
+
+    /// The exit status, once the process has exited.
+    pub fn exit_status(&mut self) -> Option<std::process::ExitStatus> {
+        let status = self.child.try_wait().expect("try_wait");
+        self.stopped |= status.is_some();
+        status
     }
 
     /// Every line logged so far.
