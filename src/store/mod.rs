@@ -5,6 +5,7 @@
 //!
 //! SQL lives only below this module.
 
+pub mod bounded;
 pub mod bulk;
 mod cache_feed;
 pub mod change_notify;
@@ -31,6 +32,10 @@ use crate::domain::{
     RenewalCode, RenewalCodeRecord, Standing, Version,
 };
 use std::sync::Arc;
+
+/// How long a call waits for the database by default before it is answered
+/// UNAVAILABLE (`--database-timeout-ms`; see [`bounded`]).
+pub const DEFAULT_DATABASE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Why a store call failed.
 #[derive(Debug, thiserror::Error)]
