@@ -248,8 +248,9 @@ pub struct ValidationCache {
     gate: AtomicU64,
     /// The latest epoch whose poll finished.
     finished_epoch: AtomicU64,
-    /// `finished_epoch` when the change listener was lost: while it is
-    /// down the cache answers only if no poll has finished since.
+    /// The epoch in progress when the change listener was lost: while it
+    /// is down the cache answers only if no later poll (one that started
+    /// after the loss) has finished.
     lost_at_epoch: AtomicU64,
     /// Wakes the feed for a poll before its next tick (shared with the
     /// feed, which waits on it without keeping the cache alive).
@@ -376,22 +377,22 @@ impl ValidationCache {
         }
         let finished = self.finished_epoch.load(Ordering::Acquire);
         match self.gate.load(Ordering::Acquire) {
-            LISTENER_DOWN => finished == self.lost_at_epoch.load(Ordering::Acquire),
+            LISTENER_DOWN => finished <= self.lost_at_epoch.load(Ordering::Acquire),
             gate => finished >= gate,
         }
     }
 
     /// The change listener is not connected: notifications may be lost, so
-    /// the cache stops answering as soon as a poll shows that the database
-    /// answers (and at the latest when its staleness bound runs out). Called
+    /// the cache stops answering as soon as a poll that started after this
+    /// shows that the database answers (and at the latest when its staleness bound runs out). Called
     /// by the listener's task only; again while it stays down, it changes
     /// nothing.
     pub fn listener_lost(&self) {
         if self.gate.load(Ordering::Acquire) != LISTENER_DOWN {
-            self.lost_at_epoch.store(
-                self.finished_epoch.load(Ordering::Acquire),
-                Ordering::Release,
-            );
+            // A poll that started before the loss and finishes after it
+            // says nothing about the database now; only a later one does.
+            let epoch = self.read().epoch;
+            self.lost_at_epoch.store(epoch, Ordering::Release);
             self.gate.store(LISTENER_DOWN, Ordering::Release);
         }
     }

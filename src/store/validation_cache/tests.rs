@@ -276,6 +276,19 @@ fn with_the_change_listener_down_the_cache_answers_within_its_bound_until_a_poll
     // Lost again while down (the listener retrying): nothing changes.
     c.listener_lost();
     assert!(matches!(c.lookup(&k, None, within), Answer::Found(_)));
+    // A poll that started before the loss finishes after it: it says
+    // nothing about the database now.
+    let c2 = ValidationCache::with_max_staleness(Duration::from_secs(3));
+    poll(&c2, &[row(&k, &[])]);
+    c2.finish_load();
+    let before = c2.begin_poll();
+    c2.listener_lost();
+    c2.apply_products(&before, vec![product("ACME", 1, "2.0")]);
+    c2.finish_poll(&before);
+    assert!(matches!(
+        c2.lookup(&k, None, before.started),
+        Answer::Found(_)
+    ));
     // A poll succeeds while the listener is still down: the database
     // answers, and a notification may have been missed: no answers.
     let during = poll(&c, &[row(&k, &[])]);
