@@ -23,6 +23,7 @@ use crate::store::validation_cache::{DEFAULT_MAX_STALENESS, ValidationCache};
 
 use crate::grpc::admission::{AdmissionLayer, AdmissionLimits};
 use crate::grpc::auth::{FailureWindow, Gate, GateLayer, LimitConfig};
+use crate::grpc::deadline::DeadlineLayer;
 use crate::grpc::{ActivationApi, Clock, Ctx, LicenseApi, ProductApi, system_clock};
 use crate::observe::calls::ObserveLayer;
 use crate::proto::activation_service_server::ActivationServiceServer;
@@ -64,7 +65,8 @@ pub struct Config {
     pub validate_cache_max_staleness: Duration,
     /// How long in-flight calls may take to finish after a shutdown signal.
     pub drain_timeout: Duration,
-    /// Longest a single call may run.
+    /// Longest a single call may run, whatever its client's deadline; past
+    /// it (or the client's `grpc-timeout`) the call ends DEADLINE_EXCEEDED.
     pub request_timeout: Duration,
     /// Abuse limits of the ActivationService.
     pub limits: LimitConfig,
@@ -280,12 +282,17 @@ impl Application {
         if let Some(tls) = &self.config.tls {
             builder = builder.tls_config(tls_config(tls)?)?;
         }
+        // No `builder.timeout`: tonic answers an expired call CANCELLED;
+        // DeadlineLayer answers DEADLINE_EXCEEDED, for the server's limit too.
         let router = builder
-            .timeout(self.config.request_timeout)
             .tcp_nodelay(true)
             // Outermost: every call, refused by the gate or not, gets its
             // request id, span and metrics.
             .layer(ObserveLayer::new(metrics))
+            // Right inside it, so that its timer starts before tonic's
+            // (ObserveLayer calls on synchronously) and its answer is the
+            // one recorded.
+            .layer(DeadlineLayer::new(self.config.request_timeout))
             // Before the gate: an overloaded server spends nothing on a
             // call it refuses.
             .layer(AdmissionLayer::new(self.config.admission))
