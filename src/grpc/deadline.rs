@@ -5,10 +5,11 @@
 //! Why our own layer: tonic enforces `grpc-timeout` itself, but answers an
 //! expired call `CANCELLED` ("Timeout expired"), which tells a client that
 //! *it* gave up. tonic's timer sits outside every layer of ours and starts
-//! once our layers have been called, so this layer's timer, started in
+//! once our layers have been called, so this layer's deadline, taken in
 //! [`tower::Service::call`] (synchronously, from the outermost layer that
-//! calls on synchronously), never expires later than tonic's, and when both
-//! have expired tonic polls ours first: ours answers.
+//! calls on synchronously), is never later than tonic's; when tonic's timer
+//! fires it polls ours first, and ours answers once the clock has passed
+//! its deadline, whether or not the timer driver has fired its timer yet.
 //!
 //! Abandoning is dropping the handler's future: a write transaction that
 //! had not committed rolls back, one that had is kept and announced (the
@@ -105,17 +106,27 @@ where
         if limit.is_zero() {
             return Box::pin(async { Ok(deadline_exceeded().into_http()) });
         }
-        // Started now, before tonic's timer (see the module documentation).
-        let expiry = tokio::time::sleep(limit);
+        // Taken now, before tonic's timer starts (see the module documentation).
+        let deadline = tokio::time::Instant::now() + limit;
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let call = inner.call(req);
         Box::pin(async move {
-            tokio::select! {
-                biased;
-                answer = call => answer,
-                () = expiry => Ok(deadline_exceeded().into_http()),
-            }
+            let mut call = std::pin::pin!(call);
+            let mut expiry = std::pin::pin!(tokio::time::sleep_until(deadline));
+            std::future::poll_fn(|cx| {
+                if let Poll::Ready(answer) = call.as_mut().poll(cx) {
+                    return Poll::Ready(answer);
+                }
+                // The clock as well as our timer: when tonic's timer has
+                // fired and it polls us, ours (due no later) may not have
+                // been processed yet by the timer driver.
+                if tokio::time::Instant::now() >= deadline || expiry.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Ok(deadline_exceeded().into_http()));
+                }
+                Poll::Pending
+            })
+            .await
         })
     }
 }
