@@ -26,8 +26,11 @@ use std::time::{Duration, Instant};
 use common::{TestDb, TestServer, license_req, loud_notice};
 use licensd::grpc::auth::LimitConfig;
 use licensd::proto as pb;
+use licensd::proto::activation_service_client::ActivationServiceClient;
+use licensd::proto::license_service_client::LicenseServiceClient;
 use licensd::server::Config;
 use tonic::Code;
+use tonic::transport::Channel;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 use tonic_types::StatusExt;
@@ -248,7 +251,10 @@ impl Record {
 /// workstations on `seat_keys`, validating `read_keys` (never written while
 /// the load runs, so Validate may answer them from memory).
 fn mixed_load(
-    s: &TestServer,
+    clients: (
+        LicenseServiceClient<common::Authed>,
+        ActivationServiceClient<Channel>,
+    ),
     product: &str,
     seat_keys: Vec<String>,
     read_keys: Vec<String>,
@@ -258,7 +264,7 @@ fn mixed_load(
 ) -> Vec<tokio::task::JoinHandle<()>> {
     let mut tasks = Vec::new();
     for w in 0..3 {
-        let (mut licenses, record, stop) = (s.licenses.clone(), record.clone(), stop.clone());
+        let (mut licenses, record, stop) = (clients.0.clone(), record.clone(), stop.clone());
         let product = product.to_string();
         tasks.push(tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
@@ -274,12 +280,8 @@ fn mixed_load(
     }
     let n = Arc::new(AtomicUsize::new(0));
     for w in 0..3 {
-        let (mut activation, record, stop, n) = (
-            s.activation.clone(),
-            record.clone(),
-            stop.clone(),
-            n.clone(),
-        );
+        let (mut activation, record, stop, n) =
+            (clients.1.clone(), record.clone(), stop.clone(), n.clone());
         let keys = seat_keys.clone();
         tasks.push(tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
@@ -304,7 +306,7 @@ fn mixed_load(
         }));
     }
     for w in 0..2 {
-        let (mut activation, record, stop) = (s.activation.clone(), record.clone(), stop.clone());
+        let (mut activation, record, stop) = (clients.1.clone(), record.clone(), stop.clone());
         let keys = read_keys.clone();
         tasks.push(tokio::spawn(async move {
             let mut i = w;
@@ -418,7 +420,7 @@ async fn a_postgres_outage_under_load_fails_fast_rides_through_and_recovers_with
     let stop = Arc::new(AtomicBool::new(false));
     let t0 = Instant::now();
     let load = mixed_load(
-        &s,
+        (s.licenses.clone(), s.activation.clone()),
         "OUTG",
         seat_keys,
         read_keys,
@@ -556,8 +558,7 @@ async fn a_postgres_outage_under_load_fails_fast_rides_through_and_recovers_with
     // 6. Every acknowledged write is in the database.
     let issued = record.issued.lock().unwrap().clone();
     let activated = record.activated.lock().unwrap().clone();
-    let (missing_licenses, missing_activations) =
-        audit_postgres(&cluster.url(), &issued, &activated).await;
+    let (missing_licenses, missing_activations) = audit(&cluster.url(), &issued, &activated).await;
     assert_eq!(missing_licenses, 0, "acknowledged licenses missing");
     assert_eq!(missing_activations, 0, "acknowledged activations missing");
 
@@ -611,18 +612,274 @@ async fn wait_for_cache(health: &mut HealthClient<tonic::transport::Channel>, wi
     }
 }
 
-/// How many of the acknowledged licenses and activations are missing.
-async fn audit_postgres(
-    url: &str,
-    issued: &[String],
-    activated: &[(String, String)],
-) -> (usize, usize) {
-    use sqlx::{Connection, Row};
-    let mut conn = sqlx::PgConnection::connect(url)
+// ---------------------------------------------------------------------------
+// SQLite: the disk refuses every write, then takes them again
+// ---------------------------------------------------------------------------
+
+/// `licensd serve` as a child process whose file writes can be made to
+/// fail: it ignores SIGXFSZ (set by the shell and kept across `exec`), so a
+/// file-size limit makes every write fail with EFBIG, as a full disk
+/// (ENOSPC) or a read-only file system (EROFS) would, instead of killing it.
+struct Child {
+    child: std::process::Child,
+    addr: String,
+    /// What it logged.
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Child {
+    fn spawn(database_url: &str) -> Child {
+        use std::io::{BufRead, BufReader};
+        let mut child = Command::new("sh")
+            .args(["-c", "trap '' XFSZ; exec \"$0\" \"$@\""])
+            .arg(env!("CARGO_BIN_EXE_licensd"))
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--log-format",
+                "json",
+                "--activation-rate-per-ip",
+                "0",
+                "--database-timeout-ms",
+                &DB_TIMEOUT.as_millis().to_string(),
+                "--database-url",
+                database_url,
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn licensd serve");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let kept = log.clone();
+        std::thread::spawn(move || {
+            let mut tx = Some(tx);
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                kept.lock().unwrap().push(line.clone());
+                if let Some(addr) = line
+                    .contains("licensd serving")
+                    .then(|| {
+                        line.split("\"addr\":\"")
+                            .nth(1)
+                            .and_then(|v| v.split('"').next())
+                    })
+                    .flatten()
+                    && let Some(tx) = tx.take()
+                {
+                    let _ = tx.send(addr.to_string());
+                }
+            }
+        });
+        let addr = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("licensd serving within 20 s");
+        Child { child, addr, log }
+    }
+
+    /// Sets the process's file-size limit: 0 fails every file write.
+    fn file_size_limit(&self, soft: &str) {
+        let status = Command::new("prlimit")
+            .args([
+                "--pid",
+                &self.child.id().to_string(),
+                &format!("--fsize={soft}:unlimited"),
+            ])
+            .status()
+            .expect("prlimit (util-linux)");
+        assert!(status.success(), "prlimit --fsize={soft}");
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// How long the disk refuses writes.
+const DISK_FULL: Duration = Duration::from_secs(3);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_sqlite_disk_that_refuses_writes_gives_unavailable_and_loses_no_acknowledged_write() {
+    if output(Command::new("prlimit").arg("--version")).is_none() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "prlimit (util-linux) must be installed in CI"
+        );
+        loud_notice("SKIPPED (SQLite disk failure): no prlimit");
+        return;
+    }
+    let db = TestDb::sqlite();
+    let token = common::create_token(&db.url, "admin", "outage-admin").await;
+    let server = Child::spawn(&db.url);
+    let channel = Channel::from_shared(format!("http://{}", server.addr))
+        .unwrap()
+        .connect()
         .await
-        .expect("audit connects");
+        .expect("connects");
+    let auth = common::BearerAuth::new(Some(&token));
+    let mut products =
+        licensd::proto::product_service_client::ProductServiceClient::with_interceptor(
+            channel.clone(),
+            auth.clone(),
+        );
+    let mut licenses = LicenseServiceClient::with_interceptor(channel.clone(), auth);
+    let activation = ActivationServiceClient::new(channel.clone());
+    products
+        .create_product(pb::CreateProductRequest {
+            product: Some(pb::Product {
+                code: "DISK".into(),
+                display_name: "disk".into(),
+                latest_version: "1.0.0".into(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect("create product");
+    let mut issue = async |seats| {
+        licenses
+            .issue_license(license_req("DISK", seats, 1))
+            .await
+            .expect("issue")
+            .into_inner()
+            .key
+    };
+    let mut seat_keys = Vec::new();
+    for _ in 0..3 {
+        seat_keys.push(issue(1_000).await);
+    }
+    let mut read_keys = Vec::new();
+    for _ in 0..3 {
+        read_keys.push(issue(1).await);
+    }
+
+    let record = Arc::new(Record::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let t0 = Instant::now();
+    let load = mixed_load(
+        (licenses.clone(), activation),
+        "DISK",
+        seat_keys,
+        read_keys,
+        record.clone(),
+        stop.clone(),
+        t0,
+    );
+    let health = watch_health(channel.clone(), stop.clone(), t0);
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let full_begin = t0.elapsed();
+    server.file_size_limit("0");
+    let full = t0.elapsed();
+    tokio::time::sleep(DISK_FULL).await;
+    let freed_begin = t0.elapsed();
+    server.file_size_limit("unlimited");
+    let freed = t0.elapsed();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let write_back = loop {
+        let back = record
+            .samples()
+            .iter()
+            .filter(|x| x.kind != "validate" && x.at > freed && x.outcome.is_ok())
+            .map(|x| x.at + x.took)
+            .min();
+        if let Some(at) = back {
+            break at;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no write succeeded within 10 s of the disk taking writes again; the server logged:\n{}",
+            server
+                .log
+                .lock()
+                .unwrap()
+                .iter()
+                .rev()
+                .take(8)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    stop.store(true, Ordering::Relaxed);
+    for t in load {
+        t.await.unwrap();
+    }
+    let _health = health.await.unwrap();
+    let samples = record.samples();
+
+    // Failures are UNAVAILABLE/DATABASE_UNAVAILABLE only, writes did fail
+    // while the disk refused them, and Validate never failed (reads need
+    // no write).
+    assert_only_database_unavailable(&samples);
+    let failed_writes = samples
+        .iter()
+        .filter(|x| x.kind != "validate" && x.outcome.is_err())
+        .count();
+    assert!(
+        failed_writes > 0,
+        "no write failed while the disk refused writes"
+    );
+    assert!(
+        samples
+            .iter()
+            .filter(|x| x.kind != "validate" && x.outcome.is_err())
+            .all(|x| x.at + x.took > full_begin && x.at < freed),
+        "a write failed outside the time the disk refused writes"
+    );
+    let failed_validates = samples
+        .iter()
+        .filter(|x| x.kind == "validate" && x.outcome.is_err())
+        .count();
+    assert_eq!(failed_validates, 0, "Validate failed while only writes did");
+    let slowest = samples.iter().max_by_key(|x| x.took).unwrap();
+    assert!(
+        slowest.took <= DB_TIMEOUT + Duration::from_millis(900),
+        "a call took {} ms",
+        ms(slowest.took)
+    );
+
+    // Killed without warning, then every acknowledged write is in the file.
+    drop(server);
+    let issued = record.issued.lock().unwrap().clone();
+    let activated = record.activated.lock().unwrap().clone();
+    let (missing_licenses, missing_activations) = audit(&db.url, &issued, &activated).await;
+    assert_eq!(missing_licenses, 0, "acknowledged licenses missing");
+    assert_eq!(missing_activations, 0, "acknowledged activations missing");
+    let during: Vec<&Sample> = samples
+        .iter()
+        .filter(|x| x.at > full && x.at < freed_begin)
+        .collect();
+    eprintln!(
+        "disk failure figures (SQLite, --database-timeout-ms {}, writes refused for {} ms): \
+         calls {} ({} while refused, {} of them failed), slowest call {} ms; \
+         a write acknowledged {} ms after the disk took writes again; \
+         acknowledged writes audited after kill -9: {} licenses, {} activations, none missing",
+        ms(DB_TIMEOUT),
+        ms(freed_begin - full),
+        samples.len(),
+        during.len(),
+        during.iter().filter(|x| x.outcome.is_err()).count(),
+        ms(slowest.took),
+        ms(write_back.saturating_sub(freed)),
+        issued.len(),
+        activated.len(),
+    );
+}
+
+/// How many of the acknowledged licenses and activations are missing from
+/// the database at `url` (either backend).
+async fn audit(url: &str, issued: &[String], activated: &[(String, String)]) -> (usize, usize) {
+    use sqlx::Row;
+    sqlx::any::install_default_drivers();
+    let pool = sqlx::AnyPool::connect(url).await.expect("audit connects");
     let keys: std::collections::HashSet<String> = sqlx::query("SELECT license_key FROM licenses")
-        .fetch_all(&mut conn)
+        .fetch_all(&pool)
         .await
         .unwrap()
         .iter()
@@ -631,12 +888,13 @@ async fn audit_postgres(
     let bound: std::collections::HashSet<(String, String)> = sqlx::query(
         "SELECT l.license_key, a.fingerprint FROM activations a JOIN licenses l ON l.id = a.license_id",
     )
-    .fetch_all(&mut conn)
+    .fetch_all(&pool)
     .await
     .unwrap()
     .iter()
     .map(|r| (r.get::<String, _>(0), r.get::<String, _>(1)))
     .collect();
+    pool.close().await;
     let norm = |k: &str| k.replace('-', "").to_uppercase();
     (
         issued.iter().filter(|k| !keys.contains(&norm(k))).count(),

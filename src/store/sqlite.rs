@@ -89,6 +89,15 @@ pub async fn open(path: &Path, opts: SqliteOptions) -> StoreResult<SqlStore> {
             // default ping before every checkout is a wasted round trip to
             // the connection's worker thread (one of six per write).
             .test_before_acquire(false)
+            // A COMMIT that fails on a disk error (full, read-only, I/O)
+            // makes SQLite roll the transaction back by itself; the ROLLBACK
+            // sqlx then sends fails ("no transaction is active"), so sqlx
+            // still counts the connection as inside a transaction and every
+            // later BEGIN on it fails: the writer would answer INTERNAL until
+            // a restart. Such a connection is closed instead of reused (the
+            // ping on its release has run any rollback it had queued, so
+            // the count is current here).
+            .before_acquire(|conn, _| Box::pin(async move { Ok(!conn.is_in_transaction()) }))
             .after_connect(move |conn, _| {
                 let pragmas = pragmas.clone();
                 Box::pin(async move {
