@@ -249,8 +249,9 @@ async fn deadlines_under_load_leave_every_write_whole(db: TestDb) {
         "unexpected answers: {unexpected:?} (all: {:?})",
         told.answers
     );
-    // Deadlines passed in every operation, and calls that beat theirs
-    // were acknowledged (which ones depends on the machine's speed).
+    // Deadlines passed in every operation. (How many calls beat theirs
+    // depends on the machine's speed; the audit checks that writes of the
+    // load committed, acknowledged or not.)
     for op in ["activate", "redeem", "issue"] {
         let o = "DeadlineExceeded DEADLINE_EXCEEDED".to_string();
         assert!(
@@ -259,11 +260,6 @@ async fn deadlines_under_load_leave_every_write_whole(db: TestDb) {
             told.answers
         );
     }
-    assert!(
-        told.answers.iter().any(|((_, o), _)| o == "OK"),
-        "no call beat its deadline: {:?}",
-        told.answers
-    );
 
     audit(&s.db_url, &told).await;
     eprintln!("deadline answers: {:?}", told.answers);
@@ -407,6 +403,18 @@ async fn audit(url: &str, told: &Told) {
             "acknowledged renewal missing"
         );
     }
+    // The load wrote something (else the audit proves little).
+    let written: i64 = sqlx::query_scalar(
+        "SELECT (SELECT COUNT(*) FROM licenses) + (SELECT COUNT(*) FROM activations) \
+         + (SELECT COUNT(*) FROM renewal_codes WHERE state = 'REDEEMED')",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert!(
+        written > 2 * LICENSES as i64,
+        "nothing the load sent was committed"
+    );
     pool.close().await;
 }
 
