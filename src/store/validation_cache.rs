@@ -46,12 +46,15 @@
 //!   announced by `LISTEN/NOTIFY` ([`super::change_notify`]): the moment the
 //!   notification arrives, the license is marked as a local write would mark
 //!   it. While the listening connection is down a notification may be lost,
-//!   so the cache does not answer once a poll has succeeded meanwhile (the
-//!   database answers: Validate reads it), nor until a poll that started
-//!   after the listener was back has finished. Until then, if no poll
-//!   succeeds either (the database is down or out of reach, so nothing can
-//!   be written through this replica, and what others write reaches it by
-//!   no path), it answers on within the staleness bound of its last poll.
+//!   so the cache does not answer, until a poll that started after the
+//!   listener was back has finished. One exception: when the listener's
+//!   own check finds the database down (a fresh connection is refused, by
+//!   the host or by PostgreSQL shutting down), nothing can be written by
+//!   any replica and Validate could only be answered `UNAVAILABLE`; the
+//!   cache then answers on within the staleness bound of its last poll,
+//!   until a poll that started after the loss succeeds (the database
+//!   answers again: Validate reads it). A connection that merely hangs may
+//!   be a replica cut off while others write: no exception then.
 //! * **"No such license" is never answered from memory.** A key the cache
 //!   does not hold may have been issued a moment ago on another replica, so
 //!   Validate asks the database (one indexed read).
@@ -250,8 +253,10 @@ pub struct ValidationCache {
     finished_epoch: AtomicU64,
     /// The epoch in progress when the change listener was lost: while it
     /// is down the cache answers only if no later poll (one that started
-    /// after the loss) has finished.
+    /// after the loss) has finished...
     lost_at_epoch: AtomicU64,
+    /// ...and the database has been found down since the loss.
+    unreachable: AtomicBool,
     /// Wakes the feed for a poll before its next tick (shared with the
     /// feed, which waits on it without keeping the cache alive).
     nudge: Arc<tokio::sync::Notify>,
@@ -333,6 +338,7 @@ impl ValidationCache {
             gate: AtomicU64::new(0),
             finished_epoch: AtomicU64::new(0),
             lost_at_epoch: AtomicU64::new(0),
+            unreachable: AtomicBool::new(false),
             nudge: Arc::new(tokio::sync::Notify::new()),
             inner: RwLock::new(Mirror::default()),
         }
@@ -366,8 +372,8 @@ impl ValidationCache {
 
     /// Whether the cache may answer at `now`: loaded, polled within the
     /// staleness bound, and hearing every change notification, or, with
-    /// the listener down, no poll has succeeded since (see the module
-    /// documentation).
+    /// the listener down, the database found down and no poll
+    /// succeeded since (see the module documentation).
     pub fn is_fresh(&self, now: Instant) -> bool {
         if !self.loaded.load(Ordering::Acquire)
             || self.disabled.load(Ordering::Relaxed)
@@ -377,24 +383,36 @@ impl ValidationCache {
         }
         let finished = self.finished_epoch.load(Ordering::Acquire);
         match self.gate.load(Ordering::Acquire) {
-            LISTENER_DOWN => finished <= self.lost_at_epoch.load(Ordering::Acquire),
+            LISTENER_DOWN => {
+                self.unreachable.load(Ordering::Acquire)
+                    && finished <= self.lost_at_epoch.load(Ordering::Acquire)
+            }
             gate => finished >= gate,
         }
     }
 
     /// The change listener is not connected: notifications may be lost, so
-    /// the cache stops answering as soon as a poll that started after this
-    /// shows that the database answers (and at the latest when its staleness bound runs out). Called
-    /// by the listener's task only; again while it stays down, it changes
-    /// nothing.
+    /// the cache stops answering (unless the database is then found
+    /// unreachable: see [`database_unreachable`](Self::database_unreachable)).
+    /// Called by the listener's task only; again while it stays down, it
+    /// changes nothing.
     pub fn listener_lost(&self) {
         if self.gate.load(Ordering::Acquire) != LISTENER_DOWN {
+            self.unreachable.store(false, Ordering::Release);
             // A poll that started before the loss and finishes after it
             // says nothing about the database now; only a later one does.
             let epoch = self.read().epoch;
             self.lost_at_epoch.store(epoch, Ordering::Release);
             self.gate.store(LISTENER_DOWN, Ordering::Release);
         }
+    }
+
+    /// With the change listener down, a fresh connection to the database
+    /// was refused: nobody can write, so the cache answers
+    /// on within its staleness bound, until a poll that started after the
+    /// loss succeeds.
+    pub fn database_unreachable(&self) {
+        self.unreachable.store(true, Ordering::Release);
     }
 
     /// The change listener is connected (its `LISTEN` has returned): the

@@ -259,14 +259,18 @@ fn while_the_change_listener_is_down_the_cache_answers_only_after_a_poll_that_st
 }
 
 #[test]
-fn with_the_change_listener_down_the_cache_answers_within_its_bound_until_a_poll_succeeds() {
+fn with_the_listener_and_the_database_gone_the_cache_answers_within_its_bound_until_a_poll_succeeds()
+ {
     let k = key();
     let c = ValidationCache::with_max_staleness(Duration::from_secs(3));
     let last = poll(&c, &[row(&k, &[])]);
     c.finish_load();
     c.listener_lost();
+    // Only the listening connection is gone: no answers from memory.
+    assert_eq!(c.lookup(&k, None, last), Answer::AskDatabase);
     // The database went away with the listener: no poll succeeds, and the
     // cache answers within the bound of the last one, not beyond.
+    c.database_unreachable();
     let within = last + Duration::from_millis(2_900);
     assert!(matches!(c.lookup(&k, None, within), Answer::Found(_)));
     assert_eq!(
@@ -283,6 +287,7 @@ fn with_the_change_listener_down_the_cache_answers_within_its_bound_until_a_poll
     c2.finish_load();
     let before = c2.begin_poll();
     c2.listener_lost();
+    c2.database_unreachable();
     c2.apply_products(&before, vec![product("ACME", 1, "2.0")]);
     c2.finish_poll(&before);
     assert!(matches!(
