@@ -538,8 +538,8 @@ async fn a_postgres_outage_under_load_fails_fast_rides_through_and_recovers_with
                 + licensd::server::DATABASE_PROBE_EVERY
                 + DB_TIMEOUT
                 + Duration::from_millis(700),
-        "health turned NOT_SERVING {} ms after the database stopped",
-        ms(not_serving - stopped)
+        "health turned NOT_SERVING {} ms after the database began to stop",
+        ms(not_serving - stop_begin)
     );
     let serving_again = health
         .iter()
@@ -569,7 +569,7 @@ async fn a_postgres_outage_under_load_fails_fast_rides_through_and_recovers_with
     eprintln!(
         "outage figures (PostgreSQL, --database-timeout-ms {}, staleness {} ms, outage {} ms): \
          calls {} ({} during the outage, {} failed), slowest call {} ms, slowest during the outage {} ms; \
-         Validate from memory until {} ms into the outage; health NOT_SERVING {} ms after the stop; \
+         Validate from memory until {} ms into the outage; health NOT_SERVING {} ms after the stop began; \
          after the restart: a write acknowledged in {} ms, health SERVING in {} ms, cache answering in {} ms; \
          acknowledged writes audited: {} licenses, {} activations, none missing",
         ms(DB_TIMEOUT),
@@ -581,7 +581,7 @@ async fn a_postgres_outage_under_load_fails_fast_rides_through_and_recovers_with
         ms(slowest.took),
         ms(during.iter().map(|x| x.took).max().unwrap_or_default()),
         ms(last_ok_in_outage - stop_begin),
-        ms(not_serving - stopped),
+        ms(not_serving - stop_begin),
         ms(write_back.saturating_sub(started)),
         ms(serving_again - started),
         ms(cache_back - started),
