@@ -77,6 +77,12 @@ struct ServeArgs {
     /// PostgreSQL connections per replica.
     #[arg(long, env = "LICENSD_DB_MAX_CONNECTIONS", default_value_t = 16)]
     db_max_connections: u32,
+    /// Longest a call waits for the database (a connection, a lock, an
+    /// answer) before it is answered UNAVAILABLE, reason
+    /// DATABASE_UNAVAILABLE; also the pools' acquire timeout, PostgreSQL's
+    /// lock_timeout and SQLite's busy_timeout.
+    #[arg(long, env = "LICENSD_DATABASE_TIMEOUT_MS", default_value_t = crate::store::DEFAULT_DATABASE_TIMEOUT.as_millis() as u64, value_parser = clap::value_parser!(u64).range(50..=60_000))]
+    database_timeout_ms: u64,
     /// SQLite only: MiB of the database file that Validate's readers map
     /// into memory (SQLite's mmap_size). Lookups get cheaper (no read
     /// system call and copy per page), but every mapped page a lookup
@@ -93,6 +99,14 @@ struct ServeArgs {
     /// by other replicas (a replica sees its own changes at once).
     #[arg(long, env = "LICENSD_VALIDATE_CACHE_REFRESH_MS", default_value_t = 100, value_parser = clap::value_parser!(u64).range(10..=500))]
     validate_cache_refresh_ms: u64,
+    /// How long after its last successful poll the validation cache may
+    /// still answer Validate: the most its answers can lag behind the
+    /// database, and how long Validate rides through a database outage
+    /// before it is answered UNAVAILABLE. Above 1000 the promise that every
+    /// replica shows a change within 1 s holds only while the database is
+    /// reachable. At least twice the refresh interval.
+    #[arg(long, env = "LICENSD_VALIDATE_CACHE_MAX_STALENESS_MS", default_value_t = crate::store::validation_cache::DEFAULT_MAX_STALENESS.as_millis() as u64, value_parser = clap::value_parser!(u64).range(20..=3_600_000))]
+    validate_cache_max_staleness_ms: u64,
     /// Seconds in-flight calls may take to finish after SIGINT/SIGTERM.
     #[arg(long, env = "LICENSD_DRAIN_SECONDS", default_value_t = 10)]
     drain_seconds: u64,
@@ -299,6 +313,14 @@ async fn run(cli: Cli) -> Result<(), BoxError> {
 }
 
 async fn serve(a: ServeArgs) -> Result<(), BoxError> {
+    if a.validate_cache_max_staleness_ms < 2 * a.validate_cache_refresh_ms {
+        return Err(format!(
+            "--validate-cache-max-staleness-ms ({}) must be at least twice --validate-cache-refresh-ms ({}), \
+             or the validation cache would hardly ever answer",
+            a.validate_cache_max_staleness_ms, a.validate_cache_refresh_ms
+        )
+        .into());
+    }
     let tls = match (a.tls_cert, a.tls_key) {
         (Some(cert), Some(key)) => Some(TlsFiles {
             cert,
@@ -311,9 +333,11 @@ async fn serve(a: ServeArgs) -> Result<(), BoxError> {
         listen: a.listen,
         database_url: a.db.database_url,
         db_max_connections: a.db_max_connections,
+        database_timeout: Duration::from_millis(a.database_timeout_ms),
         sqlite_mmap_mib: a.sqlite_mmap_mib,
         validate_cache_refresh: (!a.no_validate_cache)
             .then(|| Duration::from_millis(a.validate_cache_refresh_ms)),
+        validate_cache_max_staleness: Duration::from_millis(a.validate_cache_max_staleness_ms),
         drain_timeout: Duration::from_secs(a.drain_seconds),
         watch_stall: Duration::from_secs(a.watch_stall_seconds),
         limits: LimitConfig {

@@ -19,10 +19,11 @@ use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
-use crate::store::validation_cache::ValidationCache;
+use crate::store::validation_cache::{DEFAULT_MAX_STALENESS, ValidationCache};
 
 use crate::grpc::admission::{AdmissionLayer, AdmissionLimits};
 use crate::grpc::auth::{FailureWindow, Gate, GateLayer, LimitConfig};
+use crate::grpc::deadline::DeadlineLayer;
 use crate::grpc::drain::Drain;
 use crate::grpc::{ActivationApi, Clock, Ctx, LicenseApi, ProductApi, system_clock};
 use crate::observe::calls::ObserveLayer;
@@ -31,6 +32,7 @@ use crate::proto::activation_service_server::ActivationServiceServer;
 use crate::proto::license_service_server::LicenseServiceServer;
 use crate::proto::product_service_server::ProductServiceServer;
 use crate::signing::KeyRing;
+use crate::store::bounded::Bounded;
 use crate::store::postgres::PostgresOptions;
 use crate::store::sqlite::SqliteOptions;
 use crate::store::{DatabaseUrl, SqlStore, Store};
@@ -53,15 +55,23 @@ pub struct Config {
     pub database_url: String,
     /// PostgreSQL pool size per replica.
     pub db_max_connections: u32,
+    /// Longest a call waits for the database (a connection, a lock, an
+    /// answer) before it is answered UNAVAILABLE (`DATABASE_UNAVAILABLE`).
+    pub database_timeout: Duration,
     /// SQLite: MiB of the database file Validate's readers memory-map
     /// (0: none).
     pub sqlite_mmap_mib: u64,
     /// How often the validation cache polls for changes; `None`: no cache,
     /// Validate reads the database.
     pub validate_cache_refresh: Option<Duration>,
+    /// How long after its last successful poll the validation cache may
+    /// still answer (the staleness bound; see
+    /// [`crate::store::validation_cache`]).
+    pub validate_cache_max_staleness: Duration,
     /// How long in-flight calls may take to finish after a shutdown signal.
     pub drain_timeout: Duration,
-    /// Longest a single call may run.
+    /// Longest a single call may run, whatever its client's deadline; past
+    /// it (or the client's `grpc-timeout`) the call ends DEADLINE_EXCEEDED.
     pub request_timeout: Duration,
     /// Abuse limits of the ActivationService.
     pub limits: LimitConfig,
@@ -106,8 +116,10 @@ impl Default for Config {
             listen: "127.0.0.1:50051".into(),
             database_url: "sqlite:licensd.db".into(),
             db_max_connections: PostgresOptions::default().max_connections,
+            database_timeout: crate::store::DEFAULT_DATABASE_TIMEOUT,
             sqlite_mmap_mib: 0,
             validate_cache_refresh: Some(DEFAULT_VALIDATE_CACHE_REFRESH),
+            validate_cache_max_staleness: DEFAULT_MAX_STALENESS,
             drain_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(30),
             limits: LimitConfig::default(),
@@ -159,16 +171,19 @@ pub async fn open_store(config: &Config) -> Result<SqlStore, ServerError> {
     let url = DatabaseUrl::parse(&config.database_url).map_err(ServerError::UnsupportedDatabase)?;
     let pg = PostgresOptions {
         max_connections: config.db_max_connections,
+        acquire_timeout: config.database_timeout,
+        lock_timeout: config.database_timeout,
         ..PostgresOptions::default()
     };
     let lite = SqliteOptions {
+        acquire_timeout: config.database_timeout,
         mmap_bytes: config.sqlite_mmap_mib.saturating_mul(1024 * 1024),
         ..SqliteOptions::default()
     };
     let store = url.open_tuned(pg, lite).await?;
     store.event_feed().set_stall(config.watch_stall);
     Ok(match config.validate_cache_refresh {
-        Some(refresh) => store.with_validation_cache(refresh),
+        Some(refresh) => store.with_validation_cache(refresh, config.validate_cache_max_staleness),
         None => store,
     })
 }
@@ -231,10 +246,13 @@ impl Application {
     ) -> Result<(), ServerError> {
         let addr = self.local_addr();
         let metrics = self.config.metrics_listen.is_some();
+        // Every call waits for the database at most `database_timeout`
+        // (inside the metrics, so that a call cut short counts as failed).
+        let bounded = Bounded::new(self.store.clone(), self.config.database_timeout);
         let store: Arc<dyn Store> = if metrics {
-            Arc::new(crate::store::metered::Metered(self.store.clone()))
+            Arc::new(crate::store::metered::Metered(bounded))
         } else {
-            Arc::new(self.store.clone())
+            Arc::new(bounded)
         };
         let sampler = metrics.then(|| tokio::spawn(crate::observe::sample(self.store.clone())));
         let limits = &self.config.limits;
@@ -279,8 +297,9 @@ impl Application {
         if let Some(tls) = &self.config.tls {
             builder = builder.tls_config(tls_config(tls)?)?;
         }
+        // No `builder.timeout`: tonic answers an expired call CANCELLED;
+        // DeadlineLayer answers DEADLINE_EXCEEDED, for the server's limit too.
         let router = builder
-            .timeout(self.config.request_timeout)
             .tcp_nodelay(true)
             // Event streams live long and may be quiet: HTTP/2 pings keep
             // them (and the proxies between) alive, and find dead peers.
@@ -289,6 +308,10 @@ impl Application {
             // Outermost: every call, refused by the gate or not, gets its
             // request id, client address, span and metrics.
             .layer(ObserveLayer::new(metrics).trusting(&self.config.trusted_proxies))
+            // Right inside it, so that its timer starts before tonic's
+            // (ObserveLayer calls on synchronously) and its answer is the
+            // one recorded.
+            .layer(DeadlineLayer::new(self.config.request_timeout))
             // Health watchers' streams end when the drain starts, after
             // what they had to say (NOT_SERVING): they never end otherwise.
             .layer(drain_layer)
@@ -440,15 +463,27 @@ async fn watch_cache(cache: Arc<ValidationCache>, health: HealthReporter) {
     }
 }
 
-/// Reports NOT_SERVING while the database does not answer.
+/// How often health asks the database whether it answers.
+pub const DATABASE_PROBE_EVERY: Duration = Duration::from_secs(1);
+
+/// Reports NOT_SERVING while the database does not answer: a probe every
+/// [`DATABASE_PROBE_EVERY`], each waiting at most `--database-timeout-ms`
+/// (the store is bounded). The first failed probe turns every service
+/// NOT_SERVING, the first that succeeds SERVING again.
 async fn watch_database(store: Arc<dyn Store>, health: HealthReporter) {
     let mut serving = true;
     loop {
-        tokio::time::sleep(Duration::from_secs(5)).await;
-        let ok = store.ping().await.is_ok();
+        tokio::time::sleep(DATABASE_PROBE_EVERY).await;
+        let probe = store.ping().await;
+        let ok = probe.is_ok();
         if ok != serving {
             serving = ok;
-            tracing::warn!(database_ok = ok, "health changed");
+            match probe {
+                Ok(()) => tracing::info!("the database answers again: health SERVING"),
+                Err(e) => {
+                    tracing::warn!(error = %crate::domain::keys::redact_secrets(&e.to_string()), "the database does not answer: health NOT_SERVING")
+                }
+            }
             let status = if ok {
                 ServingStatus::Serving
             } else {

@@ -238,6 +238,7 @@ async fn validate_from_one_address_far_above_the_activation_budget_is_served_whi
                         license_key: key.clone(),
                         fingerprint: "ws-1".into(),
                         client_version: String::new(),
+                        certificate_expires_at: None,
                     })
                     .await;
                 match r {

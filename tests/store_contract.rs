@@ -723,10 +723,10 @@ async fn the_validation_cache_answers_exactly_as_the_database(db: &TestDb, s: &S
     product(s, "ACME", "2.0").await;
     // A second store on the same database (another replica) with the cache,
     // polling often so that the test is quick.
-    let cached = db
-        .open()
-        .await
-        .with_validation_cache(std::time::Duration::from_millis(20));
+    let cached = db.open().await.with_validation_cache(
+        std::time::Duration::from_millis(20),
+        licensd::store::validation_cache::DEFAULT_MAX_STALENESS,
+    );
     let mut keys = Vec::new();
     for (i, (kind, edition, seats)) in [
         (LicenseKind::Standard, Edition::Business, 3),
@@ -1006,7 +1006,10 @@ async fn cached_store(
 ) -> SqlStore {
     use licensd::store::validation_cache::Answer;
     use std::time::{Duration, Instant};
-    let s = db.open().await.with_validation_cache(refresh);
+    let s = db.open().await.with_validation_cache(
+        refresh,
+        licensd::store::validation_cache::DEFAULT_MAX_STALENESS,
+    );
     let cache = s.validation_cache().unwrap().clone();
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {

@@ -7,6 +7,7 @@ mod activation;
 pub mod admission;
 pub mod auth;
 mod convert;
+pub mod deadline;
 pub mod drain;
 mod events;
 mod license;

@@ -92,6 +92,10 @@ pub const PEER_TTL: Duration = Duration::from_millis(3_500);
 /// Pause before reconnecting a lost listener.
 const RECONNECT_PAUSE: Duration = Duration::from_millis(200);
 
+/// How long the check that the database is reachable, after the listener
+/// was lost, waits for a fresh connection.
+const REACHABLE_WAIT: Duration = Duration::from_millis(500);
+
 /// What a write changed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
@@ -205,6 +209,8 @@ pub struct Changes {
     /// The notifier's and the listener's connections (closed with the store).
     send_pool: PgPool,
     listen_pool: PgPool,
+    /// To check, without a pool's retries, whether the database answers.
+    options: PgConnectOptions,
     progress: Mutex<Progress>,
     /// Whether a listener is connected (only then is an echo awaited).
     listening: AtomicBool,
@@ -235,13 +241,14 @@ impl Changes {
         let listen_pool = PgPoolOptions::new()
             .max_connections(1)
             .acquire_timeout(Duration::from_secs(2))
-            .connect_lazy_with(options);
+            .connect_lazy_with(options.clone());
         let (queue, rx) = mpsc::unbounded_channel();
         let changes = Arc::new(Changes {
             replica: rand::random(),
             queue,
             send_pool,
             listen_pool,
+            options,
             progress: Mutex::new(Progress::default()),
             listening: AtomicBool::new(false),
             on_change: std::sync::OnceLock::new(),
@@ -310,6 +317,33 @@ impl Changes {
         }
         if !late.is_empty() {
             p.release(now);
+        }
+    }
+
+    /// Whether the database is down: a fresh connection is refused (by
+    /// the host, or by PostgreSQL shutting down or starting up) within
+    /// [`REACHABLE_WAIT`]. A pool would retry a refused connection until
+    /// its timeout. Anything else (it connects, another error, no answer in
+    /// time: perhaps only this replica is cut off while others write) is
+    /// not taken as down.
+    async fn database_down(&self) -> bool {
+        use sqlx::Connection;
+        let attempt = tokio::time::timeout(
+            REACHABLE_WAIT,
+            sqlx::PgConnection::connect_with(&self.options),
+        )
+        .await;
+        match attempt {
+            Ok(Ok(conn)) => {
+                let _ = conn.close().await;
+                false
+            }
+            Ok(Err(sqlx::Error::Io(e))) => matches!(
+                e.kind(),
+                std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound
+            ),
+            Ok(Err(sqlx::Error::Database(db))) => db.code().as_deref() == Some("57P03"),
+            Ok(Err(_)) | Err(_) => false,
         }
     }
 
@@ -557,6 +591,11 @@ pub async fn listen(changes: Arc<Changes>, cache: Weak<ValidationCache>) {
     loop {
         if let Some(c) = cache.upgrade() {
             c.listener_lost();
+            // The database itself down (not only this connection): Validate
+            // may ride through on the cache within its staleness bound.
+            if !changes.listen_pool.is_closed() && changes.database_down().await {
+                c.database_unreachable();
+            }
         }
         if changes.listening.swap(false, Ordering::AcqRel) {
             changes.queue(Token::Goodbye);

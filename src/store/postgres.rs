@@ -16,9 +16,16 @@ use super::{Dialect, SqlStore, StoreError, StoreResult};
 pub struct PostgresOptions {
     /// Connections per replica.
     pub max_connections: u32,
-    /// How long a call waits for a free connection before UNAVAILABLE.
+    /// How long a call waits for a connection (a free one, or a new one:
+    /// connecting is retried until then) before UNAVAILABLE.
     pub acquire_timeout: Duration,
-    /// Longest a single statement may run (server-side `statement_timeout`).
+    /// Longest a statement waits for a row lock (server-side
+    /// `lock_timeout`): a write queued behind a stalled one gives up, and
+    /// releases the locks it holds, when its caller would.
+    pub lock_timeout: Duration,
+    /// Longest a single statement may run (server-side `statement_timeout`;
+    /// longer than the lock timeout: the validation cache's full load is one
+    /// statement).
     pub statement_timeout: Duration,
 }
 
@@ -26,7 +33,8 @@ impl Default for PostgresOptions {
     fn default() -> Self {
         PostgresOptions {
             max_connections: 16,
-            acquire_timeout: Duration::from_secs(5),
+            acquire_timeout: crate::store::DEFAULT_DATABASE_TIMEOUT,
+            lock_timeout: crate::store::DEFAULT_DATABASE_TIMEOUT,
             statement_timeout: Duration::from_secs(10),
         }
     }
@@ -56,6 +64,7 @@ pub async fn open(url: &str, opts: PostgresOptions) -> StoreResult<SqlStore> {
     sqlx::any::install_default_drivers();
     migrate(url).await?;
     let statement_timeout = opts.statement_timeout.as_millis();
+    let lock_timeout = opts.lock_timeout.as_millis().max(1);
     let pool = AnyPoolOptions::new()
         .max_connections(opts.max_connections.max(1))
         .min_connections(1)
@@ -78,12 +87,16 @@ pub async fn open(url: &str, opts: PostgresOptions) -> StoreResult<SqlStore> {
         })
         .after_connect(move |conn, _| {
             Box::pin(async move {
-                let sql = format!("SET statement_timeout = {statement_timeout}; SET lock_timeout = {statement_timeout}");
+                let sql = format!(
+                    "SET statement_timeout = {statement_timeout}; SET lock_timeout = {lock_timeout}"
+                );
                 conn.execute(sqlx::AssertSqlSafe(sql)).await?;
                 Ok(())
             })
         })
-        .connect_with(AnyConnectOptions::from_str(url).map_err(|e| StoreError::Unavailable(e.to_string()))?)
+        .connect_with(
+            AnyConnectOptions::from_str(url).map_err(|e| StoreError::Unavailable(e.to_string()))?,
+        )
         .await?;
     let changes = super::change_notify::Changes::new(url, opts.statement_timeout)?;
     Ok(SqlStore::new(pool.clone(), pool, Dialect::Postgres)

@@ -183,10 +183,11 @@ impl SqlStore {
     }
 
     /// Answers Validate from a [`ValidationCache`] of every license, loaded
-    /// in the background and refreshed every `refresh` (see
+    /// in the background, refreshed every `refresh`, and answering only
+    /// within `max_staleness` of its last poll (see
     /// [`super::validation_cache`]). Must be called inside a Tokio runtime.
-    pub fn with_validation_cache(mut self, refresh: Duration) -> Self {
-        let cache = Arc::new(ValidationCache::new());
+    pub fn with_validation_cache(mut self, refresh: Duration, max_staleness: Duration) -> Self {
+        let cache = Arc::new(ValidationCache::with_max_staleness(max_staleness));
         let feed = super::cache_feed::Feed::new(
             &cache,
             self.readers.clone(),

@@ -16,7 +16,9 @@ use super::{Dialect, SqlStore, StoreError, StoreResult};
 pub struct SqliteOptions {
     /// Read-only connections (the writer is always one).
     pub read_connections: u32,
-    /// How long a call waits for a free connection before UNAVAILABLE.
+    /// How long a call waits for a free connection, and a statement for
+    /// another process's lock on the file (`busy_timeout`), before
+    /// UNAVAILABLE.
     pub acquire_timeout: Duration,
     /// Bytes of the file Validate's readers map into memory (SQLite's
     /// `mmap_size`); 0 reads with `pread`. See `--sqlite-mmap-mib`.
@@ -27,7 +29,7 @@ impl Default for SqliteOptions {
     fn default() -> Self {
         SqliteOptions {
             read_connections: 4,
-            acquire_timeout: Duration::from_secs(10),
+            acquire_timeout: crate::store::DEFAULT_DATABASE_TIMEOUT,
             mmap_bytes: 0,
         }
     }
@@ -63,15 +65,22 @@ fn any_options(path: &Path, mode: &str) -> StoreResult<AnyConnectOptions> {
         .map_err(|e| StoreError::Internal(format!("bad SQLite path: {e}")))
 }
 
-/// Per-connection settings (WAL itself is persistent).
-const CONNECTION_PRAGMAS: &str = "PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 5000; \
-     PRAGMA synchronous = NORMAL; PRAGMA temp_store = MEMORY;";
+/// Per-connection settings (WAL itself is persistent), with a busy timeout
+/// of `busy_ms`.
+fn connection_pragmas(busy_ms: u128) -> String {
+    format!(
+        "PRAGMA foreign_keys = ON; PRAGMA busy_timeout = {busy_ms}; \
+         PRAGMA synchronous = NORMAL; PRAGMA temp_store = MEMORY;"
+    )
+}
 
 /// Opens (creating and migrating if needed) the database at `path`.
 pub async fn open(path: &Path, opts: SqliteOptions) -> StoreResult<SqlStore> {
     sqlx::any::install_default_drivers();
     migrate(path).await?;
+    let pragmas = connection_pragmas(opts.acquire_timeout.as_millis());
     let pool = |max: u32| {
+        let pragmas = pragmas.clone();
         AnyPoolOptions::new()
             .max_connections(max)
             .min_connections(1)
@@ -80,10 +89,20 @@ pub async fn open(path: &Path, opts: SqliteOptions) -> StoreResult<SqlStore> {
             // default ping before every checkout is a wasted round trip to
             // the connection's worker thread (one of six per write).
             .test_before_acquire(false)
-            .after_connect(|conn, _| {
+            // A COMMIT that fails on a disk error (full, read-only, I/O)
+            // makes SQLite roll the transaction back by itself; the ROLLBACK
+            // sqlx then sends fails ("no transaction is active"), so sqlx
+            // still counts the connection as inside a transaction and every
+            // later BEGIN on it fails: the writer would answer INTERNAL until
+            // a restart. Such a connection is closed instead of reused (the
+            // ping on its release has run any rollback it had queued, so
+            // the count is current here).
+            .before_acquire(|conn, _| Box::pin(async move { Ok(!conn.is_in_transaction()) }))
+            .after_connect(move |conn, _| {
+                let pragmas = pragmas.clone();
                 Box::pin(async move {
                     // Per-connection settings (WAL itself is persistent).
-                    conn.execute(CONNECTION_PRAGMAS).await?;
+                    conn.execute(sqlx::AssertSqlSafe(pragmas)).await?;
                     Ok(())
                 })
             })

@@ -36,8 +36,8 @@ pub struct FastReader {
 }
 
 fn unavailable_or_internal(e: rusqlite::Error) -> StoreError {
-    match e.sqlite_error_code() {
-        Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked) => {
+    match e.sqlite_error() {
+        Some(code) if super::sqlite_unavailable(code.extended_code) => {
             StoreError::Unavailable(e.to_string())
         }
         _ => StoreError::Internal(e.to_string()),

@@ -23,12 +23,18 @@
 //!   transaction. Every replica polls those rows (every
 //!   `--validate-cache-refresh-ms`) and re-reads the licenses they name.
 //!   Products (latest version, grace period) are re-read on every poll.
-//! * The cache answers only while its last successful poll *started* less
-//!   than [`MAX_STALENESS`] ago. A poll reads a snapshot taken after it
-//!   started, so any change committed more than `MAX_STALENESS` before a
-//!   Validate is already applied; if polls stop succeeding (database gone,
-//!   runtime starved) Validate falls back to the database instead of
-//!   answering from old data.
+//! * **The staleness bound.** The cache answers only while its last
+//!   successful poll *started* less than the bound ago
+//!   (`--validate-cache-max-staleness-ms`, default
+//!   [`DEFAULT_MAX_STALENESS`], 800 ms, within the 1 s that replicas
+//!   promise). A poll reads a snapshot taken after it started, so any change
+//!   committed more than the bound before a Validate is already applied; if
+//!   polls stop succeeding (database gone, runtime starved) Validate falls
+//!   back to the database instead of answering from old data, and while
+//!   the database is down too that is `UNAVAILABLE`. So during a database
+//!   outage Validate answers from memory for at most the bound after the
+//!   last poll; an operator who prefers a longer ride-through to the 1 s
+//!   promise raises it.
 //! * A write on this replica marks its license stale as soon as it has
 //!   committed (before its caller hears back): until a poll that *started*
 //!   after the mark has re-read the license, Validate reads it from the
@@ -39,9 +45,16 @@
 //! * With several replicas on PostgreSQL, a write on another replica is
 //!   announced by `LISTEN/NOTIFY` ([`super::change_notify`]): the moment the
 //!   notification arrives, the license is marked as a local write would mark
-//!   it. While the listening connection is down, and until a poll that
-//!   started after it was re-established has finished, the cache does not
-//!   answer (a notification may have been lost meanwhile).
+//!   it. While the listening connection is down a notification may be lost,
+//!   so the cache does not answer, until a poll that started after the
+//!   listener was back has finished. One exception: when the listener's
+//!   own check finds the database down (a fresh connection is refused, by
+//!   the host or by PostgreSQL shutting down), nothing can be written by
+//!   any replica and Validate could only be answered `UNAVAILABLE`; the
+//!   cache then answers on within the staleness bound of its last poll,
+//!   until a poll that started after the loss succeeds (the database
+//!   answers again: Validate reads it). A connection that merely hangs may
+//!   be a replica cut off while others write: no exception then.
 //! * **"No such license" is never answered from memory.** A key the cache
 //!   does not hold may have been issued a moment ago on another replica, so
 //!   Validate asks the database (one indexed read).
@@ -65,9 +78,9 @@ use smallvec::SmallVec;
 use super::ValidationView;
 use crate::domain::{Edition, LicenseKey, LicenseKind, LicenseStatus, Standing, Version};
 
-/// The cache answers only if its last successful poll started less than
-/// this long ago; changes must reach every replica within 1 s.
-pub const MAX_STALENESS: Duration = Duration::from_millis(800);
+/// By default the cache answers only if its last successful poll started
+/// less than this long ago; changes must reach every replica within 1 s.
+pub const DEFAULT_MAX_STALENESS: Duration = Duration::from_millis(800);
 
 /// Entries per storage chunk: the store grows a chunk at a time, never by
 /// copying what it holds.
@@ -226,6 +239,9 @@ pub struct ValidationCache {
     key_hasher: (u64, u64),
     fingerprint_hasher: (u64, u64),
     started: Instant,
+    /// The staleness bound: how long after a poll started the cache may
+    /// answer from what it read.
+    max_staleness: Duration,
     /// Nanoseconds after `started` until which the cache may answer.
     fresh_until: AtomicU64,
     loaded: AtomicBool,
@@ -235,6 +251,12 @@ pub struct ValidationCache {
     gate: AtomicU64,
     /// The latest epoch whose poll finished.
     finished_epoch: AtomicU64,
+    /// The epoch in progress when the change listener was lost: while it
+    /// is down the cache answers only if no later poll (one that started
+    /// after the loss) has finished...
+    lost_at_epoch: AtomicU64,
+    /// ...and the database has been found down since the loss.
+    unreachable: AtomicBool,
     /// Wakes the feed for a poll before its next tick (shared with the
     /// feed, which waits on it without keeping the cache alive).
     nudge: Arc<tokio::sync::Notify>,
@@ -295,19 +317,28 @@ impl Mirror {
 }
 
 impl ValidationCache {
-    /// An empty cache that cannot answer until [`finish_load`](Self::finish_load).
+    /// An empty cache that cannot answer until [`finish_load`](Self::finish_load),
+    /// with the default staleness bound.
     pub fn new() -> Self {
+        Self::with_max_staleness(DEFAULT_MAX_STALENESS)
+    }
+
+    /// [`new`](Self::new) with the staleness bound `max_staleness`.
+    pub fn with_max_staleness(max_staleness: Duration) -> Self {
         let mut rng = rand::rng();
         use rand::Rng;
         ValidationCache {
             key_hasher: (rng.next_u64(), rng.next_u64()),
             fingerprint_hasher: (rng.next_u64(), rng.next_u64()),
             started: Instant::now(),
+            max_staleness,
             fresh_until: AtomicU64::new(0),
             loaded: AtomicBool::new(false),
             disabled: AtomicBool::new(false),
             gate: AtomicU64::new(0),
             finished_epoch: AtomicU64::new(0),
+            lost_at_epoch: AtomicU64::new(0),
+            unreachable: AtomicBool::new(false),
             nudge: Arc::new(tokio::sync::Notify::new()),
             inner: RwLock::new(Mirror::default()),
         }
@@ -339,19 +370,49 @@ impl ValidationCache {
         at.saturating_duration_since(self.started).as_nanos() as u64
     }
 
-    /// Whether the cache may answer at `now` (loaded, polled recently, and
-    /// hearing every change notification).
+    /// Whether the cache may answer at `now`: loaded, polled within the
+    /// staleness bound, and hearing every change notification, or, with
+    /// the listener down, the database found down and no poll
+    /// succeeded since (see the module documentation).
     pub fn is_fresh(&self, now: Instant) -> bool {
-        self.loaded.load(Ordering::Acquire)
-            && !self.disabled.load(Ordering::Relaxed)
-            && self.nanos(now) < self.fresh_until.load(Ordering::Acquire)
-            && self.finished_epoch.load(Ordering::Acquire) >= self.gate.load(Ordering::Acquire)
+        if !self.loaded.load(Ordering::Acquire)
+            || self.disabled.load(Ordering::Relaxed)
+            || self.nanos(now) >= self.fresh_until.load(Ordering::Acquire)
+        {
+            return false;
+        }
+        let finished = self.finished_epoch.load(Ordering::Acquire);
+        match self.gate.load(Ordering::Acquire) {
+            LISTENER_DOWN => {
+                self.unreachable.load(Ordering::Acquire)
+                    && finished <= self.lost_at_epoch.load(Ordering::Acquire)
+            }
+            gate => finished >= gate,
+        }
     }
 
     /// The change listener is not connected: notifications may be lost, so
-    /// the cache stops answering.
+    /// the cache stops answering (unless the database is then found
+    /// unreachable: see [`database_unreachable`](Self::database_unreachable)).
+    /// Called by the listener's task only; again while it stays down, it
+    /// changes nothing.
     pub fn listener_lost(&self) {
-        self.gate.store(LISTENER_DOWN, Ordering::Release);
+        if self.gate.load(Ordering::Acquire) != LISTENER_DOWN {
+            self.unreachable.store(false, Ordering::Release);
+            // A poll that started before the loss and finishes after it
+            // says nothing about the database now; only a later one does.
+            let epoch = self.read().epoch;
+            self.lost_at_epoch.store(epoch, Ordering::Release);
+            self.gate.store(LISTENER_DOWN, Ordering::Release);
+        }
+    }
+
+    /// With the change listener down, a fresh connection to the database
+    /// was refused: nobody can write, so the cache answers
+    /// on within its staleness bound, until a poll that started after the
+    /// loss succeeds.
+    pub fn database_unreachable(&self) {
+        self.unreachable.store(true, Ordering::Release);
     }
 
     /// The change listener is connected (its `LISTEN` has returned): the
@@ -549,9 +610,9 @@ impl ValidationCache {
     }
 
     /// `poll` has applied everything it read: the cache may answer until
-    /// [`MAX_STALENESS`] after the poll started.
+    /// the staleness bound after the poll started.
     pub fn finish_poll(&self, poll: &Poll) {
-        let until = self.nanos(poll.started + MAX_STALENESS);
+        let until = self.nanos(poll.started + self.max_staleness);
         self.fresh_until.fetch_max(until, Ordering::AcqRel);
         self.finished_epoch.fetch_max(poll.epoch, Ordering::AcqRel);
     }
@@ -566,7 +627,7 @@ impl ValidationCache {
         let now = Instant::now();
         let fresh_until = self.fresh_until.load(Ordering::Acquire);
         let last_poll_age = (fresh_until > 0).then(|| {
-            let started = Duration::from_nanos(fresh_until).saturating_sub(MAX_STALENESS);
+            let started = Duration::from_nanos(fresh_until).saturating_sub(self.max_staleness);
             now.saturating_duration_since(self.started + started)
         });
         let m = self.read();

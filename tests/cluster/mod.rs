@@ -85,6 +85,13 @@ impl Replica {
                 "0",
                 "--validate-rate-per-ip",
                 "0",
+                // These scenarios pile hundreds of writes onto one row, on
+                // a small machine, in a debug build: some wait longer than
+                // the 2 s production bound, which would answer them
+                // UNAVAILABLE. They test exact outcomes under contention;
+                // bounded waits are tests/outage.rs's.
+                "--database-timeout-ms",
+                "10000",
                 "--database-url",
                 database_url,
             ])

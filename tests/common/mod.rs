@@ -120,6 +120,16 @@ impl TestDb {
         })
     }
 
+    /// The database at `url`, which the test owns (nothing is dropped).
+    pub fn at(url: &str) -> TestDb {
+        TestDb {
+            url: url.to_string(),
+            admin_url: None,
+            name: None,
+            _dir: None,
+        }
+    }
+
     /// The API suite's database: SQLite, or PostgreSQL when
     /// `LICENSD_TEST_BACKEND=postgres`.
     pub async fn for_api_tests() -> TestDb {
@@ -250,6 +260,12 @@ impl TestServer {
     /// Starts a server on `db` with the default configuration.
     pub async fn start_on(db: TestDb) -> TestServer {
         Self::start_configured(db, Config::default(), None).await
+    }
+
+    /// Starts a server on `db` with `config` (its listen address and
+    /// database are replaced).
+    pub async fn start_on_with(db: TestDb, config: Config) -> TestServer {
+        Self::start_configured(db, config, None).await
     }
 
     /// Like [`start`](Self::start), with the server reading `clock`.

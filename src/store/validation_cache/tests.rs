@@ -147,11 +147,15 @@ fn the_cache_stops_answering_when_polls_stop() {
     let c = loaded(&[row(&k, &[])]);
     let started = poll(&c, &[]);
     assert!(matches!(
-        c.lookup(&k, None, started + MAX_STALENESS - Duration::from_millis(1)),
+        c.lookup(
+            &k,
+            None,
+            started + DEFAULT_MAX_STALENESS - Duration::from_millis(1)
+        ),
         Answer::Found(_)
     ));
     assert_eq!(
-        c.lookup(&k, None, started + MAX_STALENESS),
+        c.lookup(&k, None, started + DEFAULT_MAX_STALENESS),
         Answer::AskDatabase
     );
     // The next poll makes it answer again.
@@ -252,6 +256,64 @@ fn while_the_change_listener_is_down_the_cache_answers_only_after_a_poll_that_st
         c.lookup(&k, None, Instant::now()),
         Answer::Found(_)
     ));
+}
+
+#[test]
+fn with_the_listener_and_the_database_gone_the_cache_answers_within_its_bound_until_a_poll_succeeds()
+ {
+    let k = key();
+    let c = ValidationCache::with_max_staleness(Duration::from_secs(3));
+    let last = poll(&c, &[row(&k, &[])]);
+    c.finish_load();
+    c.listener_lost();
+    // Only the listening connection is gone: no answers from memory.
+    assert_eq!(c.lookup(&k, None, last), Answer::AskDatabase);
+    // The database went away with the listener: no poll succeeds, and the
+    // cache answers within the bound of the last one, not beyond.
+    c.database_unreachable();
+    let within = last + Duration::from_millis(2_900);
+    assert!(matches!(c.lookup(&k, None, within), Answer::Found(_)));
+    assert_eq!(
+        c.lookup(&k, None, last + Duration::from_secs(3)),
+        Answer::AskDatabase
+    );
+    // Lost again while down (the listener retrying): nothing changes.
+    c.listener_lost();
+    assert!(matches!(c.lookup(&k, None, within), Answer::Found(_)));
+    // A poll that started before the loss finishes after it: it says
+    // nothing about the database now.
+    let c2 = ValidationCache::with_max_staleness(Duration::from_secs(3));
+    poll(&c2, &[row(&k, &[])]);
+    c2.finish_load();
+    let before = c2.begin_poll();
+    c2.listener_lost();
+    c2.database_unreachable();
+    c2.apply_products(&before, vec![product("ACME", 1, "2.0")]);
+    c2.finish_poll(&before);
+    assert!(matches!(
+        c2.lookup(&k, None, before.started),
+        Answer::Found(_)
+    ));
+    // A poll succeeds while the listener is still down: the database
+    // answers, and a notification may have been missed: no answers.
+    let during = poll(&c, &[row(&k, &[])]);
+    assert_eq!(c.lookup(&k, None, during), Answer::AskDatabase);
+    c.listener_lost();
+    assert_eq!(c.lookup(&k, None, during), Answer::AskDatabase);
+    // Back, and a poll that started after: answers again.
+    c.listener_ready();
+    let after = poll(&c, &[row(&k, &[])]);
+    assert!(matches!(c.lookup(&k, None, after), Answer::Found(_)));
+}
+
+#[test]
+fn a_cache_whose_listener_was_never_up_does_not_answer_after_its_load() {
+    let k = key();
+    let c = ValidationCache::new();
+    c.listener_lost();
+    let at = poll(&c, &[row(&k, &[])]);
+    c.finish_load();
+    assert_eq!(c.lookup(&k, None, at), Answer::AskDatabase);
 }
 
 #[test]
