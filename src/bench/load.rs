@@ -46,6 +46,9 @@ pub enum Load {
     Issue,
     /// 95% Validate, 4% churn (activate or deactivate), 1% redeem.
     Mixed,
+    /// Half the workers churn, the other half validate, at once: Validate
+    /// under a write flood.
+    Flood,
 }
 
 /// Renewal codes handed out once each, from `next` up to `end`.
@@ -125,6 +128,7 @@ pub async fn run_phase(
             rng: SmallRng::from_rng(&mut rand::rng()),
             pending: None,
             serial: 0,
+            backoff: None,
         };
         tasks.spawn(async move { worker.run(load, deadline).await });
     }
@@ -148,6 +152,8 @@ struct Worker {
     /// The activation this worker made and has not undone: (license, fingerprint).
     pending: Option<(usize, String)>,
     serial: u64,
+    /// The delay the last refusal asked for.
+    backoff: Option<Duration>,
 }
 
 /// What one step did.
@@ -167,6 +173,8 @@ impl Worker {
                 Load::Churn => self.churn().await,
                 Load::Redeem => self.redeem().await,
                 Load::Issue => self.issue().await,
+                Load::Flood if self.id % 2 == 0 => self.churn().await,
+                Load::Flood => self.validate().await,
                 Load::Mixed => {
                     let roll = self.rng.random_range(0..100u32);
                     let step = if roll < 95 {
@@ -187,6 +195,10 @@ impl Worker {
             if matches!(step, Step::Idle) {
                 break;
             }
+            if let Some(wait) = self.backoff.take() {
+                tokio::time::sleep(wait.min(deadline.saturating_duration_since(Instant::now())))
+                    .await;
+            }
         }
         // Give back the seat this worker holds.
         if let Some((i, fp)) = self.pending.take() {
@@ -194,7 +206,14 @@ impl Worker {
         }
     }
 
-    fn record(&self, rpc: Rpc, started: Instant, outcome: Outcome) {
+    fn record(&mut self, rpc: Rpc, started: Instant, outcome: Outcome) {
+        // A refusal that asks to come back later (OVERLOADED, RATE_LIMITED)
+        // is honoured, as a well-behaved client does: hammering a server
+        // that sheds load would measure the hammering.
+        if let Outcome::Error(status) = &outcome {
+            use tonic_types::StatusExt;
+            self.backoff = status.get_details_retry_info().and_then(|r| r.retry_delay);
+        }
         self.recorder.record(rpc, started.elapsed(), outcome);
     }
 

@@ -67,6 +67,11 @@ pub enum Workload {
     Issue,
     /// 95% validate, 4% activate/deactivate, 1% redeem.
     Mixed,
+    /// Half the calls in flight activate/deactivate, half validate, at
+    /// once: Validate's latency under a write flood (with `--concurrency`
+    /// above the server's budgets, the refused writes show as errors).
+    /// Not part of `all`.
+    Flood,
     /// Validate well-formed keys that no license has (an unknown-key flood).
     ValidateUnknown,
     /// With `--replicas 2` or more: a write on the first replica, then
@@ -90,6 +95,7 @@ impl Workload {
             Workload::Redeem => "redeem",
             Workload::Issue => "issue",
             Workload::Mixed => "mixed",
+            Workload::Flood => "flood",
             Workload::ValidateUnknown => "validate-unknown",
             Workload::Lag => "lag",
             Workload::Events => "events",
@@ -476,6 +482,7 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
             Workload::Redeem => (Load::Redeem, &redeem_pool),
             Workload::Issue => (Load::Issue, &no_codes),
             Workload::Mixed => (Load::Mixed, &mixed_pool),
+            Workload::Flood => (Load::Flood, &no_codes),
             Workload::Validate | Workload::Lag | Workload::Events | Workload::All => {
                 unreachable!("expanded above")
             }
