@@ -173,7 +173,7 @@ impl Worker {
                 Load::Churn => self.churn().await,
                 Load::Redeem => self.redeem().await,
                 Load::Issue => self.issue().await,
-                Load::Flood if self.id % 2 == 0 => self.churn().await,
+                Load::Flood if self.id.is_multiple_of(2) => self.churn().await,
                 Load::Flood => self.validate().await,
                 Load::Mixed => {
                     let roll = self.rng.random_range(0..100u32);
