@@ -60,35 +60,26 @@ async fn mixed_writes(nodes: &Nodes, product: &str) -> String {
         })
         .await
         .expect("deactivate");
-    let code = issue_code(nodes, code_req(product, 2, 1)).await;
-    let renewed = activation
-        .redeem_renewal_code(pb::RedeemRenewalCodeRequest {
-            license_key: key.clone(),
-            renewal_code: code,
-            fingerprint: "ws-b".into(),
-            client_version: "1.0.0".into(),
-        })
-        .await;
-    assert!(renewed.is_ok(), "{renewed:?}");
-    // The same code again: a refusal, recorded as an event too.
+    let redeem = |code: String| pb::RedeemRenewalCodeRequest {
+        license_key: key.clone(),
+        renewal_code: code,
+        fingerprint: "ws-b".into(),
+        client_version: "1.0.0".into(),
+    };
+    for _ in 0..2 {
+        let code = issue_code(nodes, code_req(product, 2, 1)).await;
+        activation
+            .redeem_renewal_code(redeem(code))
+            .await
+            .expect("redeem");
+    }
+    // A code again: a refusal, recorded as an event too.
     let code = issue_code(nodes, code_req(product, 2, 1)).await;
     activation
-        .redeem_renewal_code(pb::RedeemRenewalCodeRequest {
-            license_key: key.clone(),
-            renewal_code: code.clone(),
-            fingerprint: "ws-b".into(),
-            client_version: "1.0.0".into(),
-        })
+        .redeem_renewal_code(redeem(code.clone()))
         .await
         .expect("redeem");
-    let refused = activation
-        .redeem_renewal_code(pb::RedeemRenewalCodeRequest {
-            license_key: key.clone(),
-            renewal_code: code,
-            fingerprint: "ws-b".into(),
-            client_version: "1.0.0".into(),
-        })
-        .await;
+    let refused = activation.redeem_renewal_code(redeem(code)).await;
     assert!(refused.is_err(), "a code redeems once");
     let mut licenses = nodes.licenses(0);
     licenses
@@ -194,7 +185,7 @@ async fn every_event_exactly_once(nodes: Nodes) {
             truth.insert(e.id, (key.clone(), e.r#type));
         }
     }
-    assert_eq!(truth.len(), keys.len() * 9, "9 events per round");
+    assert_eq!(truth.len(), keys.len() * 10, "10 events per round");
     *until.lock().unwrap() = truth.keys().next_back().copied();
     tokio::time::timeout(Duration::from_secs(45), consumer)
         .await
