@@ -63,38 +63,38 @@ impl Replica {
         Self::start_with(database_url, index, &[], &[]).await
     }
 
-    /// [`start`](Self::start) with more arguments and environment.
+    /// [`start`](Self::start) with more arguments (a flag given here
+    /// replaces its default) and environment.
     pub async fn start_with(
         database_url: &str,
         index: usize,
         args: &[&str],
         envs: &[(&str, &str)],
     ) -> Replica {
+        // Flags of `args` replace these defaults.
+        let defaults: [(&str, &str); 6] = [
+            ("--log-format", "json"),
+            ("--drain-seconds", "5"),
+            // Every call comes from 127.0.0.1: no per-address limit
+            // (in production the replicas see many addresses).
+            ("--activation-rate-per-ip", "0"),
+            ("--validate-rate-per-ip", "0"),
+            // These scenarios pile hundreds of writes onto one row, on
+            // a small machine, in a debug build: some wait longer than
+            // the 2 s production bound, which would answer them
+            // UNAVAILABLE. They test exact outcomes under contention;
+            // bounded waits are tests/outage.rs's.
+            ("--database-timeout-ms", "10000"),
+            ("--database-url", database_url),
+        ];
         let mut child = Command::new(BIN)
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--log-format",
-                "json",
-                "--drain-seconds",
-                "5",
-                // Every call comes from 127.0.0.1: no per-address limit
-                // (in production the replicas see many addresses).
-                "--activation-rate-per-ip",
-                "0",
-                "--validate-rate-per-ip",
-                "0",
-                // These scenarios pile hundreds of writes onto one row, on
-                // a small machine, in a debug build: some wait longer than
-                // the 2 s production bound, which would answer them
-                // UNAVAILABLE. They test exact outcomes under contention;
-                // bounded waits are tests/outage.rs's.
-                "--database-timeout-ms",
-                "10000",
-                "--database-url",
-                database_url,
-            ])
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(
+                defaults
+                    .iter()
+                    .filter(|(flag, _)| !args.contains(flag))
+                    .flat_map(|(flag, value)| [*flag, *value]),
+            )
             .args(args)
             .envs(envs.iter().copied())
             .stdin(Stdio::null())
@@ -251,6 +251,12 @@ impl Cluster {
     /// Migrates the database once (as an operator would), then starts
     /// `REPLICAS` servers on it; each also migrates at start, harmlessly.
     pub async fn start(database_url: &str) -> (Cluster, Nodes) {
+        Self::start_with(database_url, &[]).await
+    }
+
+    /// [`start`](Self::start) with more arguments for every replica (see
+    /// [`Replica::start_with`]).
+    pub async fn start_with(database_url: &str, args: &[&str]) -> (Cluster, Nodes) {
         let migrate = tokio::time::timeout(
             Duration::from_secs(20),
             tokio::process::Command::new(BIN)
@@ -281,7 +287,7 @@ impl Cluster {
         );
         let token = String::from_utf8(token.stdout).unwrap().trim().to_string();
 
-        let starts = (0..REPLICAS).map(|i| Replica::start(database_url, i));
+        let starts = (0..REPLICAS).map(|i| Replica::start_with(database_url, i, args, &[]));
         let mut replicas = Vec::new();
         // Start them together: concurrent migrations at start must be harmless.
         let started = futures_join_all(starts.collect()).await;
