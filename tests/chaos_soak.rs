@@ -329,6 +329,11 @@ async fn soak(pg: Arc<PgCluster>, seconds: u64, seed: u64) {
         );
     }
     eprintln!(
+        "  freshness: {} changes answered by Validate on a random replica within 1 s of their acknowledgement, {} answers of the previous state meanwhile",
+        fleet.record.fresh.load(Ordering::Relaxed),
+        fleet.record.stale.load(Ordering::Relaxed)
+    );
+    eprintln!(
         "  event feed: {} events, the consumer opened {} streams; their endings: {:?}",
         audit.events, watched.streams, watched.endings
     );

@@ -1,9 +1,10 @@
 //! The soak's mixed load. Customers each run one license's life again and
-//! again (issue, activate two workstations, validate, buy and redeem a
-//! renewal code, deactivate one, suspend, reinstate); a seat pool has more
-//! workstations than seats, taken and freed across the replicas; Validate
-//! is called throughout; a consumer follows the event feed. Each keeps a
-//! model of what it was told, which the audit holds the database to.
+//! again (issue, activate two workstations, buy and redeem a renewal code,
+//! deactivate one, suspend, reinstate; after each change Validate on any
+//! replica must answer it within 1 s); a seat pool has more workstations
+//! than seats, taken and freed across the replicas; Validate is called
+//! throughout; a consumer follows the event feed. Each keeps a model of
+//! what it was told, which the audit holds the database to.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -79,6 +80,45 @@ fn expect<T>(fleet: &Fleet, who: &str, step: &str, res: Result<T, tonic::Status>
     .ok()
 }
 
+/// A change acknowledged on one replica is answered by every replica
+/// within 1 s (SPEC §5): Validate on any replica answers `want` for `key`
+/// from `fingerprint` by a call that starts at most 1 s after the
+/// acknowledgement.
+async fn fresh(fleet: &Fleet, who: &str, key: &str, fingerprint: &str, want: pb::Validity) {
+    let deadline = Instant::now() + Duration::from_secs(1);
+    let req = pb::ValidateRequest {
+        license_key: key.into(),
+        fingerprint: fingerprint.into(),
+        ..Default::default()
+    };
+    loop {
+        let started = Instant::now();
+        let res = fleet
+            .call("validate", |ch| {
+                let req = req.clone();
+                async move { Fleet::activation(ch).validate(req).await }
+            })
+            .await
+            .result;
+        let Some(answer) = expect(fleet, who, "validate", res) else {
+            return;
+        };
+        if answer.validity == want as i32 {
+            fleet.record.fresh.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        fleet.record.stale.fetch_add(1, Ordering::Relaxed);
+        if started > deadline {
+            fleet.record.violation(format!(
+                "{who}: Validate answered {:?} for {fingerprint}, over 1 s after the change to {want:?} was acknowledged",
+                pb::Validity::try_from(answer.validity)
+            ));
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// One customer license's life; `None` where a step failed (recorded).
 async fn life(fleet: &Fleet, model: &Mutex<Model>, w: usize, n: usize) -> Option<()> {
     let who = format!("customer {w}/{n}");
@@ -113,6 +153,7 @@ async fn life(fleet: &Fleet, model: &Mutex<Model>, w: usize, n: usize) -> Option
             .result;
         expect(fleet, &who, "activate", res)?;
     }
+    fresh(fleet, &who, &key, "b", pb::Validity::Valid).await;
 
     let req = code_req(PRODUCT, SEATS, 1);
     let code = fleet
@@ -159,6 +200,7 @@ async fn life(fleet: &Fleet, model: &Mutex<Model>, w: usize, n: usize) -> Option
     if !(freed.ambiguous && refused_with(&freed.result, "MACHINE_NOT_ACTIVATED")) {
         expect(fleet, &who, "deactivate", freed.result)?;
     }
+    fresh(fleet, &who, &key, "b", pb::Validity::NotActivated).await;
 
     let req = pb::SuspendLicenseRequest {
         license_key: key.clone(),
@@ -173,6 +215,7 @@ async fn life(fleet: &Fleet, model: &Mutex<Model>, w: usize, n: usize) -> Option
         .await
         .result;
     expect(fleet, &who, "suspend", res)?;
+    fresh(fleet, &who, &key, "a", pb::Validity::Suspended).await;
     let req = pb::ReinstateLicenseRequest {
         license_key: key.clone(),
         reason: "chaos".into(),
@@ -186,6 +229,7 @@ async fn life(fleet: &Fleet, model: &Mutex<Model>, w: usize, n: usize) -> Option
         .await
         .result;
     expect(fleet, &who, "reinstate", res)?;
+    fresh(fleet, &who, &key, "a", pb::Validity::Valid).await;
     model.lock().unwrap().customers[slot].complete = true;
     Some(())
 }

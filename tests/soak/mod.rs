@@ -9,6 +9,7 @@ pub mod load;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Mutex;
+use std::sync::atomic::AtomicUsize;
 use std::time::{Duration, Instant};
 
 use licensd::proto::activation_service_client::ActivationServiceClient;
@@ -88,6 +89,10 @@ pub struct Record {
     pub t0: Instant,
     samples: Mutex<Vec<Sample>>,
     violations: Mutex<Vec<String>>,
+    /// Changes Validate answered within 1 s, and answers of the previous
+    /// state seen meanwhile.
+    pub fresh: AtomicUsize,
+    pub stale: AtomicUsize,
 }
 
 impl Record {
@@ -96,6 +101,8 @@ impl Record {
             t0,
             samples: Mutex::new(Vec::new()),
             violations: Mutex::new(Vec::new()),
+            fresh: AtomicUsize::new(0),
+            stale: AtomicUsize::new(0),
         }
     }
 
