@@ -1,9 +1,10 @@
 //! The chaos soak (README, Reliability): three `licensd serve` replicas on
 //! one PostgreSQL cluster of the test's own (`tests/pgcluster/mod.rs`) take
 //! a mixed load (`tests/soak/load.rs`) while replicas are SIGKILLed and
-//! started again and the database is restarted, fast and as a crash; then
-//! the database is audited against every invariant and what the load was
-//! told (`tests/soak/audit.rs`).
+//! started again and the database is restarted, fast and as a crash (now
+//! and then with a replica killed while it is down); then the database is
+//! audited against every invariant and what the load was told
+//! (`tests/soak/audit.rs`).
 //!
 //! Not in the default run (`#[ignore]`); loopback only, bounded in time:
 //!
@@ -49,12 +50,49 @@ const DOWN_FOR: (Duration, Duration) = (Duration::from_millis(200), Duration::fr
 #[derive(Default)]
 struct Chaos {
     kills: usize,
+    /// Of which while the database was down.
+    kills_in_outage: usize,
     /// Replica restarts: from the start of the process to serving with its
     /// cache loaded.
     restarts: Vec<Duration>,
     /// Database restarts: (mode, when the stop began, how long it was down,
     /// when `pg_ctl start` returned).
     db_restarts: Vec<(&'static str, Duration, Duration, Duration)>,
+}
+
+/// SIGKILLs a random replica (its calls in flight lose their connection);
+/// returns which.
+fn kill(fleet: &Fleet, replicas: &mut [Replica], rng: &mut Rng, chaos: &mut Chaos) -> usize {
+    let i = rng.below(replicas.len());
+    fleet.down(i);
+    let pid = replicas[i].pid().to_string();
+    let killed = std::process::Command::new("kill")
+        .args(["-KILL", &pid])
+        .status()
+        .expect("kill");
+    assert!(killed.success(), "kill -KILL replica {i}");
+    assert!(
+        !replicas[i].terminate(),
+        "replica {i} exited cleanly after SIGKILL"
+    );
+    chaos.kills += 1;
+    i
+}
+
+/// Starts replica `i` again (on a new port) and hands it to the clients.
+async fn restart(
+    fleet: &Fleet,
+    replicas: &mut [Replica],
+    i: usize,
+    url: &str,
+    args: &[&str],
+    chaos: &mut Chaos,
+) {
+    let started = Instant::now();
+    let replica = Replica::start_with(url, i, args, &[]).await;
+    chaos.restarts.push(started.elapsed());
+    fleet.up(i, replica.addr());
+    replicas[i] = replica;
 }
 
 fn env_u64(name: &str) -> Option<u64> {
@@ -168,6 +206,10 @@ async fn soak(pg: Arc<PgCluster>, seconds: u64, seed: u64) {
             tokio::task::spawn_blocking(move || p.stop_server(mode))
                 .await
                 .unwrap();
+            // Half the time a replica dies too while the database is down,
+            // and comes back after it.
+            let also_killed =
+                (rng.below(2) == 0).then(|| kill(&fleet, &mut replicas, &mut rng, &mut chaos));
             tokio::time::sleep(rng.between(DOWN_FOR.0, DOWN_FOR.1)).await;
             let down_for = t0.elapsed() - began;
             let p = pg.clone();
@@ -177,26 +219,14 @@ async fn soak(pg: Arc<PgCluster>, seconds: u64, seed: u64) {
             chaos
                 .db_restarts
                 .push((mode, began, down_for, t0.elapsed()));
+            if let Some(i) = also_killed {
+                chaos.kills_in_outage += 1;
+                restart(&fleet, &mut replicas, i, &url, &args, &mut chaos).await;
+            }
         } else {
-            let i = rng.below(replicas.len());
-            fleet.down(i);
-            let pid = replicas[i].pid().to_string();
-            let killed = std::process::Command::new("kill")
-                .args(["-KILL", &pid])
-                .status()
-                .expect("kill");
-            assert!(killed.success(), "kill -KILL replica {i}");
-            assert!(
-                !replicas[i].terminate(),
-                "replica {i} exited cleanly after SIGKILL"
-            );
-            chaos.kills += 1;
+            let i = kill(&fleet, &mut replicas, &mut rng, &mut chaos);
             tokio::time::sleep(rng.between(DOWN_FOR.0, DOWN_FOR.1)).await;
-            let started = Instant::now();
-            let replica = Replica::start_with(&url, i, &args, &[]).await;
-            chaos.restarts.push(started.elapsed());
-            fleet.up(i, replica.addr());
-            replicas[i] = replica;
+            restart(&fleet, &mut replicas, i, &url, &args, &mut chaos).await;
         }
     }
     let chaos_over = t0.elapsed();
@@ -291,8 +321,9 @@ async fn soak(pg: Arc<PgCluster>, seconds: u64, seed: u64) {
     let longest = samples.iter().max_by_key(|s| s.took);
     eprintln!("  longest attempt: {longest:?}");
     eprintln!(
-        "  kills {} (replica back serving in {}–{} ms), database restarts {}",
+        "  kills {} ({} while the database was down; replica back serving in {}–{} ms), database restarts {}",
         chaos.kills,
+        chaos.kills_in_outage,
         chaos.restarts.iter().min().map(|d| ms(*d)).unwrap_or(0),
         chaos.restarts.iter().max().map(|d| ms(*d)).unwrap_or(0),
         chaos.db_restarts.len()
