@@ -81,9 +81,9 @@ fn expect<T>(fleet: &Fleet, who: &str, step: &str, res: Result<T, tonic::Status>
 }
 
 /// A change acknowledged on one replica is answered by every replica
-/// within 1 s (SPEC §5): Validate on any replica answers `want` for `key`
-/// from `fingerprint` by a call that starts at most 1 s after the
-/// acknowledgement.
+/// within 1 s (docs/operations.md, Replicas): Validate on any replica
+/// answers `want` for `key` from `fingerprint` by a call that starts at
+/// most 1 s after the acknowledgement.
 async fn fresh(fleet: &Fleet, who: &str, key: &str, fingerprint: &str, want: pb::Validity) {
     let deadline = Instant::now() + Duration::from_secs(1);
     let req = pb::ValidateRequest {
@@ -302,7 +302,7 @@ pub async fn pool_user(
 }
 
 /// Validates acknowledged licenses on any replica until `stop`: a license
-/// that exists is never answered NOT_FOUND (SPEC §5).
+/// that exists is never answered NOT_FOUND (docs/operations.md, Replicas).
 pub async fn validator(fleet: Arc<Fleet>, model: Arc<Mutex<Model>>, stop: Arc<AtomicBool>) {
     while !stop.load(Ordering::Relaxed) {
         let key = {
