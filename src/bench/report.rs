@@ -74,6 +74,8 @@ pub fn code_name(code: tonic::Code) -> &'static str {
 struct RpcCounts {
     /// Latency in microseconds.
     latency: Histogram<u64>,
+    /// Latency of the calls answered (not refused with an error).
+    answered: Histogram<u64>,
     codes: BTreeMap<&'static str, u64>,
     reasons: BTreeMap<String, u64>,
     unexpected: u64,
@@ -86,6 +88,7 @@ impl RpcCounts {
         RpcCounts {
             // 1 µs to 100 s at three significant figures.
             latency: Histogram::new_with_bounds(1, 100_000_000, 3).expect("valid bounds"),
+            answered: Histogram::new_with_bounds(1, 100_000_000, 3).expect("valid bounds"),
             codes: BTreeMap::new(),
             reasons: BTreeMap::new(),
             unexpected: 0,
@@ -124,8 +127,11 @@ impl Recorder {
     /// Records one call of `rpc` that took `elapsed`.
     pub fn record(&self, rpc: Rpc, elapsed: Duration, outcome: Outcome) {
         let mut c = self.rpcs[rpc as usize].lock().expect("not poisoned");
-        c.latency
-            .saturating_record(elapsed.as_micros().clamp(1, u128::from(u64::MAX)) as u64);
+        let us = elapsed.as_micros().clamp(1, u128::from(u64::MAX)) as u64;
+        c.latency.saturating_record(us);
+        if !matches!(outcome, Outcome::Error(_)) {
+            c.answered.saturating_record(us);
+        }
         match outcome {
             Outcome::Ok => *c.codes.entry("OK").or_default() += 1,
             Outcome::Unexpected(what) => {
@@ -156,10 +162,21 @@ impl Recorder {
                     return None;
                 }
                 let q = |p: f64| c.latency.value_at_quantile(p) as f64 / 1000.0;
+                let a = &c.answered;
+                let qa = |p: f64| a.value_at_quantile(p) as f64 / 1000.0;
+                let answered_latency_ms = (!a.is_empty() && a.len() < calls).then(|| Latency {
+                    p50: qa(0.50),
+                    p90: qa(0.90),
+                    p99: qa(0.99),
+                    p999: qa(0.999),
+                    max: a.max() as f64 / 1000.0,
+                });
                 Some(RpcReport {
                     rpc: rpc.name().to_string(),
                     calls,
                     calls_per_sec: calls as f64 / secs,
+                    answered_calls: a.len(),
+                    answered_latency_ms,
                     latency_ms: Latency {
                         p50: q(0.50),
                         p90: q(0.90),
@@ -214,6 +231,11 @@ pub struct RpcReport {
     pub calls_per_sec: f64,
     /// Latency as the client saw it.
     pub latency_ms: Latency,
+    /// Calls answered (not refused with an error).
+    pub answered_calls: u64,
+    /// Their latency, when some calls were refused (under overload, the
+    /// refusals are quick and would hide the accepted calls' latency).
+    pub answered_latency_ms: Option<Latency>,
     /// Calls per gRPC status code (`OK`, `NOT_FOUND`, …).
     pub codes: BTreeMap<String, u64>,
     /// Errors per `CODE/ErrorInfo reason`.
@@ -468,6 +490,18 @@ impl Report {
                     },
                     errors_cell(r),
                 ]);
+                if let Some(l) = &r.answered_latency_ms {
+                    let mut row = vec![String::new(); header.len()];
+                    row[2] = format!("{} answered", r.rpc);
+                    row[3] = thousands(r.answered_calls as f64);
+                    row[4] = thousands(r.answered_calls as f64 / w.seconds.max(1e-9));
+                    row[5] = format!("{:.2}", l.p50);
+                    row[6] = format!("{:.2}", l.p90);
+                    row[7] = format!("{:.2}", l.p99);
+                    row[8] = format!("{:.2}", l.p999);
+                    row[9] = format!("{:.1}", l.max);
+                    rows.push(row);
+                }
             }
             if w.rpcs.len() > 1 {
                 let mut row = vec![String::new(); header.len()];

@@ -38,7 +38,7 @@ impl Default for AdmissionLimits {
     fn default() -> Self {
         AdmissionLimits {
             validate: 1024,
-            other: 256,
+            other: 64,
         }
     }
 }

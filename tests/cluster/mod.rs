@@ -72,7 +72,7 @@ impl Replica {
         envs: &[(&str, &str)],
     ) -> Replica {
         // Flags of `args` replace these defaults.
-        let defaults: [(&str, &str); 6] = [
+        let defaults: [(&str, &str); 7] = [
             ("--log-format", "json"),
             ("--drain-seconds", "5"),
             // Every call comes from 127.0.0.1: no per-address limit
@@ -85,6 +85,9 @@ impl Replica {
             // UNAVAILABLE. They test exact outcomes under contention;
             // bounded waits are tests/outage.rs's.
             ("--database-timeout-ms", "10000"),
+            // They also fire a few hundred calls at once to count exact
+            // outcomes; load shedding is tests/overload.rs's.
+            ("--max-calls-in-flight", "0"),
             ("--database-url", database_url),
         ];
         let mut child = Command::new(BIN)
