@@ -86,13 +86,6 @@ impl EventsReport {
 
 type Waiting = Arc<Mutex<HashMap<String, oneshot::Sender<Instant>>>>;
 
-fn with_bearer<T>(shared: &Shared, msg: T) -> tonic::Request<T> {
-    let mut req = tonic::Request::new(msg);
-    req.metadata_mut()
-        .insert("authorization", shared.bearer.clone());
-    req
-}
-
 /// Runs trials for `duration`: writes through `writer`, streams from
 /// `watched_addr`; `sample` reads the watched server's process.
 pub async fn measure(
@@ -110,15 +103,12 @@ pub async fn measure(
     let mut after = String::new();
     loop {
         let page = admin
-            .list_events(with_bearer(
-                shared,
-                pb::ListEventsRequest {
-                    after: after.clone(),
-                    event_types: types.clone(),
-                    page_size: 1000,
-                    ..Default::default()
-                },
-            ))
+            .list_events(shared.authorized(pb::ListEventsRequest {
+                after: after.clone(),
+                event_types: types.clone(),
+                page_size: 1000,
+                ..Default::default()
+            }))
             .await?
             .into_inner();
         after = page.next_cursor;
@@ -138,14 +128,11 @@ pub async fn measure(
     for i in 0..=watchers {
         let mut client = LicenseServiceClient::new(channels[i / STREAMS_PER_CONNECTION].clone());
         let mut stream = client
-            .watch_events(with_bearer(
-                shared,
-                pb::WatchEventsRequest {
-                    after: after.clone(),
-                    product: shared.product.clone(),
-                    event_types: types.clone(),
-                },
-            ))
+            .watch_events(shared.authorized(pb::WatchEventsRequest {
+                after: after.clone(),
+                product: shared.product.clone(),
+                event_types: types.clone(),
+            }))
             .await?
             .into_inner();
         let (waiting, counts) = (waiting.clone(), counts.clone());
@@ -178,25 +165,19 @@ pub async fn measure(
             let sent = Instant::now();
             if suspend {
                 admin
-                    .suspend_license(with_bearer(
-                        shared,
-                        pb::SuspendLicenseRequest {
-                            license_key: key.clone(),
-                            reason: tag.clone(),
-                            request_id: String::new(),
-                        },
-                    ))
+                    .suspend_license(shared.authorized(pb::SuspendLicenseRequest {
+                        license_key: key.clone(),
+                        reason: tag.clone(),
+                        request_id: String::new(),
+                    }))
                     .await?;
             } else {
                 admin
-                    .reinstate_license(with_bearer(
-                        shared,
-                        pb::ReinstateLicenseRequest {
-                            license_key: key.clone(),
-                            reason: tag.clone(),
-                            request_id: String::new(),
-                        },
-                    ))
+                    .reinstate_license(shared.authorized(pb::ReinstateLicenseRequest {
+                        license_key: key.clone(),
+                        reason: tag.clone(),
+                        request_id: String::new(),
+                    }))
                     .await?;
             }
             let answered = Instant::now();

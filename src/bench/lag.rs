@@ -78,23 +78,19 @@ pub async fn measure(
         trial += 1;
         for suspend in [true, false] {
             let expected = if suspend {
-                let mut req = tonic::Request::new(pb::SuspendLicenseRequest {
+                let req = shared.authorized(pb::SuspendLicenseRequest {
                     license_key: key.clone(),
                     reason: "bench lag".into(),
                     request_id: String::new(),
                 });
-                req.metadata_mut()
-                    .insert("authorization", shared.bearer.clone());
                 admin.suspend_license(req).await?;
                 pb::Validity::Suspended
             } else {
-                let mut req = tonic::Request::new(pb::ReinstateLicenseRequest {
+                let req = shared.authorized(pb::ReinstateLicenseRequest {
                     license_key: key.clone(),
                     reason: "bench lag".into(),
                     request_id: String::new(),
                 });
-                req.metadata_mut()
-                    .insert("authorization", shared.bearer.clone());
                 admin.reinstate_license(req).await?;
                 pb::Validity::Valid
             };

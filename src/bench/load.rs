@@ -88,7 +88,7 @@ pub struct Shared {
     pub codes: Vec<RenewalCode>,
     /// Well-formed keys of the seeded product that no license has.
     pub unknown_keys: Vec<LicenseKey>,
-    /// `authorization` value for IssueLicense.
+    /// `authorization` value for billing calls (see [`Shared::authorized`]).
     pub bearer: tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
     /// The seeded product.
     pub product: String,
@@ -100,6 +100,16 @@ pub struct Shared {
     /// certificate (`certificate_expires_at`), as a product that keeps its
     /// certificate does: the answer then carries none.
     pub certificate_hint: bool,
+}
+
+impl Shared {
+    /// `msg` as a billing call, with the bench's admin token.
+    pub fn authorized<T>(&self, msg: T) -> tonic::Request<T> {
+        let mut req = tonic::Request::new(msg);
+        req.metadata_mut()
+            .insert("authorization", self.bearer.clone());
+        req
+    }
 }
 
 /// Runs `load` with `shared.concurrency` workers over `channels` for
@@ -404,7 +414,7 @@ impl Worker {
 
     async fn issue(&mut self) -> Step {
         self.serial += 1;
-        let mut req = tonic::Request::new(pb::IssueLicenseRequest {
+        let req = self.shared.authorized(pb::IssueLicenseRequest {
             request_id: format!("bench-{}-{}-{}", self.shared.run_id, self.id, self.serial),
             product: self.shared.product.clone(),
             edition: pb::Edition::Business as i32,
@@ -416,8 +426,6 @@ impl Worker {
             customer_ref: format!("bench-{}", self.id),
             reseller: String::new(),
         });
-        req.metadata_mut()
-            .insert("authorization", self.shared.bearer.clone());
         let started = Instant::now();
         let res = self.license.issue_license(req).await;
         let outcome = match res {
