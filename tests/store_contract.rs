@@ -1198,9 +1198,10 @@ async fn postgres_changes_are_pushed_and_a_lost_listener_silences_the_cache_unti
     // The database drops the listening connection.
     let killed: Vec<bool> = sqlx::query_scalar(
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-         WHERE datname = $1 AND query LIKE 'LISTEN%'",
+         WHERE datname = $1 AND application_name = $2",
     )
     .bind(db.name.as_deref().unwrap())
+    .bind(cached.change_listener_name().unwrap())
     .fetch_all(&mut admin)
     .await
     .unwrap();

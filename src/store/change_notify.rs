@@ -26,27 +26,49 @@
 //! after [`ANNOUNCE_WAIT`]): by then no replica answers the old state from
 //! memory.
 //!
-//! **Knowing the others.** A replica says hello when its listener connects
-//! and every [`HELLO_EVERY`] while it listens; one that hears a hello from
-//! a replica it did not know answers with its own, so replicas find each
-//! other at once. A replica that loses its listener or shuts down says
-//! goodbye. A writer waits only for replicas heard from within
-//! [`PEER_TTL`], and only for notifications sent after it heard their
-//! hello (earlier ones reached them before they listened, and their first
-//! poll covers those). One that does not acknowledge in time (a crash, a
-//! stall) is not waited for again until it acknowledges that batch or a
-//! later one, so a dead replica costs one wait, not one per write.
+//! **Every replica listens.** Also one without a validation cache: it has
+//! nothing to mark and acknowledges nothing, but it hears its own
+//! notifications back and the others' acknowledgements, so its writes wait
+//! for the replicas that cache (and its event feed wakes at their writes).
+//!
+//! **Knowing the others.** A replica with a cache joins when its listener
+//! connects (or when its cache is switched on): it says hello and "joined"
+//! (`+ ^`), and says hello again every [`HELLO_EVERY`] while it listens; one
+//! that hears a hello from a replica it did not know answers with its own,
+//! so replicas find each other at once. A replica without a cache asks
+//! instead (`?`), and every caching replica that hears it says hello. A
+//! replica that loses its listener or shuts down says goodbye. A writer
+//! waits only for replicas heard from within [`PEER_TTL`], and only for
+//! notifications sent after it heard them join or first heard their hello
+//! (earlier ones reached them before they listened, and the poll they make
+//! after joining covers those). One that does not acknowledge in time (a
+//! crash, a stall) is not waited for again until it acknowledges that batch
+//! or a later one, or joins again, so a dead replica costs one wait, not one
+//! per write.
+//!
+//! **Joining, exactly.** A joining replica's cache answers again only once
+//! a poll that started after its own join was heard back has finished. A
+//! write whose notification committed before the join committed before
+//! that poll started, so the poll reads it; one whose notification
+//! committed after the join reaches the listener, and its writer heard the
+//! join before its own notification came back (a channel delivers in commit
+//! order), so it waits for this replica's acknowledgement. No write is
+//! answered while a replica that missed it answers from memory. A replica
+//! whose listener reconnects keeps the others it knew (their acknowledgements
+//! reach it again at once); they say hello again within [`PEER_TTL`] or are
+//! no longer waited for.
 //!
 //! **What the poll still does.** It stays, every refresh interval, as the
 //! backstop for a notification that never came: a writer that died between
 //! its commit and its notification, a dropped listening connection. While
 //! the listener is disconnected the cache does not answer, and after it has
-//! reconnected it answers again only once a poll that started after the
-//! reconnection has caught up.
+//! reconnected it answers again only once a poll that started after it
+//! joined again has caught up.
 //!
 //! **Payload.** `"<replica>:<batch> <token> …"`: the sender's random id in
 //! hex and its batch number, then tokens: normalised license keys (A–Z,
-//! 0–9), `*` for "the products changed", `+` hello and `-` goodbye; on an
+//! 0–9), `*` for "the products changed", `+` hello, `^` joined, `?` "who
+//! acknowledges?" and `-` goodbye; on an
 //! acknowledgement channel, `<replica>:<batch>` acknowledging that
 //! replica's batches up to that one.
 //! Anything else in a payload is ignored: a notification can only make
@@ -116,6 +138,11 @@ enum Token {
     },
     /// "I listen: wait for my acknowledgements."
     Hello,
+    /// Hello, and "I did not listen before this: whatever you sent earlier
+    /// my poll reads; wait for me from now on".
+    Join,
+    /// "Who acknowledges? Say hello." (A replica without a cache.)
+    Probe,
     /// "I no longer listen."
     Goodbye,
 }
@@ -134,6 +161,20 @@ struct Progress {
     /// Writes waiting for their batch to be done, by batch (each woken
     /// once, not at every acknowledgement).
     waiters: BTreeMap<u64, Vec<oneshot::Sender<()>>>,
+    /// The validation cache this replica marks and acknowledges for, once
+    /// switched on.
+    cache: Option<Weak<ValidationCache>>,
+    /// Joined on this listener connection and not heard back yet: the
+    /// cache answers only after it is.
+    joining: bool,
+    /// When the listener was last lost.
+    lost_at: Option<Instant>,
+}
+
+impl Progress {
+    fn cache(&self) -> Option<Arc<ValidationCache>> {
+        self.cache.as_ref().and_then(Weak::upgrade)
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -216,6 +257,8 @@ pub struct Changes {
     listening: AtomicBool,
     /// Woken by every change heard from another replica (the event feed).
     on_change: std::sync::OnceLock<Arc<tokio::sync::Notify>>,
+    /// Dropped with this: the listener's task ends.
+    _alive: oneshot::Sender<()>,
 }
 
 impl Changes {
@@ -224,11 +267,12 @@ impl Changes {
         let _ = self.on_change.set(wake);
     }
 
-    /// Sets up both ends for the database at `url` (connections are made
-    /// on first use). Must be called inside a Tokio runtime.
+    /// Sets up both ends for the database at `url` and starts listening.
+    /// Must be called inside a Tokio runtime.
     pub fn new(url: &str, statement_timeout: Duration) -> StoreResult<Arc<Changes>> {
         let options =
             PgConnectOptions::from_str(url).map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        let replica: u64 = rand::random();
         let ms = statement_timeout.as_millis().to_string();
         let send_pool = PgPoolOptions::new()
             .max_connections(1)
@@ -241,10 +285,12 @@ impl Changes {
         let listen_pool = PgPoolOptions::new()
             .max_connections(1)
             .acquire_timeout(Duration::from_secs(2))
-            .connect_lazy_with(options.clone());
+            // Which replica listens, for whoever reads pg_stat_activity.
+            .connect_lazy_with(options.clone().application_name(&listener_name(replica)));
         let (queue, rx) = mpsc::unbounded_channel();
+        let (alive, gone) = oneshot::channel();
         let changes = Arc::new(Changes {
-            replica: rand::random(),
+            replica,
             queue,
             send_pool,
             listen_pool,
@@ -252,10 +298,31 @@ impl Changes {
             progress: Mutex::new(Progress::default()),
             listening: AtomicBool::new(false),
             on_change: std::sync::OnceLock::new(),
+            _alive: alive,
         });
         tokio::spawn(send_loop(Arc::downgrade(&changes), rx));
         tokio::spawn(say_hello(Arc::downgrade(&changes)));
+        tokio::spawn(listen(Arc::downgrade(&changes), gone));
         Ok(changes)
+    }
+
+    /// The `application_name` of this replica's listening connection.
+    pub fn listener_name(&self) -> String {
+        listener_name(self.replica)
+    }
+
+    /// Marks and acknowledges for `cache` from now on. It answers once this
+    /// replica has joined (again) and caught up.
+    pub fn attach_cache(&self, cache: &Arc<ValidationCache>) {
+        // Not answering until joined (no window in which a notification
+        // could be missed unnoticed).
+        cache.listener_lost();
+        let mut p = self.progress();
+        p.cache = Some(Arc::downgrade(cache));
+        if self.listening.load(Ordering::Acquire) {
+            p.joining = true;
+            self.queue(Token::Join);
+        }
     }
 
     /// Announces `change` (committed) to every replica; returns once it has
@@ -368,7 +435,8 @@ impl Changes {
     /// Says goodbye (briefly waiting for it to go out), then closes both
     /// connections; the tasks end.
     pub async fn close(&self) {
-        if self.listening.swap(false, Ordering::AcqRel) {
+        let caching = self.progress().cache.is_some();
+        if self.listening.swap(false, Ordering::AcqRel) && caching {
             let (done, sent) = oneshot::channel();
             if self.queue.send((Token::Goodbye, Some(done))).is_ok() {
                 let _ = tokio::time::timeout(Duration::from_millis(200), sent).await;
@@ -391,7 +459,8 @@ async fn say_hello(changes: Weak<Changes>) {
         if c.send_pool.is_closed() {
             return;
         }
-        if c.listening.load(Ordering::Acquire) {
+        let caching = c.progress().cache.is_some();
+        if caching && c.listening.load(Ordering::Acquire) {
             c.queue(Token::Hello);
         }
     }
@@ -501,7 +570,10 @@ fn ack_channel(replica: u64) -> String {
 fn notify_sql<'a>(replica: u64, batch_no: u64, tokens: impl Iterator<Item = &'a Token>) -> String {
     let header = format!("{replica:x}:{batch_no}");
     let mut words: Vec<String> = Vec::new();
-    let (mut products, mut hello, mut goodbye) = (false, false, false);
+    let (mut products, mut probe) = (false, false);
+    // The last of hello, join and goodbye in queue order says whether this
+    // replica listens; a join stays a join if a hello follows it.
+    let mut presence: Option<&Token> = None;
     let mut acks: Vec<(u64, u64)> = Vec::new();
     for token in tokens {
         match token {
@@ -511,15 +583,19 @@ fn notify_sql<'a>(replica: u64, batch_no: u64, tokens: impl Iterator<Item = &'a 
                 Some((_, b)) => *b = (*b).max(*batch),
                 None => acks.push((*replica, *batch)),
             },
-            Token::Hello => hello = true,
-            Token::Goodbye => goodbye = true,
+            Token::Hello if presence == Some(&Token::Join) => {}
+            Token::Hello | Token::Join | Token::Goodbye => presence = Some(token),
+            Token::Probe => probe = true,
         }
     }
     words.extend(products.then(|| "*".to_string()));
-    // A goodbye after a hello in the same batch wins (it was queued last
-    // when the listener went down).
-    words.extend(goodbye.then(|| "-".to_string()));
-    words.extend((hello && !goodbye).then(|| "+".to_string()));
+    match presence {
+        Some(Token::Goodbye) => words.push("-".to_string()),
+        Some(Token::Hello) => words.push("+".to_string()),
+        Some(Token::Join) => words.extend(["+".to_string(), "^".to_string()]),
+        _ => {}
+    }
+    words.extend(probe.then(|| "?".to_string()));
     let mut notifications: Vec<(String, String)> = Vec::new();
     for word in &words {
         match notifications.last_mut() {
@@ -535,12 +611,12 @@ fn notify_sql<'a>(replica: u64, batch_no: u64, tokens: impl Iterator<Item = &'a 
     }
     let mut sql = String::new();
     for (channel, payload) in &notifications {
-        // A payload holds only [0-9a-f:], A-Z, 0-9, '*', '+', '-' and
-        // spaces, a channel [a-z0-9_]: no quote can end the literal.
+        // A payload holds only [0-9a-f:], A-Z, 0-9, '*', '+', '^', '?',
+        // '-' and spaces, a channel [a-z0-9_]: no quote can end the literal.
         debug_assert!(
             payload
                 .chars()
-                .all(|c| c.is_ascii_alphanumeric() || " :*+-".contains(c))
+                .all(|c| c.is_ascii_alphanumeric() || " :*+^?-".contains(c))
         );
         sql.push_str(&format!("NOTIFY {channel}, '{payload}'; "));
     }
@@ -556,6 +632,8 @@ struct Parsed {
     products: bool,
     acks: Vec<(u64, u64)>,
     hello: bool,
+    joined: bool,
+    probe: bool,
     goodbye: bool,
 }
 
@@ -575,6 +653,8 @@ fn parse_payload(payload: &str) -> Parsed {
         match token {
             "*" => parsed.products = true,
             "+" => parsed.hello = true,
+            "^" => parsed.joined = true,
+            "?" => parsed.probe = true,
             "-" => parsed.goodbye = true,
             _ if token.contains(':') => parsed.acks.extend(replica_and_batch(token)),
             _ => parsed.keys.extend(LicenseKey::parse(token).ok()),
@@ -583,74 +663,108 @@ fn parse_payload(payload: &str) -> Parsed {
     parsed
 }
 
-/// Keeps one listening connection for `cache` until the store closes:
-/// marks and acknowledges what other replicas announce, and records this
-/// replica's echoes and the others' acknowledgements.
-pub async fn listen(changes: Arc<Changes>, cache: Weak<ValidationCache>) {
+/// The `application_name` of `replica`'s listening connection.
+fn listener_name(replica: u64) -> String {
+    format!("licensd listener {replica:x}")
+}
+
+/// Keeps one listening connection until the store closes (or `changes` is
+/// dropped: `gone`): records this replica's echoes and the others'
+/// acknowledgements, hellos and goodbyes, and with a cache marks and
+/// acknowledges what other replicas announce.
+async fn listen(changes: Weak<Changes>, mut gone: oneshot::Receiver<()>) {
     let mut lost_before = false;
     loop {
-        if let Some(c) = cache.upgrade() {
-            c.listener_lost();
-            // The database itself down (not only this connection): Validate
-            // may ride through on the cache within its staleness bound.
-            if !changes.listen_pool.is_closed() && changes.database_down().await {
-                c.database_unreachable();
-            }
-        }
-        if changes.listening.swap(false, Ordering::AcqRel) {
-            changes.queue(Token::Goodbye);
-        }
-        if changes.listen_pool.is_closed() {
+        let Some(c) = changes.upgrade() else {
+            return;
+        };
+        if c.listen_pool.is_closed() {
             return;
         }
-        let mut listener = match connect(&changes.listen_pool, changes.replica).await {
+        let cache = {
+            let mut p = c.progress();
+            p.joining = false;
+            p.lost_at = Some(Instant::now());
+            if c.listening.swap(false, Ordering::AcqRel) && p.cache.is_some() {
+                c.queue(Token::Goodbye);
+            }
+            p.cache()
+        };
+        if let Some(cache) = &cache {
+            cache.listener_lost();
+            // The database itself down (not only this connection): Validate
+            // may ride through on the cache within its staleness bound.
+            if c.database_down().await {
+                cache.database_unreachable();
+            }
+        }
+        drop(cache);
+        let mut listener = match connect(&c.listen_pool, c.replica).await {
             Ok(l) => l,
             Err(e) => {
-                if changes.listen_pool.is_closed() {
+                if c.listen_pool.is_closed() {
                     return;
                 }
                 if !lost_before {
                     lost_before = true;
                     tracing::warn!(error = %e, "change listener: cannot listen; Validate reads the database until it can");
                 }
+                drop(c);
                 tokio::time::sleep(RECONNECT_PAUSE).await;
                 continue;
             }
         };
-        let Some(c) = cache.upgrade() else {
-            return;
-        };
-        // Whom we waited for before may have missed our goodbye; they say
-        // hello again if they still listen.
-        {
-            let mut p = changes.progress();
-            p.peers.clear();
-            p.release(Instant::now());
-        }
-        changes.listening.store(true, Ordering::Release);
-        changes.queue(Token::Hello);
-        c.listener_ready();
-        drop(c);
+        c.joined_listener();
         if lost_before {
             tracing::info!("change listener: listening again");
         }
+        drop(c);
         let error = loop {
-            match listener.try_recv().await {
+            let received = tokio::select! {
+                received = listener.try_recv() => received,
+                _ = &mut gone => return,
+            };
+            match received {
                 Ok(Some(n)) => {
-                    let Some(c) = cache.upgrade() else {
+                    let Some(c) = changes.upgrade() else {
                         return;
                     };
-                    receive(&changes, &c, n.payload());
+                    receive(&c, n.payload());
                 }
                 Ok(None) => break "connection lost".to_string(),
                 Err(e) => break e.to_string(),
             }
         };
-        if changes.listen_pool.is_closed() {
-            return;
+        match changes.upgrade() {
+            Some(c) if !c.listen_pool.is_closed() => {}
+            _ => return,
         }
         lost_before = true;
         tracing::warn!(error = %error, "change listener: connection lost; Validate reads the database until it has caught up");
+    }
+}
+
+impl Changes {
+    /// The listener is connected (its `LISTEN` has returned).
+    fn joined_listener(&self) {
+        let mut p = self.progress();
+        let now = Instant::now();
+        // The replicas that listened when ours was lost still acknowledge
+        // our notifications (those reach them, and their acknowledgements
+        // us again): keep waiting for them until they fall silent.
+        let lost_at = p.lost_at.unwrap_or(now);
+        p.peers.retain(|_, peer| peer.listening(lost_at));
+        for peer in p.peers.values_mut() {
+            peer.seen = peer.seen.max(now);
+        }
+        self.listening.store(true, Ordering::Release);
+        if p.cache.is_some() {
+            p.joining = true;
+            self.queue(Token::Join);
+        } else {
+            self.queue(Token::Probe);
+        }
+        p.release(now);
     }
 }
 
@@ -664,31 +778,43 @@ async fn connect(pool: &PgPool, replica: u64) -> Result<PgListener, sqlx::Error>
     Ok(listener)
 }
 
-fn receive(changes: &Changes, cache: &ValidationCache, payload: &str) {
+fn receive(changes: &Changes, payload: &str) {
     let parsed = parse_payload(payload);
     let Some(from) = parsed.replica else {
         return;
     };
+    let now = Instant::now();
+    let mut p = changes.progress();
+    let cache = p.cache();
     if from == changes.replica {
         // Our own: this replica marked the change before sending it.
-        let mut p = changes.progress();
         if parsed.batch_no > p.echo {
             p.echo = parsed.batch_no;
-            p.release(Instant::now());
+            p.release(now);
+        }
+        if parsed.hello && p.joining {
+            // Heard back: every writer that hears its own notification
+            // back from now on waits for us. What was sent before, a poll
+            // that starts now reads.
+            p.joining = false;
+            if let Some(cache) = &cache {
+                cache.listener_ready();
+            }
         }
         return;
     }
-    if !parsed.keys.is_empty() {
-        cache.mark_all_changed(&parsed.keys);
+    let changed = !parsed.keys.is_empty() || parsed.products;
+    if changed && let Some(wake) = changes.on_change.get() {
+        wake.notify_one();
     }
-    if parsed.products {
-        cache.mark_products_changed();
-    }
-    if !parsed.keys.is_empty() || parsed.products {
-        cache.nudge();
-        if let Some(wake) = changes.on_change.get() {
-            wake.notify_one();
+    if let Some(cache) = cache.as_ref().filter(|_| changed) {
+        if !parsed.keys.is_empty() {
+            cache.mark_all_changed(&parsed.keys);
         }
+        if parsed.products {
+            cache.mark_products_changed();
+        }
+        cache.nudge();
         // Marked: the writer may answer its caller.
         changes.queue(Token::Ack {
             replica: from,
@@ -701,44 +827,59 @@ fn receive(changes: &Changes, cache: &ValidationCache, payload: &str) {
         .filter(|(r, _)| *r == changes.replica)
         .map(|&(_, b)| b)
         .max();
-    let mut answer_hello = false;
-    let now = Instant::now();
-    let mut p = changes.progress();
-    if parsed.goodbye {
-        p.peers.remove(&from);
-    } else if parsed.hello {
-        let echo = p.echo;
-        match p.peers.get_mut(&from) {
-            Some(peer) if peer.listening(now) => peer.seen = now,
-            _ => {
-                answer_hello = true;
-                p.peers.insert(
-                    from,
-                    Peer {
-                        seen: now,
-                        since: echo,
-                        acked: echo,
-                        late: 0,
-                    },
-                );
+    let answer_hello = p.heard(from, &parsed, ours, now);
+    let caching = p.cache.is_some();
+    drop(p);
+    if answer_hello && caching && changes.listening.load(Ordering::Acquire) {
+        changes.queue(Token::Hello);
+    }
+}
+
+impl Progress {
+    /// What another replica's notification says about it: its hello, join
+    /// or goodbye, and `ours`, the highest of our batches it acknowledges.
+    /// Whether to say hello to it.
+    fn heard(&mut self, from: u64, parsed: &Parsed, ours: Option<u64>, now: Instant) -> bool {
+        let mut answer_hello = parsed.probe;
+        if parsed.goodbye {
+            self.peers.remove(&from);
+        } else if parsed.hello {
+            let echo = self.echo;
+            let known = self
+                .peers
+                .get(&from)
+                .is_some_and(|peer| peer.listening(now));
+            // A replica new to us: let it know us at once.
+            answer_hello |= !known;
+            match self.peers.get_mut(&from) {
+                Some(peer) if known && !parsed.joined => peer.seen = now,
+                // New, or joined again: waited for from our next batch on
+                // (its poll reads what went before), even if it was late.
+                _ => {
+                    self.peers.insert(
+                        from,
+                        Peer {
+                            seen: now,
+                            since: echo,
+                            acked: echo,
+                            late: 0,
+                        },
+                    );
+                }
             }
         }
-    }
-    if let (Some(batch), Some(peer)) = (ours, p.peers.get_mut(&from))
-        && batch > peer.acked
-    {
-        peer.acked = batch;
-        if peer.acked >= peer.late {
-            peer.late = 0;
+        if let (Some(batch), Some(peer)) = (ours, self.peers.get_mut(&from))
+            && batch > peer.acked
+        {
+            peer.acked = batch;
+            if peer.acked >= peer.late {
+                peer.late = 0;
+            }
         }
-    }
-    // Also when nothing changed: a replica silent for longer than the TTL
-    // is no longer waited for.
-    p.release(now);
-    drop(p);
-    if answer_hello && changes.listening.load(Ordering::Acquire) {
-        // A replica new to us: let it know us at once.
-        changes.queue(Token::Hello);
+        // Also when nothing changed: a replica silent for longer than the
+        // TTL is no longer waited for.
+        self.release(now);
+        answer_hello
     }
 }
 
@@ -787,6 +928,8 @@ mod tests {
                 products: true,
                 acks: vec![],
                 hello: true,
+                joined: false,
+                probe: false,
                 goodbye: false,
             }
         );
@@ -857,11 +1000,70 @@ mod tests {
         );
     }
 
+    fn folded(tokens: &[Token]) -> Parsed {
+        let sql = notify_sql(1, 1, tokens.iter());
+        parse_payload(sql.split('\'').nth(1).unwrap())
+    }
+
     #[test]
-    fn a_goodbye_queued_after_a_hello_wins() {
-        let sql = notify_sql(1, 1, [Token::Hello, Token::Goodbye, Token::Hello].iter());
-        let parsed = parse_payload(sql.split('\'').nth(1).unwrap());
-        assert!(parsed.goodbye && !parsed.hello);
+    fn the_last_of_hello_join_and_goodbye_in_a_batch_wins() {
+        use Token::*;
+        // Shutting down: the goodbye was queued last.
+        let p = folded(&[Hello, Join, Goodbye]);
+        assert!(p.goodbye && !p.hello && !p.joined);
+        // The listener lost and connected again: it joins.
+        let p = folded(&[Hello, Goodbye, Join, Hello]);
+        assert!(p.hello && p.joined && !p.goodbye);
+        let p = folded(&[Goodbye, Hello]);
+        assert!(p.hello && !p.joined && !p.goodbye);
+        let p = folded(&[Probe, Probe]);
+        assert!(p.probe && !p.hello && !p.goodbye);
+    }
+
+    fn said(hello: bool, joined: bool, goodbye: bool) -> Parsed {
+        Parsed {
+            replica: Some(9),
+            hello,
+            joined,
+            goodbye,
+            ..Parsed::default()
+        }
+    }
+
+    #[test]
+    fn a_replica_that_joins_again_is_waited_for_from_then_on_even_if_it_was_late() {
+        let now = Instant::now();
+        let mut p = Progress {
+            echo: 10,
+            ..Progress::default()
+        };
+        assert!(
+            p.heard(9, &said(true, true, false), None, now),
+            "new: answered"
+        );
+        assert!(!p.done(11, now));
+        assert!(!p.heard(9, &said(true, false, false), None, now), "known");
+        // It missed batch 11 (its listener was lost): late.
+        p.peers.get_mut(&9).unwrap().late = 11;
+        p.echo = 12;
+        assert!(p.done(12, now), "late: not waited for");
+        // It joins again: waited for from batch 13 on, not for 11 or 12.
+        assert!(!p.heard(9, &said(true, true, false), None, now));
+        assert!(p.done(12, now));
+        p.echo = 13;
+        assert!(!p.done(13, now));
+        assert!(!p.heard(9, &said(false, false, false), Some(13), now));
+        assert!(p.done(13, now));
+        // A goodbye: not waited for; its next hello is answered.
+        assert!(!p.heard(9, &said(false, false, true), None, now));
+        p.echo = 14;
+        assert!(p.done(14, now));
+        assert!(p.heard(9, &said(true, false, false), None, now));
+        // A replica without a cache asks; it is answered.
+        let mut asked = said(false, false, false);
+        asked.probe = true;
+        assert!(p.heard(8, &asked, None, now));
+        assert!(!p.peers.contains_key(&8), "it is not waited for");
     }
 
     fn peer(seen: Instant, since: u64) -> Peer {

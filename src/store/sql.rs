@@ -196,13 +196,7 @@ impl SqlStore {
             self.fast_reads.clone(),
         );
         if let Some(changes) = &self.changes {
-            // Not answering until the listener is up (no window in which a
-            // notification could be missed unnoticed).
-            cache.listener_lost();
-            tokio::spawn(super::change_notify::listen(
-                changes.clone(),
-                Arc::downgrade(&cache),
-            ));
+            changes.attach_cache(&cache);
         }
         tokio::spawn(feed.run());
         self.cache = Some(cache);
@@ -233,6 +227,12 @@ impl SqlStore {
     /// PostgreSQL: how many other replicas a write waits for now.
     pub fn replicas_listening(&self) -> Option<usize> {
         self.changes.as_ref().map(|c| c.peers_listening())
+    }
+
+    /// PostgreSQL: the `application_name` of this replica's connection
+    /// listening for the others' changes.
+    pub fn change_listener_name(&self) -> Option<String> {
+        self.changes.as_ref().map(|c| c.listener_name())
     }
 
     /// After a write with this `result` (any outcome but a refusal may have
