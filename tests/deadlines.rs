@@ -44,14 +44,11 @@ struct Told {
 fn outcome<T>(res: &Result<T, tonic::Status>) -> String {
     match res {
         Ok(_) => "OK".into(),
-        Err(s) => {
-            let reason = s
-                .get_error_details()
-                .error_info()
-                .map(|i| i.reason.clone())
-                .unwrap_or_default();
-            format!("{:?} {reason}", s.code())
-        }
+        Err(s) => match s.get_error_details().error_info() {
+            Some(info) => format!("{:?} {}", s.code(), info.reason),
+            // No reason: the message says where it came from.
+            None => format!("{:?} without a reason: {:?}", s.code(), s.message()),
+        },
     }
 }
 
@@ -239,27 +236,28 @@ async fn deadlines_under_load_leave_every_write_whole(db: TestDb) {
         "FailedPrecondition SEAT_LIMIT_REACHED",
         "FailedPrecondition RENEWAL_CODE_ALREADY_REDEEMED",
     ];
-    // Known and open: about one call in several thousand (once in CI, in
-    // 720 calls on PostgreSQL) was answered CANCELLED without an ErrorInfo
-    // instead of DEADLINE_EXCEEDED; where it comes from is not found yet
-    // (not tonic's own timer, which cannot fire before this layer's). At
-    // most one per run is tolerated, and said out loud.
-    let cancelled: usize = told
+    // tonic's own timer answers CANCELLED ("Timeout expired") if it wins
+    // the race with the deadline layer's; the layer's margin makes that
+    // need a stall of a millisecond between two adjacent steps (before the
+    // margin: about one call in 5,000 here). One per run is tolerated, and
+    // said out loud.
+    let is_cancelled = |o: &str| o.starts_with("Cancelled without a reason");
+    let cancelled: Vec<_> = told
         .answers
         .iter()
-        .filter(|((_, o), _)| o.as_str() == "Cancelled ")
-        .map(|(_, n)| *n)
-        .sum();
-    if cancelled > 0 {
+        .filter(|((_, o), _)| is_cancelled(o))
+        .collect();
+    let cancelled_calls: usize = cancelled.iter().map(|(_, n)| **n).sum();
+    if cancelled_calls > 0 {
         eprintln!(
-            "KNOWN ISSUE: {cancelled} call(s) answered CANCELLED instead of DEADLINE_EXCEEDED"
+            "KNOWN ISSUE: {cancelled_calls} call(s) answered CANCELLED instead of DEADLINE_EXCEEDED: {cancelled:?}"
         );
     }
     let unexpected: Vec<_> = told
         .answers
         .iter()
         .filter(|((_, o), _)| !allowed.contains(&o.as_str()))
-        .filter(|((_, o), _)| !(o.as_str() == "Cancelled " && cancelled <= 1))
+        .filter(|((_, o), _)| !(is_cancelled(o) && cancelled_calls <= 1))
         .collect();
     assert!(
         unexpected.is_empty(),

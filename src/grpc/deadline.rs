@@ -5,11 +5,15 @@
 //! Why our own layer: tonic enforces `grpc-timeout` itself, but answers an
 //! expired call `CANCELLED` ("Timeout expired"), which tells a client that
 //! *it* gave up. tonic's timer sits outside every layer of ours and starts
-//! once our layers have been called, so this layer's deadline, taken in
-//! [`tower::Service::call`] (synchronously, from the outermost layer that
-//! calls on synchronously), is never later than tonic's; when tonic's timer
-//! fires it polls ours first, and ours answers once the clock has passed
-//! its deadline, whether or not the timer driver has fired its timer yet.
+//! once our layers have been called, and each time it is polled it polls
+//! ours first. This layer takes its deadline in [`tower::Service::call`]
+//! (synchronously, from the outermost layer that calls on synchronously),
+//! [`MARGIN`] before the client's, and answers once the clock has passed
+//! it, whether or not the timer driver has fired its timer yet. Without the
+//! margin tonic could still win: our clock reads "not yet", and by the time
+//! tonic looks at its own timer (a moment later, after waiting for the
+//! timer driver's lock while another thread fires timers) the driver has
+//! fired it. With it, that moment would have to last a millisecond.
 //!
 //! Abandoning is dropping the handler's future: a write transaction that
 //! had not committed rolls back, one that had is kept and announced (the
@@ -25,6 +29,12 @@ use http::{HeaderMap, Request, Response};
 use tonic::body::Body;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
+
+/// How much earlier than the client's deadline a call is given up, so that
+/// this layer's answer, not tonic's timer, ends it (see the module
+/// documentation). The client hears DEADLINE_EXCEEDED at its deadline either
+/// way; a call that would have finished in its last millisecond is the cost.
+pub const MARGIN: Duration = Duration::from_millis(1);
 
 /// The tower layer; `max` is the server's own limit on any call.
 #[derive(Debug, Clone, Copy)]
@@ -102,7 +112,10 @@ where
     }
 
     fn call(&mut self, req: Request<Body>) -> Self::Future {
-        let limit = grpc_timeout(req.headers()).map_or(self.max, |t| t.min(self.max));
+        let limit = match grpc_timeout(req.headers()) {
+            Some(t) if t <= self.max => t.saturating_sub(MARGIN),
+            _ => self.max,
+        };
         if limit.is_zero() {
             return Box::pin(async { Ok(deadline_exceeded().into_http()) });
         }
@@ -118,10 +131,14 @@ where
                 if let Poll::Ready(answer) = call.as_mut().poll(cx) {
                     return Poll::Ready(answer);
                 }
-                // The clock as well as our timer: when tonic's timer has
-                // fired and it polls us, ours (due no later) may not have
-                // been processed yet by the timer driver.
-                if tokio::time::Instant::now() >= deadline || expiry.as_mut().poll(cx).is_ready() {
+                if expiry.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Ok(deadline_exceeded().into_http()));
+                }
+                // The clock as well, last (nothing between it and tonic's
+                // look at its timer): when tonic's timer has fired, ours
+                // (due earlier) may not have been processed yet by the
+                // timer driver.
+                if tokio::time::Instant::now() >= deadline {
                     return Poll::Ready(Ok(deadline_exceeded().into_http()));
                 }
                 Poll::Pending
