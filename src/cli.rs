@@ -83,6 +83,12 @@ struct ServeArgs {
     /// lock_timeout and SQLite's busy_timeout.
     #[arg(long, env = "LICENSD_DATABASE_TIMEOUT_MS", default_value_t = crate::store::DEFAULT_DATABASE_TIMEOUT.as_millis() as u64, value_parser = clap::value_parser!(u64).range(50..=60_000))]
     database_timeout_ms: u64,
+    /// How long a starting server waits for an unreachable database
+    /// (connection refused or timed out, PostgreSQL starting up), trying
+    /// again, before it exits; 0 exits at once. A bad URL, refused
+    /// credentials or a failed migration exit at once either way.
+    #[arg(long, env = "LICENSD_DATABASE_WAIT_SECONDS", default_value_t = crate::server::DEFAULT_DATABASE_WAIT.as_secs(), value_parser = clap::value_parser!(u64).range(0..=3_600))]
+    database_wait_seconds: u64,
     /// SQLite only: MiB of the database file that Validate's readers map
     /// into memory (SQLite's mmap_size). Lookups get cheaper (no read
     /// system call and copy per page), but every mapped page a lookup
@@ -334,6 +340,7 @@ async fn serve(a: ServeArgs) -> Result<(), BoxError> {
         database_url: a.db.database_url,
         db_max_connections: a.db_max_connections,
         database_timeout: Duration::from_millis(a.database_timeout_ms),
+        database_wait: Duration::from_secs(a.database_wait_seconds),
         sqlite_mmap_mib: a.sqlite_mmap_mib,
         validate_cache_refresh: (!a.no_validate_cache)
             .then(|| Duration::from_millis(a.validate_cache_refresh_ms)),

@@ -58,6 +58,9 @@ pub struct Config {
     /// Longest a call waits for the database (a connection, a lock, an
     /// answer) before it is answered UNAVAILABLE (`DATABASE_UNAVAILABLE`).
     pub database_timeout: Duration,
+    /// How long a starting server waits for an unreachable database (it
+    /// retries) before it gives up; zero: it gives up at once.
+    pub database_wait: Duration,
     /// SQLite: MiB of the database file Validate's readers memory-map
     /// (0: none).
     pub sqlite_mmap_mib: u64,
@@ -117,6 +120,7 @@ impl Default for Config {
             database_url: "sqlite:licensd.db".into(),
             db_max_connections: PostgresOptions::default().max_connections,
             database_timeout: crate::store::DEFAULT_DATABASE_TIMEOUT,
+            database_wait: DEFAULT_DATABASE_WAIT,
             sqlite_mmap_mib: 0,
             validate_cache_refresh: Some(DEFAULT_VALIDATE_CACHE_REFRESH),
             validate_cache_max_staleness: DEFAULT_MAX_STALENESS,
@@ -166,6 +170,50 @@ pub enum ServerError {
     Transport(#[from] tonic::transport::Error),
 }
 
+/// How long a starting server waits for an unreachable database by default.
+pub const DEFAULT_DATABASE_WAIT: Duration = Duration::from_secs(60);
+
+/// Opens the store `config` names; while a PostgreSQL server is unreachable
+/// (refused, timed out, starting up: `StoreError::Unavailable`), tries again
+/// with backoff for up to `config.database_wait`. Anything else (a bad URL,
+/// refused credentials, a failed migration, any SQLite error: a local file
+/// has nothing to wait for) fails at once.
+pub async fn open_store_waiting(config: &Config) -> Result<SqlStore, ServerError> {
+    let remote = matches!(
+        DatabaseUrl::parse(&config.database_url),
+        Ok(DatabaseUrl::Postgres(_))
+    );
+    let wait = if remote {
+        config.database_wait
+    } else {
+        Duration::ZERO
+    };
+    let give_up = tokio::time::Instant::now() + wait;
+    let mut pause = Duration::from_millis(200);
+    let mut attempts = 0u32;
+    loop {
+        match open_store(config).await {
+            Err(ServerError::Store(crate::store::StoreError::Unavailable(why)))
+                if tokio::time::Instant::now() + pause < give_up =>
+            {
+                attempts += 1;
+                if attempts == 1 {
+                    tracing::warn!(error = %why, wait_seconds = config.database_wait.as_secs(), "database unreachable at start; trying again until it answers");
+                }
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(2));
+            }
+            Ok(store) => {
+                if attempts > 0 {
+                    tracing::info!(attempts, "database reachable; starting");
+                }
+                return Ok(store);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// Opens the store `config` names.
 pub async fn open_store(config: &Config) -> Result<SqlStore, ServerError> {
     let url = DatabaseUrl::parse(&config.database_url).map_err(ServerError::UnsupportedDatabase)?;
@@ -203,7 +251,7 @@ impl Application {
         if let Some(addr) = config.metrics_listen {
             crate::observe::install(addr).map_err(ServerError::Metrics)?;
         }
-        let store = open_store(&config).await?;
+        let store = open_store_waiting(&config).await?;
         let keys = KeyRing::load(
             &store,
             &config.certificate_issuer,

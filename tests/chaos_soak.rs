@@ -1,8 +1,9 @@
 //! The chaos soak (README, Reliability): three `licensd serve` replicas on
 //! one PostgreSQL cluster of the test's own (`tests/pgcluster/mod.rs`) take
-//! a mixed load (`tests/soak/load.rs`) while replicas are SIGKILLed and
-//! started again and the database is restarted, fast and as a crash (now
-//! and then with a replica killed while it is down); then the database is
+//! a mixed load (`tests/soak/load.rs`) while replicas are SIGKILLed (now
+//! and then two at once) and started again and the database is restarted,
+//! fast and as a crash (now and then with a replica killed while it is
+//! down, and started again before it is back); then the database is
 //! audited against every invariant and what the load was told
 //! (`tests/soak/audit.rs`).
 //!
@@ -52,6 +53,11 @@ struct Chaos {
     kills: usize,
     /// Of which while the database was down.
     kills_in_outage: usize,
+    /// Two replicas killed at once (one left serving).
+    double_kills: usize,
+    /// Replicas started during an outage: from the start of the process to
+    /// serving with its cache loaded.
+    waited_for_database: Vec<Duration>,
     /// Replica restarts: from the start of the process to serving with its
     /// cache loaded.
     restarts: Vec<Duration>,
@@ -60,10 +66,8 @@ struct Chaos {
     db_restarts: Vec<(&'static str, Duration, Duration, Duration)>,
 }
 
-/// SIGKILLs a random replica (its calls in flight lose their connection);
-/// returns which.
-fn kill(fleet: &Fleet, replicas: &mut [Replica], rng: &mut Rng, chaos: &mut Chaos) -> usize {
-    let i = rng.below(replicas.len());
+/// SIGKILLs replica `i` (its calls in flight lose their connection).
+fn kill(fleet: &Fleet, replicas: &mut [Replica], i: usize, chaos: &mut Chaos) -> usize {
     fleet.down(i);
     let pid = replicas[i].pid().to_string();
     let killed = std::process::Command::new("kill")
@@ -207,9 +211,20 @@ async fn soak(pg: Arc<PgCluster>, seconds: u64, seed: u64) {
                 .await
                 .unwrap();
             // Half the time a replica dies too while the database is down,
-            // and comes back after it.
-            let also_killed =
-                (rng.below(2) == 0).then(|| kill(&fleet, &mut replicas, &mut rng, &mut chaos));
+            // and comes back after it, or (half of those) is started again
+            // while it is still down and waits for it.
+            let also_killed = (rng.below(2) == 0).then(|| {
+                let i = rng.below(replicas.len());
+                kill(&fleet, &mut replicas, i, &mut chaos)
+            });
+            let early = also_killed.filter(|_| rng.below(2) == 0).map(|i| {
+                let url = url.clone();
+                let started = Instant::now();
+                tokio::spawn(async move {
+                    let replica = Replica::start_with(&url, i, &args, &[]).await;
+                    (i, replica, started.elapsed())
+                })
+            });
             tokio::time::sleep(rng.between(DOWN_FOR.0, DOWN_FOR.1)).await;
             let down_for = t0.elapsed() - began;
             let p = pg.clone();
@@ -219,12 +234,29 @@ async fn soak(pg: Arc<PgCluster>, seconds: u64, seed: u64) {
             chaos
                 .db_restarts
                 .push((mode, began, down_for, t0.elapsed()));
-            if let Some(i) = also_killed {
+            if let Some(early) = early {
+                let (i, replica, took) = early.await.expect("a replica started in the outage");
+                chaos.kills_in_outage += 1;
+                chaos.waited_for_database.push(took);
+                fleet.up(i, replica.addr());
+                replicas[i] = replica;
+            } else if let Some(i) = also_killed {
                 chaos.kills_in_outage += 1;
                 restart(&fleet, &mut replicas, i, &url, &args, &mut chaos).await;
             }
+        } else if rng.below(3) == 0 {
+            // Two at once: one replica left serving.
+            let i = rng.below(replicas.len());
+            let j = (i + 1 + rng.below(replicas.len() - 1)) % replicas.len();
+            kill(&fleet, &mut replicas, i, &mut chaos);
+            kill(&fleet, &mut replicas, j, &mut chaos);
+            chaos.double_kills += 1;
+            tokio::time::sleep(rng.between(DOWN_FOR.0, DOWN_FOR.1)).await;
+            restart(&fleet, &mut replicas, i, &url, &args, &mut chaos).await;
+            restart(&fleet, &mut replicas, j, &url, &args, &mut chaos).await;
         } else {
-            let i = kill(&fleet, &mut replicas, &mut rng, &mut chaos);
+            let i = rng.below(replicas.len());
+            kill(&fleet, &mut replicas, i, &mut chaos);
             tokio::time::sleep(rng.between(DOWN_FOR.0, DOWN_FOR.1)).await;
             restart(&fleet, &mut replicas, i, &url, &args, &mut chaos).await;
         }
@@ -321,13 +353,25 @@ async fn soak(pg: Arc<PgCluster>, seconds: u64, seed: u64) {
     let longest = samples.iter().max_by_key(|s| s.took);
     eprintln!("  longest attempt: {longest:?}");
     eprintln!(
-        "  kills {} ({} while the database was down; replica back serving in {}–{} ms), database restarts {}",
+        "  kills {} ({} while the database was down, {} of them started again before it was back; {} times two at once; replica back serving in {}–{} ms), database restarts {}",
         chaos.kills,
         chaos.kills_in_outage,
+        chaos.waited_for_database.len(),
+        chaos.double_kills,
         chaos.restarts.iter().min().map(|d| ms(*d)).unwrap_or(0),
         chaos.restarts.iter().max().map(|d| ms(*d)).unwrap_or(0),
         chaos.db_restarts.len()
     );
+    if !chaos.waited_for_database.is_empty() {
+        eprintln!(
+            "  replicas started during an outage, serving (cache loaded) after: {:?} ms",
+            chaos
+                .waited_for_database
+                .iter()
+                .map(|d| ms(*d))
+                .collect::<Vec<_>>()
+        );
+    }
     for (mode, began, down_for, started) in &chaos.db_restarts {
         // The first write acknowledged that was sent after the start, and
         // the longest time without an acknowledged write around the restart.

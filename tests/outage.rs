@@ -15,6 +15,7 @@
 //! `UNAVAILABLE`/`DATABASE_UNAVAILABLE` within the bound, never `INTERNAL`;
 //! the server recovers by itself; every acknowledged write is there.
 
+mod cluster;
 mod common;
 mod pgcluster;
 
@@ -286,6 +287,14 @@ async fn a_postgres_outage_under_load_fails_fast_rides_through_and_recovers_with
         .await
         .unwrap();
     let stopped = t0.elapsed();
+    // A replica (re)started during the outage, as an orchestrator would:
+    // it waits for the database instead of exiting.
+    let url = cluster.url();
+    let late = tokio::spawn(async move {
+        let wait = ["--database-wait-seconds", "30"];
+        let replica = cluster::Replica::start_with(&url, 1, &wait, &[]).await;
+        (replica, t0.elapsed())
+    });
     tokio::time::sleep(OUTAGE).await;
     let start_begin = t0.elapsed();
     let c = cluster.clone();
@@ -404,6 +413,26 @@ async fn a_postgres_outage_under_load_fails_fast_rides_through_and_recovers_with
         ms(recovered - started)
     );
 
+    // The replica started during the outage serves once the database is
+    // back, and finds what was written meanwhile.
+    let (mut late, late_serving) = late.await.expect("the replica started during the outage");
+    assert!(
+        late.logged("database unreachable at start"),
+        "{}",
+        late.log_tail()
+    );
+    let issued = record.issued.lock().unwrap().clone();
+    let newest = issued.last().expect("licenses were issued").clone();
+    let mut late_client = ActivationServiceClient::new(late.channel().await);
+    late_client
+        .validate(pb::ValidateRequest {
+            license_key: newest,
+            ..Default::default()
+        })
+        .await
+        .expect("the late replica validates a license written before it served");
+    assert!(late.terminate(), "{}", late.log_tail());
+
     // 6. Every acknowledged write is in the database.
     let issued = record.issued.lock().unwrap().clone();
     let activated = record.activated.lock().unwrap().clone();
@@ -419,7 +448,8 @@ async fn a_postgres_outage_under_load_fails_fast_rides_through_and_recovers_with
         "outage figures (PostgreSQL, --database-timeout-ms {}, staleness {} ms, outage {} ms): \
          calls {} ({} during the outage, {} failed), slowest call {} ms, slowest during the outage {} ms; \
          Validate from memory until {} ms into the outage; health NOT_SERVING {} ms after the stop began; \
-         after the restart: a write acknowledged in {} ms, health SERVING in {} ms, cache answering in {} ms; \
+         after the restart: a write acknowledged in {} ms, health SERVING in {} ms, cache answering in {} ms, \
+         a replica started during the outage serving (cache loaded) by {} ms; \
          acknowledged writes audited: {} licenses, {} activations, none missing",
         ms(DB_TIMEOUT),
         ms(STALENESS),
@@ -434,6 +464,7 @@ async fn a_postgres_outage_under_load_fails_fast_rides_through_and_recovers_with
         ms(write_back.saturating_sub(started)),
         ms(serving_again - started),
         ms(cache_back - started),
+        ms(late_serving - started),
         issued.len(),
         activated.len(),
     );
