@@ -1,6 +1,8 @@
 //! Test harness: the real server on port 0 against a fresh SQLite database.
 #![allow(dead_code)]
 
+pub mod api;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 
