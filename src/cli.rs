@@ -89,6 +89,15 @@ struct ServeArgs {
     /// credentials or a failed migration exit at once either way.
     #[arg(long, env = "LICENSD_DATABASE_WAIT_SECONDS", default_value_t = crate::server::DEFAULT_DATABASE_WAIT.as_secs(), value_parser = clap::value_parser!(u64).range(0..=3_600))]
     database_wait_seconds: u64,
+    /// SQLite only: when a commit reaches the disk. `full` syncs the
+    /// write-ahead log before a write is acknowledged, so an acknowledged
+    /// write survives a power cut or an operating system crash, at the
+    /// cost of one disk sync per write. `normal` (the default) syncs at
+    /// checkpoints only: a killed process still loses nothing, but a power
+    /// cut can lose the last acknowledged writes (the file stays
+    /// consistent).
+    #[arg(long, env = "LICENSD_SQLITE_SYNCHRONOUS", default_value = "normal", value_parser = ["full", "normal"])]
+    sqlite_synchronous: String,
     /// SQLite only: MiB of the database file that Validate's readers map
     /// into memory (SQLite's mmap_size). Lookups get cheaper (no read
     /// system call and copy per page), but every mapped page a lookup
@@ -341,6 +350,7 @@ async fn serve(a: ServeArgs) -> Result<(), BoxError> {
         db_max_connections: a.db_max_connections,
         database_timeout: Duration::from_millis(a.database_timeout_ms),
         database_wait: Duration::from_secs(a.database_wait_seconds),
+        sqlite_synchronous: a.sqlite_synchronous.parse()?,
         sqlite_mmap_mib: a.sqlite_mmap_mib,
         validate_cache_refresh: (!a.no_validate_cache)
             .then(|| Duration::from_millis(a.validate_cache_refresh_ms)),

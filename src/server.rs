@@ -61,6 +61,9 @@ pub struct Config {
     /// How long a starting server waits for an unreachable database (it
     /// retries) before it gives up; zero: it gives up at once.
     pub database_wait: Duration,
+    /// SQLite: when a commit reaches the disk (`full`: before it is
+    /// acknowledged).
+    pub sqlite_synchronous: crate::store::sqlite::Durability,
     /// SQLite: MiB of the database file Validate's readers memory-map
     /// (0: none).
     pub sqlite_mmap_mib: u64,
@@ -121,6 +124,7 @@ impl Default for Config {
             db_max_connections: PostgresOptions::default().max_connections,
             database_timeout: crate::store::DEFAULT_DATABASE_TIMEOUT,
             database_wait: DEFAULT_DATABASE_WAIT,
+            sqlite_synchronous: Default::default(),
             sqlite_mmap_mib: 0,
             validate_cache_refresh: Some(DEFAULT_VALIDATE_CACHE_REFRESH),
             validate_cache_max_staleness: DEFAULT_MAX_STALENESS,
@@ -226,6 +230,7 @@ pub async fn open_store(config: &Config) -> Result<SqlStore, ServerError> {
     let lite = SqliteOptions {
         acquire_timeout: config.database_timeout,
         mmap_bytes: config.sqlite_mmap_mib.saturating_mul(1024 * 1024),
+        synchronous: config.sqlite_synchronous,
         ..SqliteOptions::default()
     };
     let store = url.open_tuned(pg, lite).await?;
@@ -293,6 +298,11 @@ impl Application {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServerError> {
         let addr = self.local_addr();
+        let durability = self
+            .store
+            .durability()
+            .await
+            .unwrap_or_else(|e| format!("unknown ({e})"));
         let metrics = self.config.metrics_listen.is_some();
         // Every call waits for the database at most `database_timeout`
         // (inside the metrics, so that a call cut short counts as failed).
@@ -391,7 +401,7 @@ impl Application {
         let mut server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
             let _ = stop_rx.await;
         }));
-        tracing::info!(%addr, "licensd serving");
+        tracing::info!(%addr, %durability, "licensd serving");
         if !self.config.trusted_proxies.is_empty() {
             tracing::info!(
                 trusted_proxies = %self.config.trusted_proxies,

@@ -40,6 +40,12 @@ fn bench(extra: &[&str]) -> serde_json::Value {
 fn assert_clean(report: &serde_json::Value) {
     assert_eq!(report["licenses"], 200);
     assert!(report["start_to_serving_seconds"].as_f64().unwrap() > 0.0);
+    // The server's own word on when a write reaches the disk.
+    let durability = report["durability"].as_str().unwrap();
+    assert!(
+        ["synchronous=normal", "synchronous_commit=on"].contains(&durability),
+        "{durability}"
+    );
     assert!(report["validate_to_ceiling_ratio"].as_f64().unwrap() > 0.0);
     assert_eq!(report["renewal_codes_exhausted"], false);
 

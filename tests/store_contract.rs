@@ -1363,3 +1363,32 @@ async fn a_write_dropped_at_any_point_is_still_seen_at_once(db: &TestDb, plain: 
     assert!(wrong.is_empty(), "{wrong:#?}");
     s.close().await;
 }
+
+/// The durability setting is the writer's, and said as it is: SQLite's
+/// `synchronous` (`normal` unless `full` is asked for), PostgreSQL's
+/// `synchronous_commit` (the server's: on by default).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_durability_setting_is_applied_and_reported() {
+    use licensd::store::DatabaseUrl;
+    use licensd::store::sqlite::{Durability, SqliteOptions};
+    let db = TestDb::sqlite();
+    let url = DatabaseUrl::parse(&db.url).unwrap();
+    let s = db.open().await;
+    assert_eq!(s.durability().await.unwrap(), "synchronous=normal");
+    s.close().await;
+    let full = SqliteOptions {
+        synchronous: Durability::Full,
+        ..SqliteOptions::default()
+    };
+    let s = url.open_tuned(Default::default(), full).await.unwrap();
+    assert_eq!(s.durability().await.unwrap(), "synchronous=full");
+    s.close().await;
+    assert_eq!("NORMAL".parse::<Durability>(), Ok(Durability::Normal));
+    assert!("off".parse::<Durability>().is_err());
+    if let Some(db) = TestDb::postgres().await {
+        let s = db.open().await;
+        assert_eq!(s.durability().await.unwrap(), "synchronous_commit=on");
+        s.close().await;
+        db.drop_db().await;
+    }
+}

@@ -32,6 +32,9 @@ pub struct ServerChild {
     pub addr: String,
     /// From spawn to health SERVING.
     pub start_to_serving: Duration,
+    /// When its writes reach the disk, as its log says (`synchronous=full`,
+    /// `synchronous_commit=on`, …).
+    pub durability: String,
     /// Set, to the time since spawn, when the log says the validation cache
     /// has loaded.
     cache_loaded: tokio::sync::watch::Receiver<Option<Duration>>,
@@ -80,7 +83,7 @@ impl ServerChild {
         // Read the log until the "licensd serving" line names the address,
         // then keep draining it (a full pipe would stall the server).
         let kept = Arc::new(Mutex::new(VecDeque::new()));
-        let (addr_tx, addr_rx) = tokio::sync::oneshot::channel::<String>();
+        let (addr_tx, addr_rx) = tokio::sync::oneshot::channel::<(String, String)>();
         let (loaded_tx, cache_loaded) = tokio::sync::watch::channel(None);
         tokio::spawn({
             let kept = kept.clone();
@@ -107,8 +110,9 @@ impl ServerChild {
                 }
             }
         });
-        let addr = match tokio::time::timeout(Duration::from_secs(60), addr_rx).await {
-            Ok(Ok(addr)) => addr,
+        let (addr, durability) = match tokio::time::timeout(Duration::from_secs(60), addr_rx).await
+        {
+            Ok(Ok(serving)) => serving,
             _ => {
                 let _ = child.start_kill();
                 let log = kept
@@ -127,6 +131,7 @@ impl ServerChild {
             pid,
             addr,
             start_to_serving: spawned.elapsed(),
+            durability,
             cache_loaded,
         })
     }
@@ -154,12 +159,16 @@ impl ServerChild {
 }
 
 /// The address in a `{"message":"licensd serving","addr":…}` JSON log line.
-fn serving_addr(line: &str) -> Option<String> {
+fn serving_addr(line: &str) -> Option<(String, String)> {
     let v: serde_json::Value = serde_json::from_str(line).ok()?;
     if v.get("message")?.as_str()? != "licensd serving" {
         return None;
     }
-    Some(v.get("addr")?.as_str()?.to_string())
+    let durability = v
+        .get("durability")
+        .and_then(|d| d.as_str())
+        .unwrap_or("unknown");
+    Some((v.get("addr")?.as_str()?.to_string(), durability.to_string()))
 }
 
 /// Opens a plaintext HTTP/2 connection to `addr`.
@@ -285,9 +294,15 @@ mod tests {
     }
 
     #[test]
-    fn the_serving_line_gives_the_address() {
-        let line = r#"{"timestamp":"x","level":"INFO","message":"licensd serving","addr":"127.0.0.1:4000","target":"licensd::server"}"#;
-        assert_eq!(serving_addr(line).as_deref(), Some("127.0.0.1:4000"));
+    fn the_serving_line_gives_the_address_and_durability() {
+        let line = r#"{"timestamp":"x","level":"INFO","message":"licensd serving","addr":"127.0.0.1:4000","durability":"synchronous=full","target":"licensd::server"}"#;
+        let serving = |addr: &str, durability: &str| Some((addr.into(), durability.into()));
+        assert_eq!(
+            serving_addr(line),
+            serving("127.0.0.1:4000", "synchronous=full")
+        );
+        let older = r#"{"message":"licensd serving","addr":"127.0.0.1:4000"}"#;
+        assert_eq!(serving_addr(older), serving("127.0.0.1:4000", "unknown"));
         assert_eq!(serving_addr(r#"{"message":"other"}"#), None);
         assert_eq!(serving_addr("not json"), None);
     }

@@ -138,6 +138,9 @@ pub async fn run_phase(
             rng: SmallRng::from_rng(&mut rand::rng()),
             pending: None,
             serial: 0,
+            // 37 is prime to 100: the workers start at different places of
+            // the cycle, so the first redemptions come at once.
+            mixed_slot: (w as u64 * 37) % 100,
             backoff: None,
         };
         tasks.spawn(async move { worker.run(load, deadline).await });
@@ -162,6 +165,9 @@ struct Worker {
     /// The activation this worker made and has not undone: (license, fingerprint).
     pending: Option<(usize, String)>,
     serial: u64,
+    /// `mixed`: where this worker is in its cycle of 100 calls (95
+    /// Validates, 4 churns, 1 redemption: exactly, not by chance).
+    mixed_slot: u64,
     /// The delay the last refusal asked for.
     backoff: Option<Duration>,
 }
@@ -186,7 +192,8 @@ impl Worker {
                 Load::Flood if self.id.is_multiple_of(2) => self.churn().await,
                 Load::Flood => self.validate().await,
                 Load::Mixed => {
-                    let roll = self.rng.random_range(0..100u32);
+                    let roll = self.mixed_slot;
+                    self.mixed_slot = (self.mixed_slot + 1) % 100;
                     let step = if roll < 95 {
                         Step::Idle
                     } else if roll < 99 {

@@ -504,6 +504,7 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
 
     // 4. Stop, audit, report.
     let start_to_serving = server.as_ref().map(|s| s.start_to_serving.as_secs_f64());
+    let durability = server.as_ref().map(|s| s.durability.clone());
     let ceiling_start = ceiling.as_ref().map(|s| s.start_to_serving.as_secs_f64());
     drop(channels);
     drop(ceiling_channels);
@@ -552,6 +553,7 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
         load_average_before: load_before,
         load_average_after: child::load_average(),
         start_to_serving_seconds: start_to_serving,
+        durability,
         cache_loaded_seconds: cache_loaded,
         ceiling_start_to_serving_seconds: ceiling_start,
         workloads: reports,

@@ -326,6 +326,10 @@ pub struct Report {
     pub load_average_after: String,
     /// From spawning the server to health SERVING; `None` with `--target`.
     pub start_to_serving_seconds: Option<f64>,
+    /// When the server's writes reach the disk, as it says
+    /// (`synchronous=normal`, `synchronous_commit=on`, …); `None` with
+    /// `--target`.
+    pub durability: Option<String>,
     /// From spawn until the server's validation cache had loaded (`None`:
     /// no cache, or an external target).
     pub cache_loaded_seconds: Option<f64>,
@@ -411,6 +415,11 @@ impl Report {
             out,
             "seeding (bulk insert of licenses, activations and codes): {:.2} s",
             self.seed_seconds,
+        );
+        let _ = writeln!(
+            out,
+            "durability (when a write reaches the disk): {}",
+            self.durability.as_deref().unwrap_or("-")
         );
         let _ = writeln!(
             out,

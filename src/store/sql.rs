@@ -293,6 +293,33 @@ impl SqlStore {
         &self.feed
     }
 
+    /// When a write reaches the disk, as the writer's connection says:
+    /// SQLite `synchronous=full` (or `normal`, …), PostgreSQL
+    /// `synchronous_commit=on` (or `off`, …).
+    pub async fn durability(&self) -> StoreResult<String> {
+        Ok(match self.dialect {
+            Dialect::Sqlite => {
+                let level: i64 = sqlx::query_scalar("PRAGMA synchronous")
+                    .fetch_one(&self.writer)
+                    .await?;
+                let name = match level {
+                    0 => "off",
+                    1 => "normal",
+                    2 => "full",
+                    3 => "extra",
+                    _ => "unknown",
+                };
+                format!("synchronous={name}")
+            }
+            Dialect::Postgres => {
+                let on: String = sqlx::query_scalar("SHOW synchronous_commit")
+                    .fetch_one(&self.writer)
+                    .await?;
+                format!("synchronous_commit={on}")
+            }
+        })
+    }
+
     /// Closes the pools (SQLite checkpoints its WAL).
     pub async fn close(&self) {
         self.feed.close();
