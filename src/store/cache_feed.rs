@@ -22,8 +22,10 @@ use std::time::{Duration, Instant};
 use sqlx::{AnyConnection, AnyPool};
 use tokio_stream::StreamExt;
 
-use super::event_feed::pg_xmin;
-use super::sql::{Columns, Dialect, enum_of, latest_version};
+use super::rows::{
+    Columns, Dialect, LAST_EVENT_SQL, LOAD_SQL, PRODUCTS_SQL, cache_col, cache_select, enum_of,
+    latest_version, pg_xmin, policy_col,
+};
 use super::sqlite_fast::FastReader;
 use super::validation_cache::{LicenseRow, Poll, ProductPolicy, ValidationCache};
 use super::{StoreError, StoreResult};
@@ -38,25 +40,6 @@ const EVENT_PAGE: i64 = 10_000;
 /// Shortest pause between a change notification and the poll it asks for,
 /// so that a flood of notifications costs at most one poll per pause.
 const NUDGE_GAP: Duration = Duration::from_millis(20);
-
-/// What a license row of the cache is read from: one statement, so
-/// `seats_used` and the activations listed come from one snapshot.
-macro_rules! cache_select {
-    () => {
-        "SELECT l.id, l.license_key, l.product_code, l.edition, l.kind, l.status, l.expires_at, l.seats, \
-         l.seats_used, a.fingerprint FROM licenses l LEFT JOIN activations a ON a.license_id = l.id "
-    };
-}
-
-/// The full load: every license with its activations, grouped by license.
-pub(super) const LOAD_SQL: &str = concat!(cache_select!(), "ORDER BY l.id");
-
-/// Every product's policy.
-pub(super) const PRODUCTS_SQL: &str =
-    "SELECT code, grace_period_months, latest_version, offline_lease_days FROM products";
-
-/// The newest event (SQLite: the position a load starts from).
-pub(super) const LAST_EVENT_SQL: &str = "SELECT COALESCE(MAX(id), 0) FROM license_events";
 
 /// Licenses applied to the cache per write lock during a load.
 pub(super) const LOAD_BATCH: usize = 10_000;
@@ -170,7 +153,7 @@ impl Feed {
                 let (fast, cache, readers) = (fast.clone(), cache.clone(), self.readers.clone());
                 tokio::task::spawn_blocking(move || {
                     let poll = cache.begin_poll();
-                    let last_id = fast.load_cache(&cache, &poll, &|| readers.is_closed())?;
+                    let last_id = load_sqlite(&fast, &cache, &poll, &|| readers.is_closed())?;
                     cache.finish_poll(&poll);
                     Ok(Cursor::Sqlite { last_id })
                 })
@@ -308,6 +291,31 @@ impl Feed {
     }
 }
 
+/// SQLite's load, through rusqlite (blocking: run it on a blocking thread):
+/// every product, then every license with its activations, from one
+/// snapshot; returns the newest event id in that snapshot. Gives up when
+/// `cancelled` says so (checked between batches), so that a server shutting
+/// down does not wait for it.
+fn load_sqlite(
+    fast: &FastReader,
+    cache: &ValidationCache,
+    poll: &Poll,
+    cancelled: &(dyn Fn() -> bool + Sync),
+) -> StoreResult<i64> {
+    let snapshot = fast.snapshot()?;
+    let last_id = snapshot.int(LAST_EVENT_SQL)?;
+    let mut products = Vec::new();
+    snapshot.for_each(PRODUCTS_SQL, |row| {
+        products.push(product_policy(row)?);
+        Ok(())
+    })?;
+    cache.apply_products(poll, products);
+    let mut loader = Loader::new(cache, poll, cancelled);
+    snapshot.for_each(LOAD_SQL, |row| loader.push(row))?;
+    loader.finish();
+    Ok(last_id)
+}
+
 enum Bind<'a> {
     Int(i64),
     Text(&'a str),
@@ -354,10 +362,10 @@ async fn read_products(conn: &mut AnyConnection) -> StoreResult<Vec<ProductPolic
 /// A product's policy from a row of [`PRODUCTS_SQL`].
 pub(super) fn product_policy(row: &impl Columns) -> StoreResult<ProductPolicy> {
     Ok(ProductPolicy {
-        code: row.text(0)?,
-        grace_period_months: row.int(1)? as u32,
-        latest_version: latest_version(&row.text(2)?)?,
-        offline_lease_days: row.int(3)? as u32,
+        code: row.text(policy_col::CODE)?,
+        grace_period_months: row.int(policy_col::GRACE_PERIOD_MONTHS)? as u32,
+        latest_version: latest_version(&row.text(policy_col::LATEST_VERSION)?)?,
+        offline_lease_days: row.int(policy_col::OFFLINE_LEASE_DAYS)? as u32,
     })
 }
 
@@ -419,8 +427,8 @@ pub(super) struct Grouper {
 impl Grouper {
     /// Adds a row; returns the previous license once all its rows are in.
     pub(super) fn push(&mut self, row: &impl Columns) -> StoreResult<Option<LicenseRow>> {
-        let id = row.int(0)?;
-        let fingerprint = row.opt_text(9)?;
+        let id = row.int(cache_col::ID)?;
+        let fingerprint = row.opt_text(cache_col::FINGERPRINT)?;
         if let Some((cur, license)) = &mut self.current
             && *cur == id
         {
@@ -428,14 +436,14 @@ impl Grouper {
             return Ok(None);
         }
         let license = LicenseRow {
-            key: row.text(1)?,
-            product: row.text(2)?,
-            edition: enum_of(row, 3, Edition::from_str_opt)?,
-            kind: enum_of(row, 4, LicenseKind::from_str_opt)?,
-            status: enum_of(row, 5, LicenseStatus::from_str_opt)?,
-            expires_at: row.int(6)?,
-            seats: row.int(7)? as u32,
-            seats_used: row.int(8)? as u32,
+            key: row.text(cache_col::LICENSE_KEY)?,
+            product: row.text(cache_col::PRODUCT_CODE)?,
+            edition: enum_of(row, cache_col::EDITION, Edition::from_str_opt)?,
+            kind: enum_of(row, cache_col::KIND, LicenseKind::from_str_opt)?,
+            status: enum_of(row, cache_col::STATUS, LicenseStatus::from_str_opt)?,
+            expires_at: row.int(cache_col::EXPIRES_AT)?,
+            seats: row.int(cache_col::SEATS)? as u32,
+            seats_used: row.int(cache_col::SEATS_USED)? as u32,
             fingerprints: fingerprint.into_iter().collect(),
         };
         Ok(self.current.replace((id, license)).map(|(_, l)| l))

@@ -12,6 +12,7 @@ pub mod change_notify;
 pub mod event_feed;
 pub mod metered;
 pub mod postgres;
+mod rows;
 pub mod signing_keys;
 pub mod sql;
 pub mod sqlite;
@@ -19,7 +20,8 @@ mod sqlite_fast;
 pub mod validation_cache;
 
 pub use event_feed::{EventFilter, FeedEnd, FeedItem, FeedPage, FeedWatch};
-pub use sql::{Dialect, PoolStats, SqlStore};
+pub use rows::Dialect;
+pub use sql::{PoolStats, SqlStore};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};

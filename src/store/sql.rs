@@ -29,11 +29,15 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sqlx::Row;
-use sqlx::any::AnyRow;
 use sqlx::{AnyConnection, AnyPool};
 
 use super::change_notify::{Change, Changes};
 use super::event_feed::{EventFeed, EventFilter, FeedPage, FeedWatch};
+use super::rows::{
+    Columns, Dialect, LICENSE_WITH_ACTIVATIONS, VALIDATION_SQL, code_from_row, code_select, col,
+    corrupt, license_from, license_from_row, license_select, product_from_row, terms_to_text,
+    token_from_row, validation_from_row,
+};
 use super::validation_cache::{Answer, ValidationCache};
 use super::{
     Actor, IssueLicense, IssueRenewalCode, LicenseCursor, LicenseEvent, LicenseFilter, Redeem,
@@ -45,36 +49,8 @@ use crate::domain::error::RefusalClass;
 use crate::domain::product::ProductSpec;
 use crate::domain::rules::{self, ActivateDecision, StatusAction};
 use crate::domain::{
-    Activation, CodeState, Edition, License, LicenseKey, LicenseKind, LicenseStatus, Product,
-    ProductCode, Refusal, RenewalBasis, RenewalCode, RenewalCodeRecord, Standing, Version,
+    Activation, License, LicenseKey, Product, ProductCode, Refusal, RenewalCode, RenewalCodeRecord,
 };
-
-/// The SQL a backend speaks differently.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Dialect {
-    /// SQLite: one writer, `BEGIN IMMEDIATE`, no row locks.
-    Sqlite,
-    /// PostgreSQL: row locks and advisory locks.
-    Postgres,
-}
-
-impl Dialect {
-    fn begin(self) -> &'static str {
-        match self {
-            Dialect::Sqlite => "BEGIN IMMEDIATE",
-            Dialect::Postgres => "BEGIN",
-        }
-    }
-
-    /// A read-only transaction that sees one snapshot for all its statements.
-    fn begin_read(self) -> &'static str {
-        match self {
-            // A deferred transaction on a WAL database reads one snapshot.
-            Dialect::Sqlite => "BEGIN",
-            Dialect::Postgres => "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
-        }
-    }
-}
 
 /// How many times a write is retried after a deadlock or serialisation failure.
 const MAX_ATTEMPTS: u32 = 5;
@@ -380,305 +356,6 @@ async fn load_or_create_secret(pool: &AnyPool) -> StoreResult<Vec<u8>> {
 }
 
 // ---------------------------------------------------------------------------
-// Row mapping
-// ---------------------------------------------------------------------------
-
-pub(super) fn corrupt(what: &str, value: impl std::fmt::Display) -> StoreError {
-    StoreError::Internal(format!("unexpected {what} in database: {value}"))
-}
-
-fn terms_to_text(terms: &[u32]) -> String {
-    terms
-        .iter()
-        .map(u32::to_string)
-        .collect::<Vec<_>>()
-        .join(",")
-}
-
-fn terms_from_text(s: &str) -> StoreResult<Vec<u32>> {
-    s.split(',')
-        .filter(|p| !p.is_empty())
-        .map(|p| p.parse().map_err(|_| corrupt("terms", s)))
-        .collect()
-}
-
-fn product_from_row(row: &AnyRow) -> StoreResult<Product> {
-    let code: String = row.try_get("code")?;
-    let basis: String = row.try_get("renewal_basis")?;
-    Product::new(
-        ProductCode::parse(&code).map_err(|_| corrupt("product code", &code))?,
-        ProductSpec {
-            display_name: row.try_get("display_name")?,
-            latest_version: row.try_get("latest_version")?,
-            personal_terms: terms_from_text(&row.try_get::<String, _>("personal_terms")?)?,
-            business_terms: terms_from_text(&row.try_get::<String, _>("business_terms")?)?,
-            grace_period_months: Some(row.try_get::<i64, _>("grace_period_months")? as u32),
-            renewal_basis: Some(
-                RenewalBasis::from_str_opt(&basis)
-                    .ok_or_else(|| corrupt("renewal basis", &basis))?,
-            ),
-            offline_lease_days: Some(row.try_get::<i64, _>("offline_lease_days")? as u32),
-        },
-    )
-    .map_err(|v| corrupt("product", v.description))
-}
-
-/// The columns [`license_from_row`] reads, with the product's policy; every
-/// license query starts with these (a macro, so `concat!` can build `'static`
-/// query strings from it).
-macro_rules! license_select {
-    () => {
-        "SELECT l.id, l.license_key, l.product_code, l.edition, l.kind, l.seats, l.seats_used, l.term_years, \
-         l.status, l.starts_at, l.expires_at, l.renewal_count, l.order_ref, l.customer_ref, l.reseller, \
-         l.created_at, p.grace_period_months"
-    };
-}
-
-/// `FROM` the license and its product.
-macro_rules! license_from {
-    () => {
-        " FROM licenses l JOIN products p ON p.code = l.product_code "
-    };
-}
-
-/// Positions of the columns of `license_select!` (and of the extra columns
-/// the queries built on it append). Rows are read by position: looking a
-/// column up by name costs a string search per column, which on Validate's
-/// hot path cost more than SQLite's own work on the row.
-pub(super) mod col {
-    pub const ID: usize = 0;
-    pub const LICENSE_KEY: usize = 1;
-    pub const PRODUCT_CODE: usize = 2;
-    pub const EDITION: usize = 3;
-    pub const KIND: usize = 4;
-    pub const SEATS: usize = 5;
-    pub const SEATS_USED: usize = 6;
-    pub const TERM_YEARS: usize = 7;
-    pub const STATUS: usize = 8;
-    pub const STARTS_AT: usize = 9;
-    pub const EXPIRES_AT: usize = 10;
-    pub const RENEWAL_COUNT: usize = 11;
-    pub const ORDER_REF: usize = 12;
-    pub const CUSTOMER_REF: usize = 13;
-    pub const RESELLER: usize = 14;
-    pub const CREATED_AT: usize = 15;
-    pub const GRACE_PERIOD_MONTHS: usize = 16;
-    /// The first column after `license_select!`'s.
-    pub const EXTRA: usize = 17;
-
-    /// Every column's name, by position (for the test that keeps the
-    /// positions in step with the query text).
-    #[cfg(test)]
-    pub const NAMES: [&str; EXTRA] = [
-        "id",
-        "license_key",
-        "product_code",
-        "edition",
-        "kind",
-        "seats",
-        "seats_used",
-        "term_years",
-        "status",
-        "starts_at",
-        "expires_at",
-        "renewal_count",
-        "order_ref",
-        "customer_ref",
-        "reseller",
-        "created_at",
-        "grace_period_months",
-    ];
-}
-
-/// Column access by position, shared by the sqlx rows and the SQLite fast
-/// path's rows, so that a license is mapped from its columns in one place.
-pub(super) trait Columns {
-    /// A TEXT column.
-    fn text(&self, at: usize) -> StoreResult<String>;
-    /// An INTEGER/BIGINT column.
-    fn int(&self, at: usize) -> StoreResult<i64>;
-    /// A nullable INTEGER/BIGINT column.
-    fn opt_int(&self, at: usize) -> StoreResult<Option<i64>>;
-    /// A nullable TEXT column.
-    fn opt_text(&self, at: usize) -> StoreResult<Option<String>>;
-}
-
-impl Columns for AnyRow {
-    fn text(&self, at: usize) -> StoreResult<String> {
-        Ok(self.try_get(at)?)
-    }
-    fn int(&self, at: usize) -> StoreResult<i64> {
-        Ok(self.try_get(at)?)
-    }
-    fn opt_int(&self, at: usize) -> StoreResult<Option<i64>> {
-        Ok(self.try_get(at)?)
-    }
-    fn opt_text(&self, at: usize) -> StoreResult<Option<String>> {
-        Ok(self.try_get(at)?)
-    }
-}
-
-pub(super) fn enum_of<T>(
-    row: &impl Columns,
-    at: usize,
-    f: fn(&str) -> Option<T>,
-) -> StoreResult<T> {
-    let s = row.text(at)?;
-    f(&s).ok_or_else(|| corrupt(std::any::type_name::<T>(), &s))
-}
-
-/// A license (without activations) and its row id, from the columns of
-/// `license_select!` (any backend).
-pub(super) fn license_from_row(row: &impl Columns) -> StoreResult<(i64, License)> {
-    let key = row.text(col::LICENSE_KEY)?;
-    let product = row.text(col::PRODUCT_CODE)?;
-    let license = License {
-        key: LicenseKey::parse(&key).map_err(|_| corrupt("license key", "<redacted>"))?,
-        product: ProductCode::parse(&product).map_err(|_| corrupt("product code", &product))?,
-        edition: enum_of(row, col::EDITION, Edition::from_str_opt)?,
-        kind: enum_of(row, col::KIND, LicenseKind::from_str_opt)?,
-        seats: row.int(col::SEATS)? as u32,
-        seats_used: row.int(col::SEATS_USED)? as u32,
-        term_years: row.int(col::TERM_YEARS)? as u32,
-        status: enum_of(row, col::STATUS, LicenseStatus::from_str_opt)?,
-        starts_at: from_micros(row.int(col::STARTS_AT)?)?,
-        expires_at: from_micros(row.int(col::EXPIRES_AT)?)?,
-        renewal_count: row.int(col::RENEWAL_COUNT)? as u32,
-        order_ref: row.text(col::ORDER_REF)?,
-        customer_ref: row.text(col::CUSTOMER_REF)?,
-        reseller: row.text(col::RESELLER)?,
-        created_at: from_micros(row.int(col::CREATED_AT)?)?,
-        grace_period_months: row.int(col::GRACE_PERIOD_MONTHS)? as u32,
-        activations: Vec::new(),
-    };
-    Ok((row.int(col::ID)?, license))
-}
-
-/// What Validate needs from one row of [`VALIDATION_SQL`].
-pub(super) fn validation_from_row(
-    row: &impl Columns,
-    fingerprint: Option<&str>,
-) -> StoreResult<ValidationView> {
-    Ok(ValidationView {
-        standing: Standing {
-            status: enum_of(row, vcol::STATUS, LicenseStatus::from_str_opt)?,
-            kind: enum_of(row, vcol::KIND, LicenseKind::from_str_opt)?,
-            expires_at: from_micros(row.int(vcol::EXPIRES_AT)?)?,
-            grace_period_months: row.int(vcol::GRACE_PERIOD_MONTHS)? as u32,
-        },
-        edition: enum_of(row, vcol::EDITION, Edition::from_str_opt)?,
-        seats: row.int(vcol::SEATS)? as u32,
-        seats_used: row.int(vcol::SEATS_USED)? as u32,
-        fingerprint_bound: fingerprint
-            .map(|_| row.opt_int(vcol::BOUND).map(|b| b.is_some()))
-            .transpose()?,
-        latest_version: latest_version(&row.text(vcol::LATEST_VERSION)?)?,
-        offline_lease_days: row.int(vcol::OFFLINE_LEASE_DAYS)? as u32,
-    })
-}
-
-/// A product's stored `latest_version` ('' when unset).
-pub(super) fn latest_version(text: &str) -> StoreResult<Option<Arc<Version>>> {
-    if text.is_empty() {
-        return Ok(None);
-    }
-    Version::parse(text)
-        .map(|v| Some(Arc::new(v)))
-        .map_err(|_| corrupt("version", text))
-}
-
-/// Validate's one query: the license's standing, its product's policy, and
-/// whether the given fingerprint is bound.
-pub(super) const VALIDATION_SQL: &str = "SELECT l.status, l.kind, l.edition, l.expires_at, l.seats, l.seats_used, \
-     p.grace_period_months, p.latest_version, a.activated_at, p.offline_lease_days \
-     FROM licenses l JOIN products p ON p.code = l.product_code \
-     LEFT JOIN activations a ON a.license_id = l.id AND a.fingerprint = $2 WHERE l.license_key = $1";
-
-/// Positions of [`VALIDATION_SQL`]'s columns.
-pub(super) mod vcol {
-    pub const STATUS: usize = 0;
-    pub const KIND: usize = 1;
-    pub const EDITION: usize = 2;
-    pub const EXPIRES_AT: usize = 3;
-    pub const SEATS: usize = 4;
-    pub const SEATS_USED: usize = 5;
-    pub const GRACE_PERIOD_MONTHS: usize = 6;
-    pub const LATEST_VERSION: usize = 7;
-    /// Not NULL iff the fingerprint is bound.
-    pub const BOUND: usize = 8;
-    pub const OFFLINE_LEASE_DAYS: usize = 9;
-    /// Every column's name, by position.
-    #[cfg(test)]
-    pub const NAMES: [&str; 10] = [
-        "status",
-        "kind",
-        "edition",
-        "expires_at",
-        "seats",
-        "seats_used",
-        "grace_period_months",
-        "latest_version",
-        "activated_at",
-        "offline_lease_days",
-    ];
-}
-
-fn token_from_row(row: &AnyRow) -> StoreResult<TokenRecord> {
-    let role: String = row.try_get("role")?;
-    Ok(TokenRecord {
-        id: row.try_get("id")?,
-        name: row.try_get("name")?,
-        role: Role::parse(&role).ok_or_else(|| corrupt("role", &role))?,
-        secret_hash: row.try_get("secret_hash")?,
-        created_at: from_micros(row.try_get("created_at")?)?,
-        revoked_at: row
-            .try_get::<Option<i64>, _>("revoked_at")?
-            .map(from_micros)
-            .transpose()?,
-    })
-}
-
-fn named_enum<T>(row: &AnyRow, col: &str, f: fn(&str) -> Option<T>) -> StoreResult<T> {
-    let s: String = row.try_get(col)?;
-    f(&s).ok_or_else(|| corrupt(col, &s))
-}
-
-fn code_from_row(row: &AnyRow) -> StoreResult<RenewalCodeRecord> {
-    let product: String = row.try_get("product_code")?;
-    let redeemed_key: Option<String> = row.try_get("redeemed_license_key")?;
-    let opt_time = |col: &str| -> StoreResult<Option<DateTime<Utc>>> {
-        row.try_get::<Option<i64>, _>(col)?
-            .map(from_micros)
-            .transpose()
-    };
-    Ok(RenewalCodeRecord {
-        id: row.try_get("id")?,
-        product: ProductCode::parse(&product).map_err(|_| corrupt("product code", &product))?,
-        edition: named_enum(row, "edition", Edition::from_str_opt)?,
-        seats: row.try_get::<i64, _>("seats")? as u32,
-        term_years: row.try_get::<i64, _>("term_years")? as u32,
-        state: named_enum(row, "state", CodeState::from_str_opt)?,
-        issued_at: from_micros(row.try_get("issued_at")?)?,
-        redeemed_at: opt_time("redeemed_at")?,
-        redeemed_license_key: redeemed_key
-            .map(|k| LicenseKey::parse(&k).map_err(|_| corrupt("license key", "<redacted>")))
-            .transpose()?,
-        voided_at: opt_time("voided_at")?,
-        void_reason: row.try_get("void_reason")?,
-        order_ref: row.try_get("order_ref")?,
-        reseller: row.try_get("reseller")?,
-    })
-}
-
-macro_rules! code_select {
-    () => {
-        "SELECT c.id, c.product_code, c.edition, c.seats, c.term_years, c.state, c.issued_at, \
-         c.redeemed_at, l.license_key AS redeemed_license_key, c.voided_at, c.void_reason, c.order_ref, \
-         c.reseller FROM renewal_codes c LEFT JOIN licenses l ON l.id = c.redeemed_license_id "
-    };
-}
-
-// ---------------------------------------------------------------------------
 // Queries shared by several operations (generic over pool or transaction)
 // ---------------------------------------------------------------------------
 
@@ -697,17 +374,6 @@ impl Lock {
         self == Lock::ForUpdate(Dialect::Postgres)
     }
 }
-
-/// The license with its product's policy and its activations, in one
-/// statement (one row per activation, or one row without): one snapshot, so
-/// seats_used always matches the activations listed.
-const LICENSE_WITH_ACTIVATIONS: &str = concat!(
-    license_select!(),
-    ", a.fingerprint AS a_fingerprint, a.hostname AS a_hostname, a.activated_at AS a_activated_at",
-    license_from!(),
-    "LEFT JOIN activations a ON a.license_id = l.id \
-     WHERE l.license_key = $1 ORDER BY a.activated_at, a.fingerprint"
-);
 
 async fn load_license(
     conn: &mut AnyConnection,
@@ -1635,42 +1301,5 @@ impl Store for SqlStore {
     async fn ping(&self) -> StoreResult<()> {
         sqlx::query("SELECT 1").execute(&self.readers).await?;
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::col;
-
-    /// The names of the columns a query selects, in order (`l.x`, `a.x AS y`).
-    fn selected(sql: &str) -> Vec<String> {
-        let list = sql
-            .strip_prefix("SELECT ")
-            .and_then(|s| s.split(" FROM ").next())
-            .expect("a SELECT");
-        list.split(',')
-            .map(|c| {
-                let c = c.trim();
-                let c = c.rsplit(" AS ").next().unwrap_or(c);
-                c.rsplit('.').next().unwrap_or(c).to_string()
-            })
-            .collect()
-    }
-
-    #[test]
-    fn column_positions_match_the_license_select() {
-        let names = selected(license_select!());
-        assert_eq!(names, col::NAMES, "license_select! and col:: disagree");
-    }
-
-    #[test]
-    fn extra_columns_follow_the_license_select() {
-        assert_eq!(selected(super::VALIDATION_SQL), super::vcol::NAMES);
-        let l = selected(super::LICENSE_WITH_ACTIVATIONS);
-        assert_eq!(&l[..col::EXTRA], col::NAMES);
-        assert_eq!(
-            &l[col::EXTRA..],
-            ["a_fingerprint", "a_hostname", "a_activated_at"]
-        );
     }
 }
