@@ -84,7 +84,7 @@ use std::time::{Duration, Instant};
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions};
 use tokio::sync::{mpsc, oneshot};
 
-use super::validation_cache::ValidationCache;
+use super::cache::validation_cache::ValidationCache;
 use super::{StoreError, StoreResult};
 use crate::domain::LicenseKey;
 

@@ -7,7 +7,7 @@
 
 pub mod bounded;
 pub mod bulk;
-mod cache_feed;
+mod cache;
 pub mod change_notify;
 pub mod event_feed;
 pub mod metered;
@@ -17,8 +17,8 @@ pub mod signing_keys;
 pub mod sql;
 pub mod sqlite;
 mod sqlite_fast;
-pub mod validation_cache;
 
+pub use cache::validation_cache;
 pub use event_feed::{EventFilter, FeedEnd, FeedItem, FeedPage, FeedWatch};
 pub use rows::Dialect;
 pub use sql::{PoolStats, SqlStore};

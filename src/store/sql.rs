@@ -31,6 +31,7 @@ use chrono::{DateTime, Utc};
 use sqlx::Row;
 use sqlx::{AnyConnection, AnyPool};
 
+use super::cache::validation_cache::{Answer, ValidationCache};
 use super::change_notify::{Change, Changes};
 use super::event_feed::{EventFeed, EventFilter, FeedPage, FeedWatch};
 use super::rows::{
@@ -38,7 +39,6 @@ use super::rows::{
     corrupt, license_from, license_from_row, license_select, product_from_row, terms_to_text,
     token_from_row, validation_from_row,
 };
-use super::validation_cache::{Answer, ValidationCache};
 use super::{
     Actor, IssueLicense, IssueRenewalCode, LicenseCursor, LicenseEvent, LicenseFilter, Redeem,
     Store, StoreError, StoreResult, TokenRecord, ValidationView, code_hash, derive_renewal_code,
@@ -161,10 +161,10 @@ impl SqlStore {
     /// Answers Validate from a [`ValidationCache`] of every license, loaded
     /// in the background, refreshed every `refresh`, and answering only
     /// within `max_staleness` of its last poll (see
-    /// [`super::validation_cache`]). Must be called inside a Tokio runtime.
+    /// [`super::cache::validation_cache`]). Must be called inside a Tokio runtime.
     pub fn with_validation_cache(mut self, refresh: Duration, max_staleness: Duration) -> Self {
         let cache = Arc::new(ValidationCache::with_max_staleness(max_staleness));
-        let feed = super::cache_feed::Feed::new(
+        let feed = super::cache::Feed::new(
             &cache,
             self.readers.clone(),
             self.dialect,

@@ -2,7 +2,7 @@
 //! validation cache's full load reads through.
 //!
 //! Validate is the hot path. It is answered from the validation cache
-//! (`super::validation_cache`) when it can be; this is the read it falls back
+//! (`super::cache`) when it can be; this is the read it falls back
 //! to (cache off, still loading, or a license just written here): one indexed
 //! lookup. Through sqlx every query crosses to the connection's worker thread
 //! and back and is converted into an `AnyRow`, which costs several times the

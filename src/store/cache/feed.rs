@@ -22,14 +22,11 @@ use std::time::{Duration, Instant};
 use sqlx::{AnyConnection, AnyPool};
 use tokio_stream::StreamExt;
 
-use super::rows::{
-    Columns, Dialect, LAST_EVENT_SQL, LOAD_SQL, PRODUCTS_SQL, cache_col, cache_select, enum_of,
-    latest_version, pg_xmin, policy_col,
-};
-use super::sqlite_fast::FastReader;
-use super::validation_cache::{LicenseRow, Poll, ProductPolicy, ValidationCache};
-use super::{StoreError, StoreResult};
-use crate::domain::{Edition, LicenseKind, LicenseStatus};
+use super::loader::{Grouper, Loader, load_sqlite, product_policy};
+use super::validation_cache::{LicenseRow, ProductPolicy, ValidationCache};
+use crate::store::rows::{Dialect, LOAD_SQL, PRODUCTS_SQL, cache_select, pg_xmin};
+use crate::store::sqlite_fast::FastReader;
+use crate::store::{StoreError, StoreResult};
 
 /// Licenses re-read per statement.
 const BATCH: usize = 500;
@@ -41,9 +38,6 @@ const EVENT_PAGE: i64 = 10_000;
 /// so that a flood of notifications costs at most one poll per pause.
 const NUDGE_GAP: Duration = Duration::from_millis(20);
 
-/// Licenses applied to the cache per write lock during a load.
-pub(super) const LOAD_BATCH: usize = 10_000;
-
 /// Where the feed is in the event log.
 enum Cursor {
     /// The largest event id applied.
@@ -53,7 +47,7 @@ enum Cursor {
 }
 
 /// The task that feeds one cache.
-pub(super) struct Feed {
+pub(in crate::store) struct Feed {
     cache: Weak<ValidationCache>,
     readers: AnyPool,
     dialect: Dialect,
@@ -64,7 +58,7 @@ pub(super) struct Feed {
 }
 
 impl Feed {
-    pub(super) fn new(
+    pub(in crate::store) fn new(
         cache: &Arc<ValidationCache>,
         readers: AnyPool,
         dialect: Dialect,
@@ -81,7 +75,7 @@ impl Feed {
     }
 
     /// Loads, then polls until the store is closed or dropped.
-    pub(super) async fn run(self) {
+    pub(in crate::store) async fn run(self) {
         let mut cursor = loop {
             let Some(cache) = self.cache.upgrade() else {
                 return;
@@ -291,31 +285,6 @@ impl Feed {
     }
 }
 
-/// SQLite's load, through rusqlite (blocking: run it on a blocking thread):
-/// every product, then every license with its activations, from one
-/// snapshot; returns the newest event id in that snapshot. Gives up when
-/// `cancelled` says so (checked between batches), so that a server shutting
-/// down does not wait for it.
-fn load_sqlite(
-    fast: &FastReader,
-    cache: &ValidationCache,
-    poll: &Poll,
-    cancelled: &(dyn Fn() -> bool + Sync),
-) -> StoreResult<i64> {
-    let snapshot = fast.snapshot()?;
-    let last_id = snapshot.int(LAST_EVENT_SQL)?;
-    let mut products = Vec::new();
-    snapshot.for_each(PRODUCTS_SQL, |row| {
-        products.push(product_policy(row)?);
-        Ok(())
-    })?;
-    cache.apply_products(poll, products);
-    let mut loader = Loader::new(cache, poll, cancelled);
-    snapshot.for_each(LOAD_SQL, |row| loader.push(row))?;
-    loader.finish();
-    Ok(last_id)
-}
-
 enum Bind<'a> {
     Int(i64),
     Text(&'a str),
@@ -357,100 +326,4 @@ async fn read_licenses<'a>(
 async fn read_products(conn: &mut AnyConnection) -> StoreResult<Vec<ProductPolicy>> {
     let rows = sqlx::query(PRODUCTS_SQL).fetch_all(&mut *conn).await?;
     rows.iter().map(product_policy).collect()
-}
-
-/// A product's policy from a row of [`PRODUCTS_SQL`].
-pub(super) fn product_policy(row: &impl Columns) -> StoreResult<ProductPolicy> {
-    Ok(ProductPolicy {
-        code: row.text(policy_col::CODE)?,
-        grace_period_months: row.int(policy_col::GRACE_PERIOD_MONTHS)? as u32,
-        latest_version: latest_version(&row.text(policy_col::LATEST_VERSION)?)?,
-        offline_lease_days: row.int(policy_col::OFFLINE_LEASE_DAYS)? as u32,
-    })
-}
-
-/// Applies the rows of [`LOAD_SQL`] to the cache, [`LOAD_BATCH`] licenses
-/// per write lock, giving up between batches when `cancelled` says so (a
-/// server shutting down does not wait for a load).
-pub(super) struct Loader<'a> {
-    cache: &'a ValidationCache,
-    poll: &'a Poll,
-    cancelled: &'a (dyn Fn() -> bool + Sync),
-    group: Grouper,
-    batch: Vec<LicenseRow>,
-}
-
-impl<'a> Loader<'a> {
-    pub(super) fn new(
-        cache: &'a ValidationCache,
-        poll: &'a Poll,
-        cancelled: &'a (dyn Fn() -> bool + Sync),
-    ) -> Self {
-        Loader {
-            cache,
-            poll,
-            cancelled,
-            group: Grouper::default(),
-            batch: Vec::with_capacity(LOAD_BATCH),
-        }
-    }
-
-    /// Adds one row.
-    pub(super) fn push(&mut self, row: &impl Columns) -> StoreResult<()> {
-        if let Some(done) = self.group.push(row)? {
-            self.batch.push(done);
-            if self.batch.len() == LOAD_BATCH {
-                if (self.cancelled)() {
-                    return Err(StoreError::Unavailable("the store is closing".into()));
-                }
-                self.cache.apply(self.poll, &self.batch);
-                self.batch.clear();
-            }
-        }
-        Ok(())
-    }
-
-    /// Applies what is left.
-    pub(super) fn finish(mut self) {
-        self.batch.extend(self.group.finish());
-        self.cache.apply(self.poll, &self.batch);
-    }
-}
-
-/// Folds the rows of [`cache_select!`] (one per activation, ordered by
-/// license) into licenses.
-#[derive(Default)]
-pub(super) struct Grouper {
-    current: Option<(i64, LicenseRow)>,
-}
-
-impl Grouper {
-    /// Adds a row; returns the previous license once all its rows are in.
-    pub(super) fn push(&mut self, row: &impl Columns) -> StoreResult<Option<LicenseRow>> {
-        let id = row.int(cache_col::ID)?;
-        let fingerprint = row.opt_text(cache_col::FINGERPRINT)?;
-        if let Some((cur, license)) = &mut self.current
-            && *cur == id
-        {
-            license.fingerprints.extend(fingerprint);
-            return Ok(None);
-        }
-        let license = LicenseRow {
-            key: row.text(cache_col::LICENSE_KEY)?,
-            product: row.text(cache_col::PRODUCT_CODE)?,
-            edition: enum_of(row, cache_col::EDITION, Edition::from_str_opt)?,
-            kind: enum_of(row, cache_col::KIND, LicenseKind::from_str_opt)?,
-            status: enum_of(row, cache_col::STATUS, LicenseStatus::from_str_opt)?,
-            expires_at: row.int(cache_col::EXPIRES_AT)?,
-            seats: row.int(cache_col::SEATS)? as u32,
-            seats_used: row.int(cache_col::SEATS_USED)? as u32,
-            fingerprints: fingerprint.into_iter().collect(),
-        };
-        Ok(self.current.replace((id, license)).map(|(_, l)| l))
-    }
-
-    /// The last license.
-    pub(super) fn finish(self) -> Option<LicenseRow> {
-        self.current.map(|(_, l)| l)
-    }
 }
