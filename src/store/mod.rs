@@ -198,27 +198,6 @@ pub struct IssueLicense {
     pub reseller: String,
 }
 
-impl IssueLicense {
-    /// Canonical digest of the payload, to recognise an idempotent retry.
-    pub fn payload_hash(&self) -> Vec<u8> {
-        digest_fields(&[
-            "IssueLicense",
-            self.product.as_str(),
-            self.edition.as_str(),
-            self.kind.as_str(),
-            &self.seats.to_string(),
-            &self.term_years.to_string(),
-            &self
-                .starts_at
-                .map(|t| t.timestamp_micros().to_string())
-                .unwrap_or_default(),
-            &self.order_ref,
-            &self.customer_ref,
-            &self.reseller,
-        ])
-    }
-}
-
 /// IssueRenewalCode, parsed.
 #[derive(Debug, Clone)]
 pub struct IssueRenewalCode {
@@ -236,21 +215,6 @@ pub struct IssueRenewalCode {
     pub order_ref: String,
     /// Reseller.
     pub reseller: String,
-}
-
-impl IssueRenewalCode {
-    /// Canonical digest of the payload.
-    pub fn payload_hash(&self) -> Vec<u8> {
-        digest_fields(&[
-            "IssueRenewalCode",
-            self.product.as_str(),
-            self.edition.as_str(),
-            &self.seats.to_string(),
-            &self.term_years.to_string(),
-            &self.order_ref,
-            &self.reseller,
-        ])
-    }
 }
 
 /// RedeemRenewalCode, parsed.
