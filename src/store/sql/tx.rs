@@ -12,9 +12,10 @@ use sqlx::AnyConnection;
 
 use super::SqlStore;
 use crate::store::change_notify::{Change, Changes};
+use crate::store::error::session_ended;
 use crate::store::event_feed::EventFeed;
 use crate::store::validation_cache::ValidationCache;
-use crate::store::{Actor, StoreError, StoreResult, micros, session_ended};
+use crate::store::{Actor, StoreError, StoreResult, micros};
 
 /// How many times a write is retried after a deadlock or serialisation failure.
 const MAX_ATTEMPTS: u32 = 5;
@@ -222,7 +223,7 @@ pub(super) async fn record_event(
 }
 
 /// Whether `e` says the connection itself is gone: an I/O or protocol
-/// error, or a PostgreSQL session that ended ([`crate::store::session_ended`]).
+/// error, or a PostgreSQL session that ended ([`crate::store::error::session_ended`]).
 fn is_connection_lost(e: &sqlx::Error) -> bool {
     match e {
         sqlx::Error::Io(_) | sqlx::Error::Protocol(_) => true,
