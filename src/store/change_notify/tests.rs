@@ -1,5 +1,5 @@
 use super::*;
-use crate::domain::{LicenseKind, ProductCode};
+use crate::domain::{LicenseKey, LicenseKind, ProductCode};
 
 fn key() -> LicenseKey {
     LicenseKey::generate(&ProductCode::parse("ACME").unwrap(), LicenseKind::Standard)
