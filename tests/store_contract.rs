@@ -1298,7 +1298,7 @@ impl<F: std::future::Future> std::future::Future for DropAfter<F> {
 }
 
 /// A write dropped after its commit but before it marked the license in
-/// the cache (src/store/sql.rs, cancel_guard) must not leave the cache
+/// the cache (src/store/sql/tx.rs, cancel_guard) must not leave the cache
 /// answering the old state. The write is dropped after 1, 2, 3, … polls,
 /// so at each of its await points in turn, until it completes; each time a
 /// lookup right after must agree with the database.

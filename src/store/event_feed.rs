@@ -44,11 +44,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use sqlx::{AnyConnection, AnyPool, Row};
+use sqlx::{AnyConnection, AnyPool};
 use tokio::sync::{Mutex, Notify, broadcast, mpsc, oneshot, watch};
 
-use super::{Dialect, LicenseEvent, StoreError, StoreResult, from_micros};
-use crate::domain::LicenseKey;
+use super::rows::{Dialect, EVENT_SELECT, event_from_row, pg_xmin};
+use super::{LicenseEvent, StoreError, StoreResult};
 
 /// Events read per statement.
 const PAGE: usize = 500;
@@ -72,11 +72,6 @@ const MIN_GAP: Duration = Duration::from_millis(5);
 /// A checkpoint is sent after this long without a message, when the
 /// position moved past events the filters left out.
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
-
-/// The columns of an event in the feed, with its license's key and product.
-const EVENT_SELECT: &str = "SELECT e.id, e.type, e.at, e.actor, e.fingerprint, e.old_expires_at, \
-     e.new_expires_at, e.renewal_code_id, e.refusal_reason, e.detail, l.license_key, l.product_code \
-     FROM license_events e JOIN licenses l ON l.id = e.license_id";
 
 /// What a consumer asks for.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -354,15 +349,6 @@ fn passed(pending: &mut VecDeque<(i64, i64)>, read: (i64, i64), xmin: i64, reach
     horizon
 }
 
-/// The `xmin` of a fresh snapshot: every transaction below it has finished.
-pub(super) async fn pg_xmin(conn: &mut AnyConnection) -> StoreResult<i64> {
-    Ok(
-        sqlx::query_scalar("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint")
-            .fetch_one(&mut *conn)
-            .await?,
-    )
-}
-
 /// Follows the horizon while anyone watches: a poll per wake-up or per
 /// [`TICK`], again soon while it trails; under a stream of wake-ups, at most
 /// one poll per [`MIN_GAP`] (a lone write is followed at once).
@@ -476,30 +462,6 @@ pub(super) async fn read_license_events(
     .fetch_all(&mut *conn)
     .await?;
     rows.iter().map(event_from_row).collect()
-}
-
-/// An event from a row of [`EVENT_SELECT`].
-fn event_from_row(row: &sqlx::any::AnyRow) -> StoreResult<LicenseEvent> {
-    let time = |name: &str| -> StoreResult<Option<chrono::DateTime<chrono::Utc>>> {
-        row.try_get::<Option<i64>, _>(name)?
-            .map(from_micros)
-            .transpose()
-    };
-    Ok(LicenseEvent {
-        id: row.try_get("id")?,
-        event_type: row.try_get("type")?,
-        at: from_micros(row.try_get("at")?)?,
-        actor: row.try_get("actor")?,
-        fingerprint: row.try_get("fingerprint")?,
-        old_expires_at: time("old_expires_at")?,
-        new_expires_at: time("new_expires_at")?,
-        renewal_code_id: row.try_get("renewal_code_id")?,
-        refusal_reason: row.try_get("refusal_reason")?,
-        detail: row.try_get("detail")?,
-        license_key: LicenseKey::parse(&row.try_get::<String, _>("license_key")?)
-            .map_err(|_| super::sql::corrupt("license key", "<redacted>"))?,
-        product: row.try_get("product_code")?,
-    })
 }
 
 /// One watch's task.
@@ -631,81 +593,4 @@ impl Watch {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_pair_passes_once_xmin_reaches_its_bound() {
-        let mut pending = VecDeque::new();
-        // A write in flight (xid 10) while id 5 was the last taken.
-        assert_eq!(passed(&mut pending, (5, 11), 10, 0), 0);
-        // It finished; another (xid 12) is in flight, id 7 taken.
-        assert_eq!(passed(&mut pending, (7, 13), 12, 0), 5);
-        // Nothing in flight: everything read so far is final.
-        assert_eq!(passed(&mut pending, (7, 13), 13, 5), 7);
-        assert!(pending.is_empty());
-    }
-
-    #[test]
-    fn the_horizon_never_moves_back() {
-        let mut pending = VecDeque::new();
-        assert_eq!(passed(&mut pending, (9, 20), 20, 0), 9);
-        // A stale read (a replica's own view lags): the horizon stays.
-        assert_eq!(passed(&mut pending, (3, 5), 20, 9), 9);
-    }
-
-    #[test]
-    fn pending_pairs_are_bounded_and_the_newest_is_kept() {
-        let mut pending = VecDeque::new();
-        for i in 0..(MAX_PENDING as i64 * 3) {
-            assert_eq!(passed(&mut pending, (i, 1_000 + i), 1, 0), 0);
-        }
-        assert!(pending.len() <= MAX_PENDING);
-        let newest = MAX_PENDING as i64 * 3 - 1;
-        assert_eq!(pending.back(), Some(&(newest, 1_000 + newest)));
-        assert_eq!(
-            passed(&mut pending, (newest, 1_000 + newest), 5_000, 0),
-            newest
-        );
-    }
-
-    fn event(id: i64, product: &str, kind: &str) -> LicenseEvent {
-        LicenseEvent {
-            id,
-            event_type: kind.into(),
-            at: chrono::DateTime::UNIX_EPOCH,
-            actor: String::new(),
-            fingerprint: String::new(),
-            old_expires_at: None,
-            new_expires_at: None,
-            renewal_code_id: None,
-            refusal_reason: String::new(),
-            detail: String::new(),
-            license_key: LicenseKey::generate(
-                &crate::domain::ProductCode::parse(product).expect("a product code"),
-                crate::domain::LicenseKind::Standard,
-            ),
-            product: product.into(),
-        }
-    }
-
-    #[test]
-    fn filters_by_product_and_type() {
-        let all = EventFilter::default();
-        let cad = EventFilter {
-            product: Some("CAD".into()),
-            types: vec![],
-        };
-        let renewals = EventFilter {
-            product: None,
-            types: vec!["renewed".into(), "renewal_refused".into()],
-        };
-        let e = event(1, "CAD", "activated");
-        assert!(all.matches(&e));
-        assert!(cad.matches(&e));
-        assert!(!renewals.matches(&e));
-        let r = event(2, "CAM", "renewed");
-        assert!(!cad.matches(&r));
-        assert!(renewals.matches(&r));
-    }
-}
+mod tests;

@@ -7,19 +7,23 @@
 
 pub mod bounded;
 pub mod bulk;
-mod cache_feed;
+mod cache;
 pub mod change_notify;
+mod error;
 pub mod event_feed;
 pub mod metered;
 pub mod postgres;
+mod rows;
 pub mod signing_keys;
 pub mod sql;
 pub mod sqlite;
 mod sqlite_fast;
-pub mod validation_cache;
 
+pub use cache::validation_cache;
+pub use error::{StoreError, sqlite_unavailable};
 pub use event_feed::{EventFilter, FeedEnd, FeedItem, FeedPage, FeedWatch};
-pub use sql::{Dialect, PoolStats, SqlStore};
+pub use rows::Dialect;
+pub use sql::{PoolStats, SqlStore};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -30,90 +34,14 @@ use crate::domain::auth::{Role, Token};
 use crate::domain::product::ProductSpec;
 use crate::domain::rules::StatusAction;
 use crate::domain::{
-    Activation, Edition, License, LicenseKey, LicenseKind, Product, ProductCode, Refusal,
-    RenewalCode, RenewalCodeRecord, Standing, Version,
+    Activation, Edition, License, LicenseKey, LicenseKind, Product, ProductCode, RenewalCode,
+    RenewalCodeRecord, Standing, Version,
 };
 use std::sync::Arc;
 
 /// How long a call waits for the database by default before it is answered
 /// UNAVAILABLE (`--database-timeout-ms`; see [`bounded`]).
 pub const DEFAULT_DATABASE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
-
-/// Why a store call failed.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    /// A rule refused the operation; nothing was changed (a refused renewal
-    /// may have appended one history event).
-    #[error(transparent)]
-    Refused(#[from] Refusal),
-    /// The database cannot be reached or is overloaded; the call may be retried.
-    #[error("database unavailable: {0}")]
-    Unavailable(String),
-    /// A deadlock or serialisation failure: the transaction is retried.
-    #[error("transaction conflict: {0}")]
-    Retryable(String),
-    /// Anything else: a bug or a broken database. Logged, never shown to callers.
-    #[error("internal store error: {0}")]
-    Internal(String),
-}
-
-/// Whether PostgreSQL's SQLSTATE `code` says the session itself is gone: a
-/// connection exception (class 08), or the server terminated it (57P01
-/// admin_shutdown, 57P02 crash_shutdown).
-pub(super) fn session_ended(code: &str) -> bool {
-    code.starts_with("08") || code == "57P01" || code == "57P02"
-}
-
-/// Whether an SQLite result code (primary or extended) says the database
-/// cannot serve the call now, rather than that the call or the data is
-/// wrong: busy or locked past the busy timeout (5, 6), a read-only file or
-/// file system (8), an I/O error such as a failed write (10), a full disk
-/// (13), a file that cannot be opened (14). Such a call may be retried
-/// once the operator has made room or remounted the disk; nothing it did
-/// was kept, since SQLite rolls the transaction back.
-pub fn sqlite_unavailable(code: i32) -> bool {
-    matches!(code & 0xff, 5 | 6 | 8 | 10 | 13 | 14)
-}
-
-impl From<sqlx::Error> for StoreError {
-    fn from(e: sqlx::Error) -> Self {
-        match &e {
-            sqlx::Error::PoolTimedOut
-            | sqlx::Error::PoolClosed
-            | sqlx::Error::Io(_)
-            | sqlx::Error::Protocol(_)
-            | sqlx::Error::WorkerCrashed => StoreError::Unavailable(e.to_string()),
-            sqlx::Error::Database(db) => {
-                let code = db.code().unwrap_or_default();
-                match code.as_ref() {
-                    // PostgreSQL: serialization_failure, deadlock_detected.
-                    "40001" | "40P01" => StoreError::Retryable(e.to_string()),
-                    // PostgreSQL: too_many_connections, cannot_connect_now,
-                    // statement or lock timeout / cancelled (57014, 55P03:
-                    // the server gave up waiting within `--database-timeout-ms`),
-                    // or the session is gone.
-                    "53300" | "57P03" | "57014" | "55P03" => StoreError::Unavailable(e.to_string()),
-                    c if session_ended(c) => StoreError::Unavailable(e.to_string()),
-                    // SQLite reports its (extended) result code in decimal.
-                    _ if db
-                        .try_downcast_ref::<sqlx::sqlite::SqliteError>()
-                        .is_some_and(|_| code.parse().is_ok_and(sqlite_unavailable)) =>
-                    {
-                        StoreError::Unavailable(e.to_string())
-                    }
-                    _ => StoreError::Internal(e.to_string()),
-                }
-            }
-            _ => StoreError::Internal(e.to_string()),
-        }
-    }
-}
-
-impl From<sqlx::migrate::MigrateError> for StoreError {
-    fn from(e: sqlx::migrate::MigrateError) -> Self {
-        StoreError::Internal(format!("migration failed: {e}"))
-    }
-}
 
 /// Where the data lives, parsed from `--database-url`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -196,27 +124,6 @@ pub struct IssueLicense {
     pub reseller: String,
 }
 
-impl IssueLicense {
-    /// Canonical digest of the payload, to recognise an idempotent retry.
-    pub fn payload_hash(&self) -> Vec<u8> {
-        digest_fields(&[
-            "IssueLicense",
-            self.product.as_str(),
-            self.edition.as_str(),
-            self.kind.as_str(),
-            &self.seats.to_string(),
-            &self.term_years.to_string(),
-            &self
-                .starts_at
-                .map(|t| t.timestamp_micros().to_string())
-                .unwrap_or_default(),
-            &self.order_ref,
-            &self.customer_ref,
-            &self.reseller,
-        ])
-    }
-}
-
 /// IssueRenewalCode, parsed.
 #[derive(Debug, Clone)]
 pub struct IssueRenewalCode {
@@ -234,21 +141,6 @@ pub struct IssueRenewalCode {
     pub order_ref: String,
     /// Reseller.
     pub reseller: String,
-}
-
-impl IssueRenewalCode {
-    /// Canonical digest of the payload.
-    pub fn payload_hash(&self) -> Vec<u8> {
-        digest_fields(&[
-            "IssueRenewalCode",
-            self.product.as_str(),
-            self.edition.as_str(),
-            &self.seats.to_string(),
-            &self.term_years.to_string(),
-            &self.order_ref,
-            &self.reseller,
-        ])
-    }
 }
 
 /// RedeemRenewalCode, parsed.
@@ -569,98 +461,6 @@ mod tests {
         assert_ne!(a, derive_renewal_code(b"secret-1", "order-2"));
         assert_ne!(a, derive_renewal_code(b"secret-2", "order-1"));
         assert!(RenewalCode::parse(&a.expose_display()).is_ok());
-    }
-
-    /// The error SQLite gives for `sql` on a fresh database in a temporary
-    /// directory opened with `mode`, through sqlx's Any driver as the store
-    /// uses it.
-    async fn sqlite_error(setup: &[&str], mode: &str, sql: &str) -> StoreError {
-        use sqlx::Connection;
-        sqlx::any::install_default_drivers();
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("t.db");
-        let url = format!("sqlite://{}", path.display());
-        let mut rw = sqlx::AnyConnection::connect(&format!("{url}?mode=rwc"))
-            .await
-            .unwrap();
-        for s in setup {
-            sqlx::raw_sql(sqlx::AssertSqlSafe(*s))
-                .execute(&mut rw)
-                .await
-                .unwrap();
-        }
-        let mut conn = if mode == "rwc" {
-            rw
-        } else {
-            sqlx::AnyConnection::connect(&format!("{url}?mode={mode}"))
-                .await
-                .unwrap()
-        };
-        let err = sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
-            .execute(&mut conn)
-            .await
-            .expect_err("the statement fails");
-        StoreError::from(err)
-    }
-
-    #[tokio::test]
-    async fn a_write_to_a_read_only_sqlite_database_is_unavailable_not_internal() {
-        let e = sqlite_error(
-            &["CREATE TABLE t (x INTEGER)"],
-            "ro",
-            "INSERT INTO t VALUES (1)",
-        )
-        .await;
-        assert!(matches!(e, StoreError::Unavailable(_)), "{e:?}");
-    }
-
-    #[tokio::test]
-    async fn a_full_sqlite_database_is_unavailable_not_internal() {
-        // max_page_count is SQLite's own "disk full": SQLITE_FULL.
-        let e = sqlite_error(
-            &["CREATE TABLE t (x BLOB)", "PRAGMA max_page_count = 8"],
-            "rwc",
-            "INSERT INTO t VALUES (zeroblob(100000))",
-        )
-        .await;
-        assert!(matches!(e, StoreError::Unavailable(_)), "{e:?}");
-    }
-
-    #[tokio::test]
-    async fn an_sqlite_file_that_cannot_be_opened_is_unavailable_not_internal() {
-        use sqlx::Connection;
-        sqlx::any::install_default_drivers();
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!(
-            "sqlite://{}/no/such/dir/t.db?mode=rwc",
-            dir.path().display()
-        );
-        let err = sqlx::AnyConnection::connect(&url)
-            .await
-            .expect_err("cannot open");
-        let e = StoreError::from(err);
-        assert!(matches!(e, StoreError::Unavailable(_)), "{e:?}");
-    }
-
-    #[tokio::test]
-    async fn a_broken_statement_on_sqlite_is_still_internal() {
-        let e = sqlite_error(&[], "rwc", "SELECT * FROM no_such_table").await;
-        assert!(matches!(e, StoreError::Internal(_)), "{e:?}");
-    }
-
-    #[test]
-    fn sqlite_result_codes_that_mean_the_disk_or_file_cannot_serve_now() {
-        // Primary codes, and extended ones built on them: IOERR_READ (266),
-        // IOERR_WRITE (778), IOERR_FSYNC (1034), READONLY_DBMOVED (1032),
-        // CANTOPEN_ISDIR (526), BUSY_SNAPSHOT (517).
-        for code in [5, 6, 8, 10, 13, 14, 266, 778, 1034, 1032, 526, 517] {
-            assert!(sqlite_unavailable(code), "{code}");
-        }
-        // ERROR, CORRUPT, CONSTRAINT, CONSTRAINT_UNIQUE, MISMATCH, NOTADB:
-        // a bug or a broken database, not an outage.
-        for code in [1, 11, 19, 2067, 20, 26] {
-            assert!(!sqlite_unavailable(code), "{code}");
-        }
     }
 
     #[test]

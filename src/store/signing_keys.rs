@@ -5,7 +5,8 @@
 use chrono::{DateTime, Utc};
 use sqlx::Row;
 
-use super::sql::{corrupt, is_unique_violation};
+use super::rows::corrupt;
+use super::sql::is_unique_violation;
 use super::{SqlStore, StoreError, StoreResult, from_micros, micros};
 use crate::signing::{KeyState, StoredKey};
 

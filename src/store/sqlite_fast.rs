@@ -1,8 +1,8 @@
-//! Validate's database reads on SQLite, without sqlx, and the validation
-//! cache's full load.
+//! Validate's database reads on SQLite, without sqlx, and the snapshot the
+//! validation cache's full load reads through.
 //!
 //! Validate is the hot path. It is answered from the validation cache
-//! (`super::validation_cache`) when it can be; this is the read it falls back
+//! (`super::cache`) when it can be; this is the read it falls back
 //! to (cache off, still loading, or a license just written here): one indexed
 //! lookup. Through sqlx every query crosses to the connection's worker thread
 //! and back and is converted into an `AnyRow`, which costs several times the
@@ -22,9 +22,7 @@ use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags};
 
-use super::cache_feed::{LAST_EVENT_SQL, LOAD_SQL, Loader, PRODUCTS_SQL, product_policy};
-use super::sql::{Columns, VALIDATION_SQL, validation_from_row};
-use super::validation_cache::{Poll, ValidationCache};
+use super::rows::{Columns, VALIDATION_SQL, validation_from_row};
 use super::{StoreError, StoreResult, ValidationView};
 use crate::domain::LicenseKey;
 
@@ -117,46 +115,46 @@ impl FastReader {
 }
 
 impl FastReader {
-    /// The validation cache's full load (blocking: run it on a blocking
-    /// thread): every product, then every license with its activations, from
-    /// one snapshot; returns the newest event id in that snapshot. Its own
-    /// connection, never memory-mapped: a full scan would map the whole file
-    /// into the process. Gives up when `cancelled` says so (checked between
-    /// batches), so that a server shutting down does not wait for it.
-    pub fn load_cache(
-        &self,
-        cache: &ValidationCache,
-        poll: &Poll,
-        cancelled: &(dyn Fn() -> bool + Sync),
-    ) -> StoreResult<i64> {
+    /// A read transaction on a connection of its own (blocking: run it on a
+    /// blocking thread), never memory-mapped: a full scan would map the
+    /// whole file into the process. Every statement run through it reads
+    /// one snapshot; dropping it ends the transaction.
+    pub(super) fn snapshot(&self) -> StoreResult<Snapshot> {
         let conn = self.open_read_only()?;
         conn.execute_batch("BEGIN")
             .map_err(unavailable_or_internal)?;
-        let last_id: i64 = conn
-            .query_row(LAST_EVENT_SQL, [], |r| r.get(0))
-            .map_err(unavailable_or_internal)?;
-        let mut products = Vec::new();
-        let mut stmt = conn
-            .prepare(PRODUCTS_SQL)
-            .map_err(unavailable_or_internal)?;
-        let mut rows = stmt.query([]).map_err(unavailable_or_internal)?;
-        while let Some(r) = rows.next().map_err(unavailable_or_internal)? {
-            products.push(product_policy(&FastRow(r))?);
-        }
-        cache.apply_products(poll, products);
-        let mut stmt = conn.prepare(LOAD_SQL).map_err(unavailable_or_internal)?;
-        let mut rows = stmt.query([]).map_err(unavailable_or_internal)?;
-        let mut loader = Loader::new(cache, poll, cancelled);
-        while let Some(r) = rows.next().map_err(unavailable_or_internal)? {
-            loader.push(&FastRow(r))?;
-        }
-        loader.finish();
-        // Dropping the connection ends the read transaction.
-        Ok(last_id)
+        Ok(Snapshot(conn))
     }
 }
 
-struct FastRow<'a>(&'a rusqlite::Row<'a>);
+/// See [`FastReader::snapshot`].
+pub(super) struct Snapshot(Connection);
+
+impl Snapshot {
+    /// The one integer `sql` selects.
+    pub(super) fn int(&self, sql: &str) -> StoreResult<i64> {
+        self.0
+            .query_row(sql, [], |r| r.get(0))
+            .map_err(unavailable_or_internal)
+    }
+
+    /// Calls `each` on every row `sql` selects, stopping at its first error.
+    pub(super) fn for_each(
+        &self,
+        sql: &str,
+        mut each: impl FnMut(&FastRow<'_>) -> StoreResult<()>,
+    ) -> StoreResult<()> {
+        let mut stmt = self.0.prepare(sql).map_err(unavailable_or_internal)?;
+        let mut rows = stmt.query([]).map_err(unavailable_or_internal)?;
+        while let Some(r) = rows.next().map_err(unavailable_or_internal)? {
+            each(&FastRow(r))?;
+        }
+        Ok(())
+    }
+}
+
+/// A row read through rusqlite, read by position like an `AnyRow`.
+pub(super) struct FastRow<'a>(&'a rusqlite::Row<'a>);
 
 impl Columns for FastRow<'_> {
     fn text(&self, at: usize) -> StoreResult<String> {

@@ -18,7 +18,7 @@
 //! **It serves Validate only.** Every write still decides on rows it locked
 //! in the database, so no write rule ever reads the cache.
 //!
-//! **How it stays fresh** (fed by [`super::cache_feed`]):
+//! **How it stays fresh** (fed by [`super::feed`]):
 //! * Every change to a license writes a `license_events` row in the same
 //!   transaction. Every replica polls those rows (every
 //!   `--validate-cache-refresh-ms`) and re-reads the licenses they name.
@@ -43,7 +43,7 @@
 //!   when it was made, and only a later epoch's re-read clears it.
 //!
 //! * With several replicas on PostgreSQL, a write on another replica is
-//!   announced by `LISTEN/NOTIFY` ([`super::change_notify`]): the moment the
+//!   announced by `LISTEN/NOTIFY` ([`crate::store::change_notify`]): the moment the
 //!   notification arrives, the license is marked as a local write would mark
 //!   it. While the listening connection is down a notification may be lost,
 //!   so the cache does not answer, until a poll that started after the
@@ -75,8 +75,8 @@ use siphasher::sip::SipHasher13;
 use siphasher::sip128::{Hasher128, SipHasher13 as SipHasher13x128};
 use smallvec::SmallVec;
 
-use super::ValidationView;
 use crate::domain::{Edition, LicenseKey, LicenseKind, LicenseStatus, Standing, Version};
+use crate::store::ValidationView;
 
 /// By default the cache answers only if its last successful poll started
 /// less than this long ago; changes must reach every replica within 1 s.

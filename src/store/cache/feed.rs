@@ -22,12 +22,11 @@ use std::time::{Duration, Instant};
 use sqlx::{AnyConnection, AnyPool};
 use tokio_stream::StreamExt;
 
-use super::event_feed::pg_xmin;
-use super::sql::{Columns, Dialect, enum_of, latest_version};
-use super::sqlite_fast::FastReader;
-use super::validation_cache::{LicenseRow, Poll, ProductPolicy, ValidationCache};
-use super::{StoreError, StoreResult};
-use crate::domain::{Edition, LicenseKind, LicenseStatus};
+use super::loader::{Grouper, Loader, load_sqlite, product_policy};
+use super::validation_cache::{LicenseRow, ProductPolicy, ValidationCache};
+use crate::store::rows::{Dialect, LOAD_SQL, PRODUCTS_SQL, cache_select, pg_xmin};
+use crate::store::sqlite_fast::FastReader;
+use crate::store::{StoreError, StoreResult};
 
 /// Licenses re-read per statement.
 const BATCH: usize = 500;
@@ -39,28 +38,6 @@ const EVENT_PAGE: i64 = 10_000;
 /// so that a flood of notifications costs at most one poll per pause.
 const NUDGE_GAP: Duration = Duration::from_millis(20);
 
-/// What a license row of the cache is read from: one statement, so
-/// `seats_used` and the activations listed come from one snapshot.
-macro_rules! cache_select {
-    () => {
-        "SELECT l.id, l.license_key, l.product_code, l.edition, l.kind, l.status, l.expires_at, l.seats, \
-         l.seats_used, a.fingerprint FROM licenses l LEFT JOIN activations a ON a.license_id = l.id "
-    };
-}
-
-/// The full load: every license with its activations, grouped by license.
-pub(super) const LOAD_SQL: &str = concat!(cache_select!(), "ORDER BY l.id");
-
-/// Every product's policy.
-pub(super) const PRODUCTS_SQL: &str =
-    "SELECT code, grace_period_months, latest_version, offline_lease_days FROM products";
-
-/// The newest event (SQLite: the position a load starts from).
-pub(super) const LAST_EVENT_SQL: &str = "SELECT COALESCE(MAX(id), 0) FROM license_events";
-
-/// Licenses applied to the cache per write lock during a load.
-pub(super) const LOAD_BATCH: usize = 10_000;
-
 /// Where the feed is in the event log.
 enum Cursor {
     /// The largest event id applied.
@@ -70,7 +47,7 @@ enum Cursor {
 }
 
 /// The task that feeds one cache.
-pub(super) struct Feed {
+pub(in crate::store) struct Feed {
     cache: Weak<ValidationCache>,
     readers: AnyPool,
     dialect: Dialect,
@@ -81,7 +58,7 @@ pub(super) struct Feed {
 }
 
 impl Feed {
-    pub(super) fn new(
+    pub(in crate::store) fn new(
         cache: &Arc<ValidationCache>,
         readers: AnyPool,
         dialect: Dialect,
@@ -98,7 +75,7 @@ impl Feed {
     }
 
     /// Loads, then polls until the store is closed or dropped.
-    pub(super) async fn run(self) {
+    pub(in crate::store) async fn run(self) {
         let mut cursor = loop {
             let Some(cache) = self.cache.upgrade() else {
                 return;
@@ -170,7 +147,7 @@ impl Feed {
                 let (fast, cache, readers) = (fast.clone(), cache.clone(), self.readers.clone());
                 tokio::task::spawn_blocking(move || {
                     let poll = cache.begin_poll();
-                    let last_id = fast.load_cache(&cache, &poll, &|| readers.is_closed())?;
+                    let last_id = load_sqlite(&fast, &cache, &poll, &|| readers.is_closed())?;
                     cache.finish_poll(&poll);
                     Ok(Cursor::Sqlite { last_id })
                 })
@@ -349,100 +326,4 @@ async fn read_licenses<'a>(
 async fn read_products(conn: &mut AnyConnection) -> StoreResult<Vec<ProductPolicy>> {
     let rows = sqlx::query(PRODUCTS_SQL).fetch_all(&mut *conn).await?;
     rows.iter().map(product_policy).collect()
-}
-
-/// A product's policy from a row of [`PRODUCTS_SQL`].
-pub(super) fn product_policy(row: &impl Columns) -> StoreResult<ProductPolicy> {
-    Ok(ProductPolicy {
-        code: row.text(0)?,
-        grace_period_months: row.int(1)? as u32,
-        latest_version: latest_version(&row.text(2)?)?,
-        offline_lease_days: row.int(3)? as u32,
-    })
-}
-
-/// Applies the rows of [`LOAD_SQL`] to the cache, [`LOAD_BATCH`] licenses
-/// per write lock, giving up between batches when `cancelled` says so (a
-/// server shutting down does not wait for a load).
-pub(super) struct Loader<'a> {
-    cache: &'a ValidationCache,
-    poll: &'a Poll,
-    cancelled: &'a (dyn Fn() -> bool + Sync),
-    group: Grouper,
-    batch: Vec<LicenseRow>,
-}
-
-impl<'a> Loader<'a> {
-    pub(super) fn new(
-        cache: &'a ValidationCache,
-        poll: &'a Poll,
-        cancelled: &'a (dyn Fn() -> bool + Sync),
-    ) -> Self {
-        Loader {
-            cache,
-            poll,
-            cancelled,
-            group: Grouper::default(),
-            batch: Vec::with_capacity(LOAD_BATCH),
-        }
-    }
-
-    /// Adds one row.
-    pub(super) fn push(&mut self, row: &impl Columns) -> StoreResult<()> {
-        if let Some(done) = self.group.push(row)? {
-            self.batch.push(done);
-            if self.batch.len() == LOAD_BATCH {
-                if (self.cancelled)() {
-                    return Err(StoreError::Unavailable("the store is closing".into()));
-                }
-                self.cache.apply(self.poll, &self.batch);
-                self.batch.clear();
-            }
-        }
-        Ok(())
-    }
-
-    /// Applies what is left.
-    pub(super) fn finish(mut self) {
-        self.batch.extend(self.group.finish());
-        self.cache.apply(self.poll, &self.batch);
-    }
-}
-
-/// Folds the rows of [`cache_select!`] (one per activation, ordered by
-/// license) into licenses.
-#[derive(Default)]
-pub(super) struct Grouper {
-    current: Option<(i64, LicenseRow)>,
-}
-
-impl Grouper {
-    /// Adds a row; returns the previous license once all its rows are in.
-    pub(super) fn push(&mut self, row: &impl Columns) -> StoreResult<Option<LicenseRow>> {
-        let id = row.int(0)?;
-        let fingerprint = row.opt_text(9)?;
-        if let Some((cur, license)) = &mut self.current
-            && *cur == id
-        {
-            license.fingerprints.extend(fingerprint);
-            return Ok(None);
-        }
-        let license = LicenseRow {
-            key: row.text(1)?,
-            product: row.text(2)?,
-            edition: enum_of(row, 3, Edition::from_str_opt)?,
-            kind: enum_of(row, 4, LicenseKind::from_str_opt)?,
-            status: enum_of(row, 5, LicenseStatus::from_str_opt)?,
-            expires_at: row.int(6)?,
-            seats: row.int(7)? as u32,
-            seats_used: row.int(8)? as u32,
-            fingerprints: fingerprint.into_iter().collect(),
-        };
-        Ok(self.current.replace((id, license)).map(|(_, l)| l))
-    }
-
-    /// The last license.
-    pub(super) fn finish(self) -> Option<LicenseRow> {
-        self.current.map(|(_, l)| l)
-    }
 }

@@ -1,0 +1,469 @@
+//! The SQL text and the row mapping the rest of the store shares: every
+//! statement more than one file runs, the positions of the columns read by
+//! position (each list checked against its statement's text by a test
+//! below), and the functions that turn a row into a domain value.
+//!
+//! This file imports no other file of the store but the store's types
+//! (`super`), so every other one may import it.
+//!
+//! Rows are read by position where a row is read often (Validate, loading a
+//! license, the validation cache): looking a column up by name costs a string
+//! search per column. The rarer rows (products, tokens, renewal codes,
+//! events) are read by name, where `SELECT *` or a long column list makes a
+//! position easy to get wrong.
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use sqlx::any::AnyRow;
+use sqlx::{AnyConnection, Row};
+
+use super::{LicenseEvent, StoreError, StoreResult, TokenRecord, ValidationView, from_micros};
+use crate::domain::auth::Role;
+use crate::domain::product::ProductSpec;
+use crate::domain::{
+    CodeState, Edition, License, LicenseKey, LicenseKind, LicenseStatus, Product, ProductCode,
+    RenewalBasis, RenewalCodeRecord, Standing, Version,
+};
+
+/// The SQL a backend speaks differently.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    /// SQLite: one writer, `BEGIN IMMEDIATE`, no row locks.
+    Sqlite,
+    /// PostgreSQL: row locks and advisory locks.
+    Postgres,
+}
+
+impl Dialect {
+    pub(super) fn begin(self) -> &'static str {
+        match self {
+            Dialect::Sqlite => "BEGIN IMMEDIATE",
+            Dialect::Postgres => "BEGIN",
+        }
+    }
+
+    /// A read-only transaction that sees one snapshot for all its statements.
+    pub(super) fn begin_read(self) -> &'static str {
+        match self {
+            // A deferred transaction on a WAL database reads one snapshot.
+            Dialect::Sqlite => "BEGIN",
+            Dialect::Postgres => "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
+        }
+    }
+}
+
+pub(super) fn corrupt(what: &str, value: impl std::fmt::Display) -> StoreError {
+    StoreError::Internal(format!("unexpected {what} in database: {value}"))
+}
+
+pub(super) fn terms_to_text(terms: &[u32]) -> String {
+    terms
+        .iter()
+        .map(u32::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn terms_from_text(s: &str) -> StoreResult<Vec<u32>> {
+    s.split(',')
+        .filter(|p| !p.is_empty())
+        .map(|p| p.parse().map_err(|_| corrupt("terms", s)))
+        .collect()
+}
+
+pub(super) fn product_from_row(row: &AnyRow) -> StoreResult<Product> {
+    let code: String = row.try_get("code")?;
+    let basis: String = row.try_get("renewal_basis")?;
+    Product::new(
+        ProductCode::parse(&code).map_err(|_| corrupt("product code", &code))?,
+        ProductSpec {
+            display_name: row.try_get("display_name")?,
+            latest_version: row.try_get("latest_version")?,
+            personal_terms: terms_from_text(&row.try_get::<String, _>("personal_terms")?)?,
+            business_terms: terms_from_text(&row.try_get::<String, _>("business_terms")?)?,
+            grace_period_months: Some(row.try_get::<i64, _>("grace_period_months")? as u32),
+            renewal_basis: Some(
+                RenewalBasis::from_str_opt(&basis)
+                    .ok_or_else(|| corrupt("renewal basis", &basis))?,
+            ),
+            offline_lease_days: Some(row.try_get::<i64, _>("offline_lease_days")? as u32),
+        },
+    )
+    .map_err(|v| corrupt("product", v.description))
+}
+
+/// The columns [`license_from_row`] reads, with the product's policy; every
+/// license query starts with these (a macro, so `concat!` can build `'static`
+/// query strings from it).
+macro_rules! license_select {
+    () => {
+        "SELECT l.id, l.license_key, l.product_code, l.edition, l.kind, l.seats, l.seats_used, l.term_years, \
+         l.status, l.starts_at, l.expires_at, l.renewal_count, l.order_ref, l.customer_ref, l.reseller, \
+         l.created_at, p.grace_period_months"
+    };
+}
+pub(super) use license_select;
+
+/// `FROM` the license and its product.
+macro_rules! license_from {
+    () => {
+        " FROM licenses l JOIN products p ON p.code = l.product_code "
+    };
+}
+pub(super) use license_from;
+
+/// Positions of the columns of `license_select!` (and of the extra columns
+/// the queries built on it append). Rows are read by position: looking a
+/// column up by name costs a string search per column, which on Validate's
+/// hot path cost more than SQLite's own work on the row.
+pub(super) mod col {
+    pub const ID: usize = 0;
+    pub const LICENSE_KEY: usize = 1;
+    pub const PRODUCT_CODE: usize = 2;
+    pub const EDITION: usize = 3;
+    pub const KIND: usize = 4;
+    pub const SEATS: usize = 5;
+    pub const SEATS_USED: usize = 6;
+    pub const TERM_YEARS: usize = 7;
+    pub const STATUS: usize = 8;
+    pub const STARTS_AT: usize = 9;
+    pub const EXPIRES_AT: usize = 10;
+    pub const RENEWAL_COUNT: usize = 11;
+    pub const ORDER_REF: usize = 12;
+    pub const CUSTOMER_REF: usize = 13;
+    pub const RESELLER: usize = 14;
+    pub const CREATED_AT: usize = 15;
+    pub const GRACE_PERIOD_MONTHS: usize = 16;
+    /// The first column after `license_select!`'s.
+    pub const EXTRA: usize = 17;
+
+    /// Every column's name, by position (for the test that keeps the
+    /// positions in step with the query text).
+    #[cfg(test)]
+    pub const NAMES: [&str; EXTRA] = [
+        "id",
+        "license_key",
+        "product_code",
+        "edition",
+        "kind",
+        "seats",
+        "seats_used",
+        "term_years",
+        "status",
+        "starts_at",
+        "expires_at",
+        "renewal_count",
+        "order_ref",
+        "customer_ref",
+        "reseller",
+        "created_at",
+        "grace_period_months",
+    ];
+}
+
+/// Column access by position, shared by the sqlx rows and the SQLite fast
+/// path's rows, so that a license is mapped from its columns in one place.
+pub(super) trait Columns {
+    /// A TEXT column.
+    fn text(&self, at: usize) -> StoreResult<String>;
+    /// An INTEGER/BIGINT column.
+    fn int(&self, at: usize) -> StoreResult<i64>;
+    /// A nullable INTEGER/BIGINT column.
+    fn opt_int(&self, at: usize) -> StoreResult<Option<i64>>;
+    /// A nullable TEXT column.
+    fn opt_text(&self, at: usize) -> StoreResult<Option<String>>;
+}
+
+impl Columns for AnyRow {
+    fn text(&self, at: usize) -> StoreResult<String> {
+        Ok(self.try_get(at)?)
+    }
+    fn int(&self, at: usize) -> StoreResult<i64> {
+        Ok(self.try_get(at)?)
+    }
+    fn opt_int(&self, at: usize) -> StoreResult<Option<i64>> {
+        Ok(self.try_get(at)?)
+    }
+    fn opt_text(&self, at: usize) -> StoreResult<Option<String>> {
+        Ok(self.try_get(at)?)
+    }
+}
+
+pub(super) fn enum_of<T>(
+    row: &impl Columns,
+    at: usize,
+    f: fn(&str) -> Option<T>,
+) -> StoreResult<T> {
+    let s = row.text(at)?;
+    f(&s).ok_or_else(|| corrupt(std::any::type_name::<T>(), &s))
+}
+
+/// A license (without activations) and its row id, from the columns of
+/// `license_select!` (any backend).
+pub(super) fn license_from_row(row: &impl Columns) -> StoreResult<(i64, License)> {
+    let key = row.text(col::LICENSE_KEY)?;
+    let product = row.text(col::PRODUCT_CODE)?;
+    let license = License {
+        key: LicenseKey::parse(&key).map_err(|_| corrupt("license key", "<redacted>"))?,
+        product: ProductCode::parse(&product).map_err(|_| corrupt("product code", &product))?,
+        edition: enum_of(row, col::EDITION, Edition::from_str_opt)?,
+        kind: enum_of(row, col::KIND, LicenseKind::from_str_opt)?,
+        seats: row.int(col::SEATS)? as u32,
+        seats_used: row.int(col::SEATS_USED)? as u32,
+        term_years: row.int(col::TERM_YEARS)? as u32,
+        status: enum_of(row, col::STATUS, LicenseStatus::from_str_opt)?,
+        starts_at: from_micros(row.int(col::STARTS_AT)?)?,
+        expires_at: from_micros(row.int(col::EXPIRES_AT)?)?,
+        renewal_count: row.int(col::RENEWAL_COUNT)? as u32,
+        order_ref: row.text(col::ORDER_REF)?,
+        customer_ref: row.text(col::CUSTOMER_REF)?,
+        reseller: row.text(col::RESELLER)?,
+        created_at: from_micros(row.int(col::CREATED_AT)?)?,
+        grace_period_months: row.int(col::GRACE_PERIOD_MONTHS)? as u32,
+        activations: Vec::new(),
+    };
+    Ok((row.int(col::ID)?, license))
+}
+
+/// What Validate needs from one row of [`VALIDATION_SQL`].
+pub(super) fn validation_from_row(
+    row: &impl Columns,
+    fingerprint: Option<&str>,
+) -> StoreResult<ValidationView> {
+    Ok(ValidationView {
+        standing: Standing {
+            status: enum_of(row, vcol::STATUS, LicenseStatus::from_str_opt)?,
+            kind: enum_of(row, vcol::KIND, LicenseKind::from_str_opt)?,
+            expires_at: from_micros(row.int(vcol::EXPIRES_AT)?)?,
+            grace_period_months: row.int(vcol::GRACE_PERIOD_MONTHS)? as u32,
+        },
+        edition: enum_of(row, vcol::EDITION, Edition::from_str_opt)?,
+        seats: row.int(vcol::SEATS)? as u32,
+        seats_used: row.int(vcol::SEATS_USED)? as u32,
+        fingerprint_bound: fingerprint
+            .map(|_| row.opt_int(vcol::BOUND).map(|b| b.is_some()))
+            .transpose()?,
+        latest_version: latest_version(&row.text(vcol::LATEST_VERSION)?)?,
+        offline_lease_days: row.int(vcol::OFFLINE_LEASE_DAYS)? as u32,
+    })
+}
+
+/// A product's stored `latest_version` ('' when unset).
+pub(super) fn latest_version(text: &str) -> StoreResult<Option<Arc<Version>>> {
+    if text.is_empty() {
+        return Ok(None);
+    }
+    Version::parse(text)
+        .map(|v| Some(Arc::new(v)))
+        .map_err(|_| corrupt("version", text))
+}
+
+/// Validate's one query: the license's standing, its product's policy, and
+/// whether the given fingerprint is bound.
+pub(super) const VALIDATION_SQL: &str = "SELECT l.status, l.kind, l.edition, l.expires_at, l.seats, l.seats_used, \
+     p.grace_period_months, p.latest_version, a.activated_at, p.offline_lease_days \
+     FROM licenses l JOIN products p ON p.code = l.product_code \
+     LEFT JOIN activations a ON a.license_id = l.id AND a.fingerprint = $2 WHERE l.license_key = $1";
+
+/// Positions of [`VALIDATION_SQL`]'s columns.
+pub(super) mod vcol {
+    pub const STATUS: usize = 0;
+    pub const KIND: usize = 1;
+    pub const EDITION: usize = 2;
+    pub const EXPIRES_AT: usize = 3;
+    pub const SEATS: usize = 4;
+    pub const SEATS_USED: usize = 5;
+    pub const GRACE_PERIOD_MONTHS: usize = 6;
+    pub const LATEST_VERSION: usize = 7;
+    /// Not NULL iff the fingerprint is bound.
+    pub const BOUND: usize = 8;
+    pub const OFFLINE_LEASE_DAYS: usize = 9;
+    /// Every column's name, by position.
+    #[cfg(test)]
+    pub const NAMES: [&str; 10] = [
+        "status",
+        "kind",
+        "edition",
+        "expires_at",
+        "seats",
+        "seats_used",
+        "grace_period_months",
+        "latest_version",
+        "activated_at",
+        "offline_lease_days",
+    ];
+}
+
+pub(super) fn token_from_row(row: &AnyRow) -> StoreResult<TokenRecord> {
+    let role: String = row.try_get("role")?;
+    Ok(TokenRecord {
+        id: row.try_get("id")?,
+        name: row.try_get("name")?,
+        role: Role::parse(&role).ok_or_else(|| corrupt("role", &role))?,
+        secret_hash: row.try_get("secret_hash")?,
+        created_at: from_micros(row.try_get("created_at")?)?,
+        revoked_at: row
+            .try_get::<Option<i64>, _>("revoked_at")?
+            .map(from_micros)
+            .transpose()?,
+    })
+}
+
+fn named_enum<T>(row: &AnyRow, col: &str, f: fn(&str) -> Option<T>) -> StoreResult<T> {
+    let s: String = row.try_get(col)?;
+    f(&s).ok_or_else(|| corrupt(col, &s))
+}
+
+pub(super) fn code_from_row(row: &AnyRow) -> StoreResult<RenewalCodeRecord> {
+    let product: String = row.try_get("product_code")?;
+    let redeemed_key: Option<String> = row.try_get("redeemed_license_key")?;
+    let opt_time = |col: &str| -> StoreResult<Option<DateTime<Utc>>> {
+        row.try_get::<Option<i64>, _>(col)?
+            .map(from_micros)
+            .transpose()
+    };
+    Ok(RenewalCodeRecord {
+        id: row.try_get("id")?,
+        product: ProductCode::parse(&product).map_err(|_| corrupt("product code", &product))?,
+        edition: named_enum(row, "edition", Edition::from_str_opt)?,
+        seats: row.try_get::<i64, _>("seats")? as u32,
+        term_years: row.try_get::<i64, _>("term_years")? as u32,
+        state: named_enum(row, "state", CodeState::from_str_opt)?,
+        issued_at: from_micros(row.try_get("issued_at")?)?,
+        redeemed_at: opt_time("redeemed_at")?,
+        redeemed_license_key: redeemed_key
+            .map(|k| LicenseKey::parse(&k).map_err(|_| corrupt("license key", "<redacted>")))
+            .transpose()?,
+        voided_at: opt_time("voided_at")?,
+        void_reason: row.try_get("void_reason")?,
+        order_ref: row.try_get("order_ref")?,
+        reseller: row.try_get("reseller")?,
+    })
+}
+
+macro_rules! code_select {
+    () => {
+        "SELECT c.id, c.product_code, c.edition, c.seats, c.term_years, c.state, c.issued_at, \
+         c.redeemed_at, l.license_key AS redeemed_license_key, c.voided_at, c.void_reason, c.order_ref, \
+         c.reseller FROM renewal_codes c LEFT JOIN licenses l ON l.id = c.redeemed_license_id "
+    };
+}
+pub(super) use code_select;
+
+/// The license with its product's policy and its activations, in one
+/// statement (one row per activation, or one row without): one snapshot, so
+/// seats_used always matches the activations listed.
+pub(super) const LICENSE_WITH_ACTIVATIONS: &str = concat!(
+    license_select!(),
+    ", a.fingerprint AS a_fingerprint, a.hostname AS a_hostname, a.activated_at AS a_activated_at",
+    license_from!(),
+    "LEFT JOIN activations a ON a.license_id = l.id \
+     WHERE l.license_key = $1 ORDER BY a.activated_at, a.fingerprint"
+);
+
+/// What a license row of the cache is read from: one statement, so
+/// `seats_used` and the activations listed come from one snapshot.
+macro_rules! cache_select {
+    () => {
+        "SELECT l.id, l.license_key, l.product_code, l.edition, l.kind, l.status, l.expires_at, l.seats, \
+         l.seats_used, a.fingerprint FROM licenses l LEFT JOIN activations a ON a.license_id = l.id "
+    };
+}
+pub(super) use cache_select;
+
+/// Positions of `cache_select!`'s columns (one row per activation).
+pub(super) mod cache_col {
+    pub const ID: usize = 0;
+    pub const LICENSE_KEY: usize = 1;
+    pub const PRODUCT_CODE: usize = 2;
+    pub const EDITION: usize = 3;
+    pub const KIND: usize = 4;
+    pub const STATUS: usize = 5;
+    pub const EXPIRES_AT: usize = 6;
+    pub const SEATS: usize = 7;
+    pub const SEATS_USED: usize = 8;
+    /// NULL on the one row of a license without activations.
+    pub const FINGERPRINT: usize = 9;
+    /// Every column's name, by position.
+    #[cfg(test)]
+    pub const NAMES: [&str; 10] = [
+        "id",
+        "license_key",
+        "product_code",
+        "edition",
+        "kind",
+        "status",
+        "expires_at",
+        "seats",
+        "seats_used",
+        "fingerprint",
+    ];
+}
+
+/// The full load: every license with its activations, grouped by license.
+pub(super) const LOAD_SQL: &str = concat!(cache_select!(), "ORDER BY l.id");
+
+/// Every product's policy.
+pub(super) const PRODUCTS_SQL: &str =
+    "SELECT code, grace_period_months, latest_version, offline_lease_days FROM products";
+
+/// Positions of [`PRODUCTS_SQL`]'s columns.
+pub(super) mod policy_col {
+    pub const CODE: usize = 0;
+    pub const GRACE_PERIOD_MONTHS: usize = 1;
+    pub const LATEST_VERSION: usize = 2;
+    pub const OFFLINE_LEASE_DAYS: usize = 3;
+    /// Every column's name, by position.
+    #[cfg(test)]
+    pub const NAMES: [&str; 4] = [
+        "code",
+        "grace_period_months",
+        "latest_version",
+        "offline_lease_days",
+    ];
+}
+
+/// The newest event (SQLite: the position a load starts from).
+pub(super) const LAST_EVENT_SQL: &str = "SELECT COALESCE(MAX(id), 0) FROM license_events";
+
+/// The columns of an event in the feed, with its license's key and product.
+pub(super) const EVENT_SELECT: &str = "SELECT e.id, e.type, e.at, e.actor, e.fingerprint, e.old_expires_at, \
+     e.new_expires_at, e.renewal_code_id, e.refusal_reason, e.detail, l.license_key, l.product_code \
+     FROM license_events e JOIN licenses l ON l.id = e.license_id";
+
+/// An event from a row of [`EVENT_SELECT`].
+pub(super) fn event_from_row(row: &AnyRow) -> StoreResult<LicenseEvent> {
+    let time = |name: &str| -> StoreResult<Option<chrono::DateTime<chrono::Utc>>> {
+        row.try_get::<Option<i64>, _>(name)?
+            .map(from_micros)
+            .transpose()
+    };
+    Ok(LicenseEvent {
+        id: row.try_get("id")?,
+        event_type: row.try_get("type")?,
+        at: from_micros(row.try_get("at")?)?,
+        actor: row.try_get("actor")?,
+        fingerprint: row.try_get("fingerprint")?,
+        old_expires_at: time("old_expires_at")?,
+        new_expires_at: time("new_expires_at")?,
+        renewal_code_id: row.try_get("renewal_code_id")?,
+        refusal_reason: row.try_get("refusal_reason")?,
+        detail: row.try_get("detail")?,
+        license_key: LicenseKey::parse(&row.try_get::<String, _>("license_key")?)
+            .map_err(|_| corrupt("license key", "<redacted>"))?,
+        product: row.try_get("product_code")?,
+    })
+}
+
+/// The `xmin` of a fresh snapshot: every transaction below it has finished.
+pub(super) async fn pg_xmin(conn: &mut AnyConnection) -> StoreResult<i64> {
+    Ok(
+        sqlx::query_scalar("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint")
+            .fetch_one(&mut *conn)
+            .await?,
+    )
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,238 @@
+//! The one scaffold every rule's write runs in: retried after a deadlock
+//! or serialisation failure, begun on the writer, decided and written by
+//! the rule's own code, committed, and then told to the validation cache and
+//! the other replicas. Also the history every write appends to.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sqlx::AnyConnection;
+
+use super::SqlStore;
+use crate::store::change_notify::{Change, Changes};
+use crate::store::error::session_ended;
+use crate::store::event_feed::EventFeed;
+use crate::store::validation_cache::ValidationCache;
+use crate::store::{Actor, StoreError, StoreResult, micros};
+
+/// How many times a write is retried after a deadlock or serialisation failure.
+const MAX_ATTEMPTS: u32 = 5;
+
+/// A write transaction.
+pub(super) type Tx = sqlx::Transaction<'static, sqlx::Any>;
+
+/// Validate reads what `change` names from the database until a poll has
+/// re-read it.
+fn mark(cache: &ValidationCache, change: &Change) {
+    match change {
+        Change::License(key) => cache.mark_changed(key),
+        Change::Products => cache.mark_products_changed(),
+    }
+}
+
+/// See [`SqlStore::cancel_guard`].
+struct CancelGuard {
+    feed: Arc<EventFeed>,
+    cache: Option<Arc<ValidationCache>>,
+    changes: Option<Arc<Changes>>,
+    change: Option<Change>,
+}
+
+impl CancelGuard {
+    fn disarm(mut self) {
+        self.change = None;
+    }
+}
+
+impl Drop for CancelGuard {
+    fn drop(&mut self) {
+        let Some(change) = self.change.take() else {
+            return;
+        };
+        self.feed.nudge();
+        if let Some(cache) = &self.cache {
+            mark(cache, &change);
+        }
+        if let Some(changes) = &self.changes {
+            changes.announce_detached(change);
+        }
+    }
+}
+
+impl SqlStore {
+    /// Runs a rule's write: each attempt gets a write transaction just begun
+    /// and commits it itself; an attempt that meets a deadlock or
+    /// serialisation failure is run again. When the write may change what
+    /// the validation cache or the other replicas hold (`change`; `None`
+    /// for renewal codes, which neither holds), they are told once the write
+    /// has an outcome, or when its caller goes away before that (see
+    /// [`cancel_guard`](Self::cancel_guard)).
+    pub(super) async fn write<T, F, Fut>(
+        &self,
+        change: Option<Change>,
+        attempt: F,
+    ) -> StoreResult<T>
+    where
+        F: Fn(Tx) -> Fut,
+        Fut: Future<Output = StoreResult<T>>,
+    {
+        let guard = change.clone().map(|change| self.cancel_guard(change));
+        let attempt = &attempt;
+        let result = self
+            .retrying(move || async move { attempt(self.begin_write().await?).await })
+            .await;
+        if let Some(guard) = guard {
+            guard.disarm();
+        }
+        if let Some(change) = change {
+            self.announce(change, &result).await;
+        }
+        result
+    }
+
+    /// After a write with this `result` (any outcome but a refusal may have
+    /// committed `change`), before its caller hears back: this replica's
+    /// Validate reads the change from the database until a poll re-reads
+    /// it, and every other replica is told.
+    pub(super) async fn announce<T>(&self, change: Change, result: &StoreResult<T>) {
+        // Some refusals record an event too (renewal_refused).
+        self.feed.nudge();
+        if matches!(result, Err(StoreError::Refused(_))) {
+            return;
+        }
+        if let Some(cache) = &self.cache {
+            mark(cache, &change);
+        }
+        if let Some(changes) = &self.changes {
+            changes.announce(change).await;
+        }
+    }
+
+    /// Armed before a write of `change`: if the write's future is dropped
+    /// before it could announce (its caller's deadline passed, the client
+    /// went away), perhaps after its commit, the change is marked and
+    /// announced anyway when the guard drops. Disarmed once the write has
+    /// an outcome; [`announce`](Self::announce) then does it.
+    fn cancel_guard(&self, change: Change) -> CancelGuard {
+        CancelGuard {
+            feed: self.feed.clone(),
+            cache: self.cache.clone(),
+            changes: self.changes.clone(),
+            change: Some(change),
+        }
+    }
+
+    pub(super) async fn begin_write(&self) -> StoreResult<Tx> {
+        let started = std::time::Instant::now();
+        let tx = self.begin_write_untimed().await;
+        metrics::histogram!("licensd_db_acquire_seconds").record(started.elapsed().as_secs_f64());
+        tx
+    }
+
+    async fn begin_write_untimed(&self) -> StoreResult<Tx> {
+        // Pooled connections are not pinged before use: one that died while
+        // idle (the database restarted) fails its BEGIN. Nothing ran, so
+        // BEGIN is tried on the next connection; every idle one may be dead,
+        // so up to the pool's size, then one fresh connection.
+        let mut left = self.writer.options().get_max_connections() + 1;
+        loop {
+            // Its own task: a caller dropped while BEGIN runs (a deadline, a
+            // client gone) would otherwise return the connection to the pool
+            // inside a transaction sqlx does not know about, and a later,
+            // unrelated write on it would fail. Finished in the task, a
+            // dropped transaction rolls back like any other.
+            let begin = tokio::spawn({
+                let writer = self.writer.clone();
+                let statement = self.dialect.begin();
+                async move { writer.begin_with(statement).await }
+            })
+            .await
+            .map_err(|e| StoreError::Internal(format!("BEGIN task: {e}")))?;
+            match begin {
+                Err(e) if is_connection_lost(&e) && left > 1 => {
+                    left -= 1;
+                    tracing::debug!(error = %e, "a pooled connection was lost; trying another");
+                }
+                other => return Ok(other?),
+            }
+        }
+    }
+
+    /// Runs a write transaction, again after a deadlock or serialisation
+    /// failure (PostgreSQL), with a short randomised pause.
+    async fn retrying<T, F, Fut>(&self, attempt: F) -> StoreResult<T>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = StoreResult<T>>,
+    {
+        let mut n = 0;
+        loop {
+            n += 1;
+            match attempt().await {
+                Err(StoreError::Retryable(e)) if n < MAX_ATTEMPTS => {
+                    metrics::counter!("licensd_db_retries_total").increment(1);
+                    tracing::debug!(attempt = n, error = %e, "retrying transaction");
+                    let jitter = u64::from(rand::random::<u8>() % 20);
+                    tokio::time::sleep(Duration::from_millis(5 * u64::from(n) + jitter)).await;
+                }
+                Err(StoreError::Retryable(e)) => return Err(StoreError::Unavailable(e)),
+                other => return other,
+            }
+        }
+    }
+}
+
+/// One history event.
+#[derive(Default)]
+pub(super) struct NewEvent<'a> {
+    pub event_type: &'a str,
+    pub fingerprint: &'a str,
+    pub old_expires_at: Option<DateTime<Utc>>,
+    pub new_expires_at: Option<DateTime<Utc>>,
+    pub renewal_code_id: Option<&'a str>,
+    pub refusal_reason: &'a str,
+    pub detail: &'a str,
+}
+
+pub(super) async fn record_event(
+    conn: &mut AnyConnection,
+    license_id: i64,
+    actor: &Actor,
+    now: DateTime<Utc>,
+    e: NewEvent<'_>,
+) -> StoreResult<()> {
+    sqlx::query(
+        "INSERT INTO license_events (license_id, type, at, actor, fingerprint, old_expires_at, new_expires_at, \
+         renewal_code_id, refusal_reason, detail) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+    )
+    .bind(license_id)
+    .bind(e.event_type)
+    .bind(micros(now))
+    .bind(&actor.0)
+    .bind(e.fingerprint)
+    .bind(e.old_expires_at.map(micros))
+    .bind(e.new_expires_at.map(micros))
+    .bind(e.renewal_code_id)
+    .bind(e.refusal_reason)
+    .bind(e.detail)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// Whether `e` says the connection itself is gone: an I/O or protocol
+/// error, or a PostgreSQL session that ended ([`crate::store::error::session_ended`]).
+fn is_connection_lost(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_) | sqlx::Error::Protocol(_) => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|c| session_ended(&c)),
+        _ => false,
+    }
+}
+
+/// Whether `e` is a unique constraint's refusal.
+pub(in crate::store) fn is_unique_violation(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if db.is_unique_violation())
+}
