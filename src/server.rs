@@ -37,8 +37,9 @@ use crate::store::postgres::PostgresOptions;
 use crate::store::sqlite::SqliteOptions;
 use crate::store::{DatabaseUrl, SqlStore, Store};
 
-/// Largest request message accepted (a licensing call is a few hundred bytes).
-pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
+// The request limit belongs to the gRPC layer, which also reads refused
+// requests up to it; the server applies it to each service.
+pub use crate::grpc::MAX_MESSAGE_BYTES;
 
 /// How often an idle connection is pinged.
 pub const HTTP2_KEEPALIVE: Duration = Duration::from_secs(30);
