@@ -11,7 +11,8 @@
 //! 2. **Starts** `licensd serve` from the same binary as a child (or drives
 //!    `--target ADDR`), and times spawn → health SERVING. A second child runs
 //!    with the hidden `--validate-ceiling` flag: the same server stack, but
-//!    Validate answers a fixed response without touching the store.
+//!    Validate answers a fixed response without touching the store
+//!    ([`ceiling`]).
 //! 3. **Drives** each workload for `--duration` seconds with `--concurrency`
 //!    calls in flight over `--connections` HTTP/2 connections ([`load`]),
 //!    checking the status of every response and recording latencies in HDR
@@ -22,6 +23,7 @@
 //!    from `/proc/<pid>/status`), the Validate/ceiling ratio and an audit of
 //!    the seat counts; `--json PATH` writes the same as JSON ([`report`]).
 
+mod ceiling;
 mod child;
 mod event_lag;
 mod lag;
@@ -29,6 +31,7 @@ mod load;
 mod record;
 mod report;
 
+pub use ceiling::ValidateCeiling;
 pub use record::{Latency, RpcReport};
 pub use report::{AuditReport, Report, WorkloadReport};
 

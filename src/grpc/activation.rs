@@ -15,25 +15,12 @@ use crate::store::{Redeem, ValidationView};
 /// The ActivationService implementation.
 pub struct ActivationApi {
     ctx: Ctx,
-    validate_ceiling: bool,
 }
 
 impl ActivationApi {
     /// A service over `ctx`.
     pub fn new(ctx: Ctx) -> Self {
-        ActivationApi {
-            ctx,
-            validate_ceiling: false,
-        }
-    }
-
-    /// Benchmark only: when `on`, Validate answers [`ceiling_response`]
-    /// without parsing the request or reading the store, so `licensd bench`
-    /// can measure what the same server stack (transport, layers, codec)
-    /// gives at most. Never set in production.
-    pub fn with_validate_ceiling(mut self, on: bool) -> Self {
-        self.validate_ceiling = on;
-        self
+        ActivationApi { ctx }
     }
 
     /// The offline certificate for `fingerprint` on the license `view`
@@ -87,31 +74,6 @@ impl ActivationApi {
                 String::new()
             }
         }
-    }
-}
-
-/// The fixed answer of a ceiling server: a VALID license with every field
-/// set, the size of a real answer.
-fn ceiling_response() -> pb::ValidateResponse {
-    let expires = prost_types::Timestamp {
-        seconds: 4_102_444_800, // 2100-01-01
-        nanos: 0,
-    };
-    pb::ValidateResponse {
-        validity: pb::Validity::Valid as i32,
-        valid: true,
-        kind: pb::LicenseKind::Standard as i32,
-        edition: pb::Edition::Business as i32,
-        expires_at: Some(expires),
-        renewable_until: Some(prost_types::Timestamp {
-            seconds: expires.seconds + 31 * 86_400,
-            nanos: 0,
-        }),
-        seats: 3,
-        seats_used: 1,
-        latest_version: "1.0.0".into(),
-        update_available: false,
-        license_certificate: String::new(),
     }
 }
 
@@ -197,9 +159,6 @@ impl ActivationService for ActivationApi {
         &self,
         req: Request<pb::ValidateRequest>,
     ) -> Result<Response<pb::ValidateResponse>, Status> {
-        if self.validate_ceiling {
-            return Ok(Response::new(ceiling_response()));
-        }
         let r = req.into_inner();
         // Every well-formed value gets an OK answer: a renewal code is
         // answered VALIDITY_RENEWAL_CODE (R8), not refused; only malformed
