@@ -298,7 +298,7 @@ impl Application {
         // ceiling around it (Validate answered without the store).
         let activation = ActivationApi::new(ctx.clone());
         let (activation, ceiling) = if self.config.validate_ceiling {
-            (None, Some(ValidateCeiling::new(activation)))
+            (None, Some(ValidateCeiling(activation)))
         } else {
             (Some(activation), None)
         };

@@ -11,17 +11,9 @@ use crate::grpc::ActivationApi;
 use crate::proto as pb;
 use crate::proto::activation_service_server::ActivationService;
 
-/// The real ActivationService, with Validate answered by [`ceiling_response`].
-pub struct ValidateCeiling {
-    api: ActivationApi,
-}
-
-impl ValidateCeiling {
-    /// `api` answers every call but Validate.
-    pub fn new(api: ActivationApi) -> Self {
-        ValidateCeiling { api }
-    }
-}
+/// The real ActivationService, which answers every call but Validate;
+/// Validate is answered by [`ceiling_response`].
+pub struct ValidateCeiling(pub ActivationApi);
 
 /// The fixed answer of a ceiling server: a VALID license with every field
 /// set, the size of a real answer.
@@ -54,14 +46,14 @@ impl ActivationService for ValidateCeiling {
         &self,
         req: Request<pb::ActivateRequest>,
     ) -> Result<Response<pb::ActivateResponse>, Status> {
-        self.api.activate(req).await
+        self.0.activate(req).await
     }
 
     async fn deactivate(
         &self,
         req: Request<pb::DeactivateRequest>,
     ) -> Result<Response<pb::DeactivateResponse>, Status> {
-        self.api.deactivate(req).await
+        self.0.deactivate(req).await
     }
 
     async fn validate(
@@ -75,13 +67,13 @@ impl ActivationService for ValidateCeiling {
         &self,
         req: Request<pb::RedeemRenewalCodeRequest>,
     ) -> Result<Response<pb::RedeemRenewalCodeResponse>, Status> {
-        self.api.redeem_renewal_code(req).await
+        self.0.redeem_renewal_code(req).await
     }
 
     async fn get_signing_keys(
         &self,
         req: Request<pb::GetSigningKeysRequest>,
     ) -> Result<Response<pb::GetSigningKeysResponse>, Status> {
-        self.api.get_signing_keys(req).await
+        self.0.get_signing_keys(req).await
     }
 }

@@ -12,6 +12,7 @@ pub mod drain;
 mod events;
 mod license;
 mod product;
+mod request;
 
 pub use activation::ActivationApi;
 pub use license::LicenseApi;
