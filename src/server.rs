@@ -21,6 +21,7 @@ use tonic_health::server::HealthReporter;
 
 use crate::store::validation_cache::{DEFAULT_MAX_STALENESS, ValidationCache};
 
+use crate::bench::ValidateCeiling;
 use crate::grpc::admission::{AdmissionLayer, AdmissionLimits};
 use crate::grpc::auth::{FailureWindow, Gate, GateLayer, LimitConfig};
 use crate::grpc::deadline::DeadlineLayer;
@@ -37,8 +38,9 @@ use crate::store::postgres::PostgresOptions;
 use crate::store::sqlite::SqliteOptions;
 use crate::store::{DatabaseUrl, SqlStore, Store};
 
-/// Largest request message accepted (a licensing call is a few hundred bytes).
-pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
+// The request limit belongs to the gRPC layer, which also reads refused
+// requests up to it; the server applies it to each service.
+pub use crate::grpc::MAX_MESSAGE_BYTES;
 
 /// How often an idle connection is pinged.
 pub const HTTP2_KEEPALIVE: Duration = Duration::from_secs(30);
@@ -98,9 +100,9 @@ pub struct Config {
     /// How long a WatchEvents stream waits for its consumer to take the next
     /// event before it ends the stream (`CONSUMER_TOO_SLOW`).
     pub watch_stall: Duration,
-    /// Benchmark only (`licensd bench`): Validate answers a fixed VALID
-    /// response without touching the store, to measure the framework's
-    /// ceiling. Never set in production.
+    /// Benchmark only (`licensd bench`): serve the [`ValidateCeiling`],
+    /// whose Validate answers a fixed VALID response without touching the
+    /// store, to measure the framework's ceiling. Never set in production.
     pub validate_ceiling: bool,
 }
 
@@ -350,6 +352,15 @@ impl Application {
             .build_v1alpha()
             .expect("embedded descriptors are valid");
 
+        // One ActivationService: the real one, or for `licensd bench` the
+        // ceiling around it (Validate answered without the store).
+        let activation = ActivationApi::new(ctx.clone());
+        let (activation, ceiling) = if self.config.validate_ceiling {
+            (None, Some(ValidateCeiling(activation)))
+        } else {
+            (Some(activation), None)
+        };
+
         let (drain, drain_layer) = Drain::new();
         let mut builder = Server::builder();
         if let Some(tls) = &self.config.tls {
@@ -388,13 +399,12 @@ impl Application {
                 LicenseServiceServer::new(LicenseApi::new(ctx.clone()))
                     .max_decoding_message_size(MAX_MESSAGE_BYTES),
             )
-            .add_service(
-                ActivationServiceServer::new(
-                    ActivationApi::new(ctx.clone())
-                        .with_validate_ceiling(self.config.validate_ceiling),
-                )
-                .max_decoding_message_size(MAX_MESSAGE_BYTES),
-            );
+            .add_optional_service(activation.map(|api| {
+                ActivationServiceServer::new(api).max_decoding_message_size(MAX_MESSAGE_BYTES)
+            }))
+            .add_optional_service(ceiling.map(|api| {
+                ActivationServiceServer::new(api).max_decoding_message_size(MAX_MESSAGE_BYTES)
+            }));
 
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let incoming = TcpIncoming::from(self.listener).with_nodelay(Some(true));

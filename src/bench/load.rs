@@ -22,7 +22,7 @@ use rand::rngs::SmallRng;
 use rand::{RngExt, SeedableRng};
 use tonic::transport::Channel;
 
-use super::report::{Outcome, Recorder, Rpc};
+use super::record::{Outcome, Recorder, Rpc};
 use crate::domain::{LicenseKey, RenewalCode};
 use crate::proto as pb;
 use crate::proto::activation_service_client::ActivationServiceClient;

@@ -11,24 +11,29 @@
 //! 2. **Starts** `licensd serve` from the same binary as a child (or drives
 //!    `--target ADDR`), and times spawn → health SERVING. A second child runs
 //!    with the hidden `--validate-ceiling` flag: the same server stack, but
-//!    Validate answers a fixed response without touching the store.
+//!    Validate answers a fixed response without touching the store
+//!    ([`ceiling`]).
 //! 3. **Drives** each workload for `--duration` seconds with `--concurrency`
 //!    calls in flight over `--connections` HTTP/2 connections ([`load`]),
 //!    checking the status of every response and recording latencies in HDR
-//!    histograms. Validate alternates between the server and the ceiling in
-//!    `--rounds` rounds, so machine noise hits both alike.
+//!    histograms ([`record`]). Validate alternates between the server and the
+//!    ceiling in `--rounds` rounds, so machine noise hits both alike.
 //! 4. **Reports** a table per workload and RPC (calls/s, p50/p90/p99/p99.9,
 //!    errors by code, server CPU seconds from `/proc/<pid>/stat`, peak RSS
 //!    from `/proc/<pid>/status`), the Validate/ceiling ratio and an audit of
 //!    the seat counts; `--json PATH` writes the same as JSON ([`report`]).
 
+mod ceiling;
 mod child;
 mod event_lag;
 mod lag;
 mod load;
+mod record;
 mod report;
 
-pub use report::{AuditReport, Latency, Report, RpcReport, WorkloadReport};
+pub use ceiling::ValidateCeiling;
+pub use record::{Latency, RpcReport};
+pub use report::{AuditReport, Report, WorkloadReport};
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -40,7 +45,7 @@ use tonic::transport::Channel;
 
 use self::child::{ProcSample, ServerChild};
 use self::load::{CodePool, Load, Shared};
-use self::report::Recorder;
+use self::record::Recorder;
 use crate::domain::auth::{Role, Token};
 use crate::domain::product::ProductSpec;
 use crate::domain::{Product, ProductCode};

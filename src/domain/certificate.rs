@@ -12,7 +12,8 @@
 use chrono::{DateTime, Duration, Utc};
 use serde::{Deserialize, Serialize};
 
-use super::license::{Edition, Standing, Validity};
+use super::kinds::Edition;
+use super::license::{Standing, Validity};
 use super::{LicenseKey, Version};
 
 /// The claims of a certificate (a JWT's payload).
@@ -134,7 +135,7 @@ pub fn certificate_claims(
 mod tests {
     use super::*;
     use crate::domain::ProductCode;
-    use crate::domain::license::{LicenseKind, LicenseStatus};
+    use crate::domain::kinds::{LicenseKind, LicenseStatus};
     use chrono::TimeZone;
 
     fn at(y: i32, m: u32, d: u32) -> DateTime<Utc> {

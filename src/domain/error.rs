@@ -3,7 +3,7 @@
 
 use chrono::{DateTime, SecondsFormat, Utc};
 
-use super::license::{Edition, LicenseKind};
+use super::kinds::{Edition, LicenseKind};
 
 /// A field that failed validation, named as the caller spells it.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -26,8 +26,8 @@
 use rand::Rng;
 use std::fmt;
 
-use super::ProductCode;
-use super::license::LicenseKind;
+use super::kinds::LicenseKind;
+use super::product::ProductCode;
 
 /// Symbols of the random part and the check characters: digits 2–9 and the
 /// letters without I, L and O (look-alikes of 1 and 0).

@@ -10,6 +10,7 @@ pub mod certificate;
 pub mod error;
 pub mod event;
 pub mod keys;
+pub mod kinds;
 pub mod license;
 pub mod product;
 pub mod rules;
@@ -18,9 +19,7 @@ pub mod version;
 
 pub use error::{FieldViolation, Refusal};
 pub use keys::{LicenseKey, ParseError, RenewalCode};
-pub use license::{
-    Activation, CodeState, Edition, License, LicenseKind, LicenseStatus, RenewalCodeRecord,
-    Standing, Validity,
-};
+pub use kinds::{CodeState, Edition, LicenseKind, LicenseStatus};
+pub use license::{Activation, License, RenewalCodeRecord, Standing, Validity};
 pub use product::{Product, ProductCode, RenewalBasis};
 pub use version::Version;

@@ -3,7 +3,7 @@
 use std::fmt;
 
 use super::error::FieldViolation;
-use super::license::Edition;
+use super::kinds::Edition;
 use super::version::Version;
 
 /// A product code: 2–8 characters of `A–Z0–9`, never containing `PRO` or

@@ -4,9 +4,8 @@
 use chrono::{DateTime, Duration, Utc};
 
 use super::error::{FieldViolation, Refusal};
-use super::license::{
-    CodeState, Edition, License, LicenseKind, LicenseStatus, RenewalCodeRecord, Standing, Validity,
-};
+use super::kinds::{CodeState, Edition, LicenseKind, LicenseStatus};
+use super::license::{License, RenewalCodeRecord, Standing, Validity};
 use super::product::{Product, RenewalBasis};
 use super::time::add_years;
 use super::version::Version;

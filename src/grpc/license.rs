@@ -2,13 +2,11 @@
 
 use tonic::{Request, Response, Status};
 
-use super::convert::{self, field, token};
-use super::{Ctx, actor_of, events, refusal_status, status_of};
-use crate::domain::Refusal;
-use crate::domain::rules::{self, StatusAction, input};
+use super::convert::{self, token};
+use super::{Ctx, actor_of, events, refusal_status, request, status_of};
+use crate::domain::rules::StatusAction;
 use crate::proto as pb;
 use crate::proto::license_service_server::LicenseService;
-use crate::store::{IssueLicense, IssueRenewalCode, LicenseFilter};
 
 /// The LicenseService implementation.
 pub struct LicenseApi {
@@ -27,34 +25,24 @@ impl LicenseApi {
         action: StatusAction,
     ) -> Result<Response<pb::License>, Status> {
         let actor = actor_of(&req);
-        let (key, reason, request_id) = req.into_inner();
-        let parsed = (|| {
-            let key = convert::license_key_deferred("license_key", &key)?;
-            let reason = field(input::text("reason", &reason, input::MAX_REASON))?;
-            let request_id = if request_id.is_empty() {
-                None
-            } else {
-                Some(field(input::request_id("request_id", &request_id))?)
-            };
-            Ok::<_, Refusal>((key?, reason, request_id))
-        })();
-        let (key, reason, request_id) = parsed.map_err(|r| refusal_status(&r))?;
+        let (key, reason, request_id) = req.get_ref();
+        let cmd =
+            request::change_status(key, reason, request_id).map_err(|r| refusal_status(&r))?;
         let now = self.ctx.now();
         let license = self
             .ctx
             .store
-            .change_status(&key, action, &reason, request_id.as_deref(), &actor, now)
+            .change_status(
+                &cmd.key,
+                action,
+                &cmd.reason,
+                cmd.request_id.as_deref(),
+                &actor,
+                now,
+            )
             .await
             .map_err(status_of)?;
         Ok(Response::new(convert::license_to_proto(&license, now)))
-    }
-}
-
-fn optional_filter(name: &str, v: &str) -> Result<Option<String>, Refusal> {
-    if v.is_empty() {
-        Ok(None)
-    } else {
-        field(input::text(name, v, input::MAX_REF)).map(Some)
     }
 }
 
@@ -65,25 +53,7 @@ impl LicenseService for LicenseApi {
         req: Request<pb::IssueLicenseRequest>,
     ) -> Result<Response<pb::License>, Status> {
         let actor = actor_of(&req);
-        let r = req.into_inner();
-        let parsed = (|| {
-            let edition = convert::edition("edition", r.edition)?;
-            rules::check_seats(r.seats)?;
-            rules::check_term_possible(edition, r.term_years)?;
-            Ok::<_, Refusal>(IssueLicense {
-                request_id: field(input::request_id("request_id", &r.request_id))?,
-                product: convert::product_code("product", &r.product)?,
-                edition,
-                kind: convert::kind("kind", r.kind)?,
-                seats: r.seats,
-                term_years: r.term_years,
-                starts_at: convert::parse_timestamp("starts_at", r.starts_at.as_ref())?,
-                order_ref: field(input::text("order_ref", &r.order_ref, input::MAX_REF))?,
-                customer_ref: field(input::text("customer_ref", &r.customer_ref, input::MAX_REF))?,
-                reseller: field(input::text("reseller", &r.reseller, input::MAX_REF))?,
-            })
-        })();
-        let cmd = parsed.map_err(|r| refusal_status(&r))?;
+        let cmd = request::parse(req.get_ref()).map_err(|r| refusal_status(&r))?;
         let now = self.ctx.now();
         let license = self
             .ctx
@@ -113,27 +83,11 @@ impl LicenseService for LicenseApi {
         &self,
         req: Request<pb::ListLicensesRequest>,
     ) -> Result<Response<pb::ListLicensesResponse>, Status> {
-        let r = req.into_inner();
-        let parsed = (|| {
-            let filter = LicenseFilter {
-                product: if r.product.is_empty() {
-                    None
-                } else {
-                    Some(convert::product_code("product", &r.product)?)
-                },
-                customer_ref: optional_filter("customer_ref", &r.customer_ref)?,
-                order_ref: optional_filter("order_ref", &r.order_ref)?,
-                expires_after: convert::parse_timestamp("expires_after", r.expires_after.as_ref())?,
-                expires_before: convert::parse_timestamp(
-                    "expires_before",
-                    r.expires_before.as_ref(),
-                )?,
-            };
-            let size = convert::page_size(r.page_size, 50, 500)?;
-            let after = token::parse_licenses(&r.page_token)?;
-            Ok::<_, Refusal>((filter, size, after))
-        })();
-        let (filter, size, after) = parsed.map_err(|r| refusal_status(&r))?;
+        let request::ListLicenses {
+            filter,
+            size,
+            after,
+        } = request::parse(req.get_ref()).map_err(|r| refusal_status(&r))?;
         let mut rows = self
             .ctx
             .store
@@ -186,14 +140,8 @@ impl LicenseService for LicenseApi {
         &self,
         req: Request<pb::ListLicenseEventsRequest>,
     ) -> Result<Response<pb::ListLicenseEventsResponse>, Status> {
-        let r = req.into_inner();
-        let parsed = (|| {
-            let key = convert::license_key_deferred("license_key", &r.license_key)?;
-            let size = convert::page_size(r.page_size, 100, 1000)?;
-            let after = token::parse_events(&r.page_token)?;
-            Ok::<_, Refusal>((key?, size, after))
-        })();
-        let (key, size, after) = parsed.map_err(|r| refusal_status(&r))?;
+        let request::ListLicenseEvents { key, size, after } =
+            request::parse(req.get_ref()).map_err(|r| refusal_status(&r))?;
         let mut events = self
             .ctx
             .store
@@ -251,22 +199,7 @@ impl LicenseService for LicenseApi {
         req: Request<pb::IssueRenewalCodeRequest>,
     ) -> Result<Response<pb::RenewalCode>, Status> {
         let actor = actor_of(&req);
-        let r = req.into_inner();
-        let parsed = (|| {
-            let edition = convert::edition("edition", r.edition)?;
-            rules::check_seats(r.seats)?;
-            rules::check_term_possible(edition, r.term_years)?;
-            Ok::<_, Refusal>(IssueRenewalCode {
-                request_id: field(input::request_id("request_id", &r.request_id))?,
-                product: convert::product_code("product", &r.product)?,
-                edition,
-                seats: r.seats,
-                term_years: r.term_years,
-                order_ref: field(input::text("order_ref", &r.order_ref, input::MAX_REF))?,
-                reseller: field(input::text("reseller", &r.reseller, input::MAX_REF))?,
-            })
-        })();
-        let cmd = parsed.map_err(|r| refusal_status(&r))?;
+        let cmd = request::parse(req.get_ref()).map_err(|r| refusal_status(&r))?;
         let (record, code) = self
             .ctx
             .store
@@ -298,25 +231,14 @@ impl LicenseService for LicenseApi {
         req: Request<pb::VoidRenewalCodeRequest>,
     ) -> Result<Response<pb::RenewalCode>, Status> {
         let actor = actor_of(&req);
-        let r = req.into_inner();
-        let parsed = (|| {
-            let code = convert::renewal_code("renewal_code", &r.renewal_code)?;
-            let reason = field(input::text("reason", &r.reason, input::MAX_REASON))?;
-            let request_id = if r.request_id.is_empty() {
-                None
-            } else {
-                Some(field(input::request_id("request_id", &r.request_id))?)
-            };
-            Ok::<_, Refusal>((code, reason, request_id))
-        })();
-        let (code, reason, request_id) = parsed.map_err(|r| refusal_status(&r))?;
+        let cmd = request::parse(req.get_ref()).map_err(|r| refusal_status(&r))?;
         let record = self
             .ctx
             .store
             .void_renewal_code(
-                &code,
-                &reason,
-                request_id.as_deref(),
+                &cmd.code,
+                &cmd.reason,
+                cmd.request_id.as_deref(),
                 &actor,
                 self.ctx.now(),
             )

@@ -12,6 +12,7 @@ pub mod drain;
 mod events;
 mod license;
 mod product;
+mod request;
 
 pub use activation::ActivationApi;
 pub use license::LicenseApi;
@@ -28,6 +29,9 @@ use crate::domain::error::RefusalClass;
 use crate::domain::keys::redact_secrets;
 use crate::observe::client::{ClientAddr, client_ip};
 use crate::store::{Actor, Store, StoreError};
+
+/// Largest request message accepted (a licensing call is a few hundred bytes).
+pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
 
 /// The `google.rpc.ErrorInfo` domain of every refusal.
 pub const ERROR_DOMAIN: &str = "licensing.v1";
@@ -122,7 +126,7 @@ pub fn retry_later<const N: usize>(
 
 /// Answers a call refused before any service saw it with `status`, after
 /// reading its request to the end (a unary request is at most
-/// [`crate::server::MAX_MESSAGE_BYTES`]; reading stops past that). Answering
+/// [`MAX_MESSAGE_BYTES`]; reading stops past that). Answering
 /// while the client is still sending makes HTTP/2 reset the stream, and a
 /// connection on which many streams are reset is closed by the server's
 /// reset-flood protection: every call on it would fail, the accepted ones
@@ -134,7 +138,7 @@ pub async fn refuse_after_reading(
     use http_body::Body as _;
     let mut body = std::pin::pin!(body);
     let mut read = 0usize;
-    while read <= crate::server::MAX_MESSAGE_BYTES + 64 {
+    while read <= MAX_MESSAGE_BYTES + 64 {
         match std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await {
             Some(Ok(frame)) => read += frame.data_ref().map_or(0, |d| d.len()),
             Some(Err(_)) | None => break,
