@@ -229,7 +229,9 @@ enum SigningKeyCommand {
     /// Stop publishing the key KID: certificates it signed no longer verify
     /// against the published keys. The active key cannot be retired.
     Retire {
-        /// Key id, as `list` prints it.
+        /// Key id, as `list` prints it (a base64url thumbprint, which may
+        /// begin with `-`).
+        #[arg(allow_hyphen_values = true)]
         kid: String,
         #[command(flatten)]
         db: Database,
@@ -534,4 +536,40 @@ async fn token(cmd: TokenCommand) -> Result<(), BoxError> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_key_id_may_begin_with_a_hyphen() {
+        for argv in [
+            [
+                "licensd",
+                "signing-key",
+                "retire",
+                "-1AbC_x",
+                "--database-url",
+                "sqlite:x.db",
+            ],
+            [
+                "licensd",
+                "signing-key",
+                "retire",
+                "--database-url",
+                "sqlite:x.db",
+                "-1AbC_x",
+            ],
+        ] {
+            let cli = Cli::try_parse_from(argv).unwrap_or_else(|e| panic!("{argv:?}: {e}"));
+            match cli.command {
+                Command::SigningKey(SigningKeyCommand::Retire { kid, db }) => {
+                    assert_eq!(kid, "-1AbC_x");
+                    assert_eq!(db.database_url, "sqlite:x.db");
+                }
+                _ => panic!("not retire"),
+            }
+        }
+    }
 }
