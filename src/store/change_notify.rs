@@ -275,6 +275,12 @@ impl Changes {
         Ok(changes)
     }
 
+    /// Whether a validation cache is attached: only then does this replica
+    /// acknowledge, say hello and goodbye.
+    fn caching(&self) -> bool {
+        self.progress().cache.is_some()
+    }
+
     /// The `application_name` of this replica's listening connection.
     pub fn listener_name(&self) -> String {
         listener_name(self.replica)
@@ -404,8 +410,7 @@ impl Changes {
     /// Says goodbye (briefly waiting for it to go out), then closes both
     /// connections; the tasks end.
     pub async fn close(&self) {
-        let caching = self.progress().cache.is_some();
-        if self.listening.swap(false, Ordering::AcqRel) && caching {
+        if self.listening.swap(false, Ordering::AcqRel) && self.caching() {
             let (done, sent) = oneshot::channel();
             if self.queue.send((Token::Goodbye, Some(done))).is_ok() {
                 let _ = tokio::time::timeout(Duration::from_millis(200), sent).await;
@@ -428,8 +433,7 @@ async fn say_hello(changes: Weak<Changes>) {
         if c.send_pool.is_closed() {
             return;
         }
-        let caching = c.progress().cache.is_some();
-        if caching && c.listening.load(Ordering::Acquire) {
+        if c.caching() && c.listening.load(Ordering::Acquire) {
             c.queue(Token::Hello);
         }
     }
@@ -540,9 +544,12 @@ async fn listen(changes: Weak<Changes>, mut gone: oneshot::Receiver<()>) {
         let cache = {
             let mut p = c.progress();
             p.joining = false;
-            p.lost_at = Some(Instant::now());
-            if c.listening.swap(false, Ordering::AcqRel) && p.cache.is_some() {
-                c.queue(Token::Goodbye);
+            if c.listening.swap(false, Ordering::AcqRel) {
+                // Lost now (not a failed attempt to listen again).
+                p.lost_at = Some(Instant::now());
+                if p.cache.is_some() {
+                    c.queue(Token::Goodbye);
+                }
             }
             p.cache()
         };
@@ -640,10 +647,10 @@ fn receive(changes: &Changes, payload: &str) {
         return;
     };
     let now = Instant::now();
-    let mut p = changes.progress();
-    let cache = p.cache();
+    let cache = changes.progress().cache();
     if from == changes.replica {
         // Our own: this replica marked the change before sending it.
+        let mut p = changes.progress();
         if parsed.batch_no > p.echo {
             p.echo = parsed.batch_no;
             p.release(now);
@@ -683,10 +690,8 @@ fn receive(changes: &Changes, payload: &str) {
         .filter(|(r, _)| *r == changes.replica)
         .map(|&(_, b)| b)
         .max();
-    let answer_hello = p.heard(from, &parsed, ours, now);
-    let caching = p.cache.is_some();
-    drop(p);
-    if answer_hello && caching && changes.listening.load(Ordering::Acquire) {
+    let answer_hello = changes.progress().heard(from, &parsed, ours, now);
+    if answer_hello && cache.is_some() && changes.listening.load(Ordering::Acquire) {
         changes.queue(Token::Hello);
     }
 }
