@@ -43,7 +43,7 @@ fn assert_clean(report: &serde_json::Value) {
     // The server's own word on when a write reaches the disk.
     let durability = report["durability"].as_str().unwrap();
     assert!(
-        ["synchronous=normal", "synchronous_commit=on"].contains(&durability),
+        ["synchronous=full", "synchronous_commit=on"].contains(&durability),
         "{durability}"
     );
     assert!(report["validate_to_ceiling_ratio"].as_f64().unwrap() > 0.0);

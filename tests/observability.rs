@@ -256,6 +256,9 @@ async fn every_metric_family_moves_under_a_short_load() {
         ) >= 1.0
     );
     moved("licensd_db_acquire_seconds_count", &[], 8.0);
+    // SQLite's group commit: at least one commit, each of at least one write.
+    moved("licensd_sqlite_commit_seconds_count", &[], 1.0);
+    moved("licensd_sqlite_batch_writes_sum", &[], 8.0);
     for op in [
         "issue_license",
         "activate",

@@ -128,11 +128,11 @@ async fn products_are_created_read_listed_and_updated(db: &TestDb, s: &SqlStore)
     let updated = s
         .update_product(
             &acme(),
-            &|mut spec: ProductSpec| {
+            Arc::new(|mut spec: ProductSpec| {
                 spec.latest_version = "4.10.0".into();
                 spec.grace_period_months = Some(3);
                 spec
-            },
+            }),
             t(NOW),
         )
         .await
@@ -765,11 +765,11 @@ async fn the_validation_cache_answers_exactly_as_the_database(db: &TestDb, s: &S
         .unwrap();
     s.update_product(
         &acme(),
-        &|spec| ProductSpec {
+        Arc::new(|spec| ProductSpec {
             latest_version: "3.1".into(),
             grace_period_months: Some(4),
             ..spec
-        },
+        }),
         t(NOW),
     )
     .await
@@ -1365,7 +1365,7 @@ async fn a_write_dropped_at_any_point_is_still_seen_at_once(db: &TestDb, plain: 
 }
 
 /// The durability setting is the writer's, and said as it is: SQLite's
-/// `synchronous` (`normal` unless `full` is asked for), PostgreSQL's
+/// `synchronous` (`full` unless `normal` is asked for), PostgreSQL's
 /// `synchronous_commit` (the server's: on by default).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_durability_setting_is_applied_and_reported() {
@@ -1374,14 +1374,14 @@ async fn the_durability_setting_is_applied_and_reported() {
     let db = TestDb::sqlite();
     let url = DatabaseUrl::parse(&db.url).unwrap();
     let s = db.open().await;
-    assert_eq!(s.durability().await.unwrap(), "synchronous=normal");
+    assert_eq!(s.durability().await.unwrap(), "synchronous=full");
     s.close().await;
-    let full = SqliteOptions {
-        synchronous: Durability::Full,
+    let normal = SqliteOptions {
+        synchronous: Durability::Normal,
         ..SqliteOptions::default()
     };
-    let s = url.open_tuned(Default::default(), full).await.unwrap();
-    assert_eq!(s.durability().await.unwrap(), "synchronous=full");
+    let s = url.open_tuned(Default::default(), normal).await.unwrap();
+    assert_eq!(s.durability().await.unwrap(), "synchronous=normal");
     s.close().await;
     assert_eq!("NORMAL".parse::<Durability>(), Ok(Durability::Normal));
     assert!("off".parse::<Durability>().is_err());

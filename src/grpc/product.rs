@@ -1,11 +1,14 @@
 //! ProductService.
 
+use std::sync::Arc;
+
 use tonic::{Request, Response, Status};
 
 use super::convert::{self, token};
 use super::{Ctx, refusal_status, request, status_of};
 use crate::proto as pb;
 use crate::proto::product_service_server::ProductService;
+use crate::store::ProductUpdate;
 
 /// The ProductService implementation.
 pub struct ProductApi {
@@ -77,11 +80,12 @@ impl ProductService for ProductApi {
         req: Request<pb::UpdateProductRequest>,
     ) -> Result<Response<pb::Product>, Status> {
         let cmd = request::parse(req.get_ref()).map_err(|r| refusal_status(&r))?;
-        let apply = |cur| cmd.apply(cur);
+        let code = cmd.code.clone();
+        let apply: ProductUpdate = Arc::new(move |cur| cmd.apply(cur));
         let updated = self
             .ctx
             .store
-            .update_product(&cmd.code, &apply, self.ctx.now())
+            .update_product(&code, apply, self.ctx.now())
             .await
             .map_err(status_of)?;
         Ok(Response::new(convert::product_to_proto(&updated)))

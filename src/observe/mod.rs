@@ -168,7 +168,16 @@ fn describe() {
     describe_histogram!(
         "licensd_db_acquire_seconds",
         Unit::Seconds,
-        "Time a write waited for a pooled connection and its BEGIN."
+        "Time a write waited for a pooled connection and its BEGIN (SQLite: for its batch to begin)."
+    );
+    describe_histogram!(
+        "licensd_sqlite_batch_writes",
+        "SQLite: writes committed together, per commit."
+    );
+    describe_histogram!(
+        "licensd_sqlite_commit_seconds",
+        Unit::Seconds,
+        "SQLite: one batch's transaction, from BEGIN to the end of its COMMIT (the disk sync included)."
     );
     describe_counter!(
         "licensd_db_retries_total",

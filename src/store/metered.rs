@@ -12,11 +12,10 @@ use chrono::{DateTime, Utc};
 
 use super::{
     Actor, EventFilter, FeedPage, FeedWatch, IssueLicense, IssueRenewalCode, LicenseCursor,
-    LicenseEvent, LicenseFilter, Redeem, Store, StoreError, StoreResult, TokenRecord,
-    ValidationView,
+    LicenseEvent, LicenseFilter, ProductUpdate, Redeem, Store, StoreError, StoreResult,
+    TokenRecord, ValidationView,
 };
 use crate::domain::auth::{Role, Token};
-use crate::domain::product::ProductSpec;
 use crate::domain::rules::StatusAction;
 use crate::domain::{
     Activation, License, LicenseKey, Product, ProductCode, RenewalCode, RenewalCodeRecord,
@@ -65,7 +64,7 @@ impl<S: Store> Store for Metered<S> {
     async fn update_product(
         &self,
         code: &ProductCode,
-        update: &(dyn Fn(ProductSpec) -> ProductSpec + Send + Sync),
+        update: ProductUpdate,
         now: DateTime<Utc>,
     ) -> StoreResult<Product> {
         timed!("update_product", self.0.update_product(code, update, now))

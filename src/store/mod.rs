@@ -17,7 +17,6 @@ mod rows;
 pub mod signing_keys;
 pub mod sql;
 pub mod sqlite;
-mod sqlite_fast;
 
 pub use cache::validation_cache;
 pub use error::{StoreError, sqlite_unavailable};
@@ -91,6 +90,10 @@ impl DatabaseUrl {
         }
     }
 }
+
+/// How UpdateProduct changes a product's settings (applied to the current
+/// ones inside the write's transaction).
+pub type ProductUpdate = Arc<dyn Fn(ProductSpec) -> ProductSpec + Send + Sync>;
 
 /// Result of a store call.
 pub type StoreResult<T> = Result<T, StoreError>;
@@ -264,7 +267,7 @@ pub trait Store: Send + Sync + 'static {
     async fn update_product(
         &self,
         code: &ProductCode,
-        update: &(dyn Fn(ProductSpec) -> ProductSpec + Send + Sync),
+        update: ProductUpdate,
         now: DateTime<Utc>,
     ) -> StoreResult<Product>;
 

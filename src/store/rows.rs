@@ -72,22 +72,54 @@ fn terms_from_text(s: &str) -> StoreResult<Vec<u32>> {
         .collect()
 }
 
-pub(super) fn product_from_row(row: &AnyRow) -> StoreResult<Product> {
-    let code: String = row.try_get("code")?;
-    let basis: String = row.try_get("renewal_basis")?;
+/// A product's columns, in the order [`product_col`] reads them (a macro,
+/// so `concat!` can build `'static` query strings from it).
+macro_rules! product_select {
+    () => {
+        "SELECT code, display_name, latest_version, personal_terms, business_terms, grace_period_months, \
+         renewal_basis, offline_lease_days FROM products "
+    };
+}
+pub(super) use product_select;
+
+/// Positions of `product_select!`'s columns.
+pub(super) mod product_col {
+    pub const CODE: usize = 0;
+    pub const DISPLAY_NAME: usize = 1;
+    pub const LATEST_VERSION: usize = 2;
+    pub const PERSONAL_TERMS: usize = 3;
+    pub const BUSINESS_TERMS: usize = 4;
+    pub const GRACE_PERIOD_MONTHS: usize = 5;
+    pub const RENEWAL_BASIS: usize = 6;
+    pub const OFFLINE_LEASE_DAYS: usize = 7;
+    /// Every column's name, by position.
+    #[cfg(test)]
+    pub const NAMES: [&str; 8] = [
+        "code",
+        "display_name",
+        "latest_version",
+        "personal_terms",
+        "business_terms",
+        "grace_period_months",
+        "renewal_basis",
+        "offline_lease_days",
+    ];
+}
+
+/// A product from the columns of `product_select!` (any backend).
+pub(super) fn product_from_row(row: &impl Columns) -> StoreResult<Product> {
+    use product_col as c;
+    let code = row.text(c::CODE)?;
     Product::new(
         ProductCode::parse(&code).map_err(|_| corrupt("product code", &code))?,
         ProductSpec {
-            display_name: row.try_get("display_name")?,
-            latest_version: row.try_get("latest_version")?,
-            personal_terms: terms_from_text(&row.try_get::<String, _>("personal_terms")?)?,
-            business_terms: terms_from_text(&row.try_get::<String, _>("business_terms")?)?,
-            grace_period_months: Some(row.try_get::<i64, _>("grace_period_months")? as u32),
-            renewal_basis: Some(
-                RenewalBasis::from_str_opt(&basis)
-                    .ok_or_else(|| corrupt("renewal basis", &basis))?,
-            ),
-            offline_lease_days: Some(row.try_get::<i64, _>("offline_lease_days")? as u32),
+            display_name: row.text(c::DISPLAY_NAME)?,
+            latest_version: row.text(c::LATEST_VERSION)?,
+            personal_terms: terms_from_text(&row.text(c::PERSONAL_TERMS)?)?,
+            business_terms: terms_from_text(&row.text(c::BUSINESS_TERMS)?)?,
+            grace_period_months: Some(row.int(c::GRACE_PERIOD_MONTHS)? as u32),
+            renewal_basis: Some(enum_of(row, c::RENEWAL_BASIS, RenewalBasis::from_str_opt)?),
+            offline_lease_days: Some(row.int(c::OFFLINE_LEASE_DAYS)? as u32),
         },
     )
     .map_err(|v| corrupt("product", v.description))
@@ -173,6 +205,8 @@ pub(super) trait Columns {
     fn opt_int(&self, at: usize) -> StoreResult<Option<i64>>;
     /// A nullable TEXT column.
     fn opt_text(&self, at: usize) -> StoreResult<Option<String>>;
+    /// A BLOB/BYTEA column.
+    fn blob(&self, at: usize) -> StoreResult<Vec<u8>>;
 }
 
 impl Columns for AnyRow {
@@ -186,6 +220,9 @@ impl Columns for AnyRow {
         Ok(self.try_get(at)?)
     }
     fn opt_text(&self, at: usize) -> StoreResult<Option<String>> {
+        Ok(self.try_get(at)?)
+    }
+    fn blob(&self, at: usize) -> StoreResult<Vec<u8>> {
         Ok(self.try_get(at)?)
     }
 }
@@ -310,38 +347,6 @@ pub(super) fn token_from_row(row: &AnyRow) -> StoreResult<TokenRecord> {
     })
 }
 
-fn named_enum<T>(row: &AnyRow, col: &str, f: fn(&str) -> Option<T>) -> StoreResult<T> {
-    let s: String = row.try_get(col)?;
-    f(&s).ok_or_else(|| corrupt(col, &s))
-}
-
-pub(super) fn code_from_row(row: &AnyRow) -> StoreResult<RenewalCodeRecord> {
-    let product: String = row.try_get("product_code")?;
-    let redeemed_key: Option<String> = row.try_get("redeemed_license_key")?;
-    let opt_time = |col: &str| -> StoreResult<Option<DateTime<Utc>>> {
-        row.try_get::<Option<i64>, _>(col)?
-            .map(from_micros)
-            .transpose()
-    };
-    Ok(RenewalCodeRecord {
-        id: row.try_get("id")?,
-        product: ProductCode::parse(&product).map_err(|_| corrupt("product code", &product))?,
-        edition: named_enum(row, "edition", Edition::from_str_opt)?,
-        seats: row.try_get::<i64, _>("seats")? as u32,
-        term_years: row.try_get::<i64, _>("term_years")? as u32,
-        state: named_enum(row, "state", CodeState::from_str_opt)?,
-        issued_at: from_micros(row.try_get("issued_at")?)?,
-        redeemed_at: opt_time("redeemed_at")?,
-        redeemed_license_key: redeemed_key
-            .map(|k| LicenseKey::parse(&k).map_err(|_| corrupt("license key", "<redacted>")))
-            .transpose()?,
-        voided_at: opt_time("voided_at")?,
-        void_reason: row.try_get("void_reason")?,
-        order_ref: row.try_get("order_ref")?,
-        reseller: row.try_get("reseller")?,
-    })
-}
-
 macro_rules! code_select {
     () => {
         "SELECT c.id, c.product_code, c.edition, c.seats, c.term_years, c.state, c.issued_at, \
@@ -350,6 +355,67 @@ macro_rules! code_select {
     };
 }
 pub(super) use code_select;
+
+/// Positions of `code_select!`'s columns.
+pub(super) mod code_col {
+    pub const ID: usize = 0;
+    pub const PRODUCT_CODE: usize = 1;
+    pub const EDITION: usize = 2;
+    pub const SEATS: usize = 3;
+    pub const TERM_YEARS: usize = 4;
+    pub const STATE: usize = 5;
+    pub const ISSUED_AT: usize = 6;
+    pub const REDEEMED_AT: usize = 7;
+    pub const REDEEMED_LICENSE_KEY: usize = 8;
+    pub const VOIDED_AT: usize = 9;
+    pub const VOID_REASON: usize = 10;
+    pub const ORDER_REF: usize = 11;
+    pub const RESELLER: usize = 12;
+    /// Every column's name, by position.
+    #[cfg(test)]
+    pub const NAMES: [&str; 13] = [
+        "id",
+        "product_code",
+        "edition",
+        "seats",
+        "term_years",
+        "state",
+        "issued_at",
+        "redeemed_at",
+        "redeemed_license_key",
+        "voided_at",
+        "void_reason",
+        "order_ref",
+        "reseller",
+    ];
+}
+
+/// A renewal code from the columns of `code_select!` (any backend).
+pub(super) fn code_from_row(row: &impl Columns) -> StoreResult<RenewalCodeRecord> {
+    use code_col as c;
+    let product = row.text(c::PRODUCT_CODE)?;
+    let opt_time = |at: usize| -> StoreResult<Option<DateTime<Utc>>> {
+        row.opt_int(at)?.map(from_micros).transpose()
+    };
+    Ok(RenewalCodeRecord {
+        id: row.text(c::ID)?,
+        product: ProductCode::parse(&product).map_err(|_| corrupt("product code", &product))?,
+        edition: enum_of(row, c::EDITION, Edition::from_str_opt)?,
+        seats: row.int(c::SEATS)? as u32,
+        term_years: row.int(c::TERM_YEARS)? as u32,
+        state: enum_of(row, c::STATE, CodeState::from_str_opt)?,
+        issued_at: from_micros(row.int(c::ISSUED_AT)?)?,
+        redeemed_at: opt_time(c::REDEEMED_AT)?,
+        redeemed_license_key: row
+            .opt_text(c::REDEEMED_LICENSE_KEY)?
+            .map(|k| LicenseKey::parse(&k).map_err(|_| corrupt("license key", "<redacted>")))
+            .transpose()?,
+        voided_at: opt_time(c::VOIDED_AT)?,
+        void_reason: row.text(c::VOID_REASON)?,
+        order_ref: row.text(c::ORDER_REF)?,
+        reseller: row.text(c::RESELLER)?,
+    })
+}
 
 /// The license with its product's policy and its activations, in one
 /// statement (one row per activation, or one row without): one snapshot, so

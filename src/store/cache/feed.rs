@@ -25,7 +25,7 @@ use tokio_stream::StreamExt;
 use super::loader::{Grouper, Loader, load_sqlite, product_policy};
 use super::validation_cache::{LicenseRow, ProductPolicy, ValidationCache};
 use crate::store::rows::{Dialect, LOAD_SQL, PRODUCTS_SQL, cache_select, pg_xmin};
-use crate::store::sqlite_fast::FastReader;
+use crate::store::sqlite::fast::FastReader;
 use crate::store::{StoreError, StoreResult};
 
 /// Licenses re-read per statement.

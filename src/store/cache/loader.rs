@@ -7,7 +7,7 @@ use crate::domain::{Edition, LicenseKind, LicenseStatus};
 use crate::store::rows::{
     Columns, LAST_EVENT_SQL, LOAD_SQL, PRODUCTS_SQL, cache_col, enum_of, latest_version, policy_col,
 };
-use crate::store::sqlite_fast::FastReader;
+use crate::store::sqlite::fast::FastReader;
 use crate::store::{StoreError, StoreResult};
 
 /// Licenses applied to the cache per write lock during a load.

@@ -37,3 +37,9 @@ fn column_positions_match_the_cache_selects() {
     assert_eq!(selected(super::LOAD_SQL), super::cache_col::NAMES);
     assert_eq!(selected(super::PRODUCTS_SQL), super::policy_col::NAMES);
 }
+
+#[test]
+fn column_positions_match_the_product_and_code_selects() {
+    assert_eq!(selected(product_select!()), super::product_col::NAMES);
+    assert_eq!(selected(code_select!()), super::code_col::NAMES);
+}

@@ -4,14 +4,149 @@
 use chrono::{DateTime, Utc};
 
 use super::SqlStore;
+use super::conn::{Command, Conn, Ending, args};
 use super::load::{Lock, require_product};
-use super::tx::is_unique_violation;
 use crate::domain::auth::{Role, Token};
-use crate::domain::product::ProductSpec;
-use crate::domain::{Product, ProductCode, Refusal};
+use crate::domain::{FieldViolation, Product, ProductCode, Refusal};
 use crate::store::change_notify::Change;
-use crate::store::rows::{product_from_row, terms_to_text, token_from_row};
-use crate::store::{StoreResult, TokenRecord, micros};
+use crate::store::rows::{product_from_row, product_select, terms_to_text, token_from_row};
+use crate::store::{ProductUpdate, StoreResult, TokenRecord, micros};
+
+/// CreateProduct.
+struct CreateProduct {
+    product: Product,
+    now: DateTime<Utc>,
+}
+
+impl Command for CreateProduct {
+    type Output = Product;
+
+    async fn run<C: Conn>(&self, conn: &mut C) -> StoreResult<Ending<Product>> {
+        let (product, now) = (&self.product, micros(self.now));
+        let latest = product
+            .latest_version()
+            .map(|v| v.to_string())
+            .unwrap_or_default();
+        // The code's unique key refuses a second product with it; DO NOTHING
+        // says so without failing the statement (or a batch around it).
+        let inserted = conn
+            .execute(
+                "INSERT INTO products (code, display_name, latest_version, personal_terms, business_terms, \
+                 grace_period_months, renewal_basis, created_at, updated_at, offline_lease_days) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT DO NOTHING",
+                args![
+                    product.code().as_str(),
+                    product.display_name(),
+                    &latest,
+                    &terms_to_text(product.personal_terms()),
+                    &terms_to_text(product.business_terms()),
+                    i64::from(product.grace_period_months()),
+                    product.renewal_basis().as_str(),
+                    now,
+                    now,
+                    i64::from(product.offline_lease_days()),
+                ],
+            )
+            .await?;
+        if inserted == 0 {
+            return Err(Refusal::ProductAlreadyExists(product.code().to_string()).into());
+        }
+        Ok(Ending::Commit(product.clone()))
+    }
+}
+
+/// UpdateProduct: `update` applied to the product as stored.
+struct UpdateProduct {
+    code: ProductCode,
+    update: ProductUpdate,
+    now: DateTime<Utc>,
+}
+
+impl Command for UpdateProduct {
+    type Output = Product;
+
+    async fn run<C: Conn>(&self, conn: &mut C) -> StoreResult<Ending<Product>> {
+        let code = &self.code;
+        let current = require_product(conn, code, Lock::ForUpdate).await?;
+        let updated = Product::new(code.clone(), (self.update)(current.to_spec()))
+            .map_err(Refusal::InvalidField)?;
+        let latest = updated
+            .latest_version()
+            .map(|v| v.to_string())
+            .unwrap_or_default();
+        conn.execute(
+            "UPDATE products SET display_name = $1, latest_version = $2, personal_terms = $3, business_terms = $4, \
+             grace_period_months = $5, renewal_basis = $6, updated_at = $7, offline_lease_days = $9 WHERE code = $8",
+            args![
+                updated.display_name(),
+                &latest,
+                &terms_to_text(updated.personal_terms()),
+                &terms_to_text(updated.business_terms()),
+                i64::from(updated.grace_period_months()),
+                updated.renewal_basis().as_str(),
+                micros(self.now),
+                code.as_str(),
+                i64::from(updated.offline_lease_days()),
+            ],
+        )
+        .await?;
+        Ok(Ending::Commit(updated))
+    }
+}
+
+/// A new API token.
+struct CreateToken {
+    name: String,
+    role: Role,
+    token: Token,
+    now: DateTime<Utc>,
+}
+
+impl Command for CreateToken {
+    type Output = ();
+
+    async fn run<C: Conn>(&self, conn: &mut C) -> StoreResult<Ending<()>> {
+        // A live token's name is unique (a partial unique index).
+        let inserted = conn
+            .execute(
+                "INSERT INTO api_tokens (id, name, role, secret_hash, created_at) VALUES ($1, $2, $3, $4, $5) \
+                 ON CONFLICT DO NOTHING",
+                args![
+                    self.token.id(),
+                    &self.name,
+                    self.role.as_str(),
+                    &self.token.secret_hash(),
+                    micros(self.now),
+                ],
+            )
+            .await?;
+        if inserted == 0 {
+            let taken = FieldViolation::new("name", "a live token already has this name");
+            return Err(Refusal::InvalidField(taken).into());
+        }
+        Ok(Ending::Commit(()))
+    }
+}
+
+/// Revokes the live token named `name`; whether there was one.
+struct RevokeToken {
+    name: String,
+    now: DateTime<Utc>,
+}
+
+impl Command for RevokeToken {
+    type Output = bool;
+
+    async fn run<C: Conn>(&self, conn: &mut C) -> StoreResult<Ending<bool>> {
+        let revoked = conn
+            .execute(
+                "UPDATE api_tokens SET revoked_at = $1 WHERE name = $2 AND revoked_at IS NULL",
+                args![micros(self.now), &self.name],
+            )
+            .await?;
+        Ok(Ending::Commit(revoked > 0))
+    }
+}
 
 impl SqlStore {
     pub(super) async fn create_product(
@@ -19,39 +154,16 @@ impl SqlStore {
         product: &Product,
         now: DateTime<Utc>,
     ) -> StoreResult<Product> {
-        self.write(Some(Change::Products), move |mut tx| async move {
-            let res = sqlx::query(
-                "INSERT INTO products (code, display_name, latest_version, personal_terms, business_terms, \
-                 grace_period_months, renewal_basis, created_at, updated_at, offline_lease_days) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-            )
-            .bind(product.code().as_str())
-            .bind(product.display_name())
-            .bind(product.latest_version().map(|v| v.to_string()).unwrap_or_default())
-            .bind(terms_to_text(product.personal_terms()))
-            .bind(terms_to_text(product.business_terms()))
-            .bind(i64::from(product.grace_period_months()))
-            .bind(product.renewal_basis().as_str())
-            .bind(micros(now))
-            .bind(micros(now))
-            .bind(i64::from(product.offline_lease_days()))
-            .execute(&mut *tx)
-            .await;
-            match res {
-                Err(e) if is_unique_violation(&e) => {
-                    return Err(Refusal::ProductAlreadyExists(product.code().to_string()).into());
-                }
-                other => other?,
-            };
-            tx.commit().await?;
-            Ok(product.clone())
-        })
-        .await
+        let cmd = CreateProduct {
+            product: product.clone(),
+            now,
+        };
+        self.write(Some(Change::Products), cmd).await
     }
 
     pub(super) async fn get_product(&self, code: &ProductCode) -> StoreResult<Product> {
         let mut conn = self.readers.acquire().await?;
-        require_product(&mut conn, code, Lock::No).await
+        require_product(&mut *conn, code, Lock::No).await
     }
 
     pub(super) async fn list_products(
@@ -59,43 +171,29 @@ impl SqlStore {
         after: Option<&ProductCode>,
         limit: u32,
     ) -> StoreResult<Vec<Product>> {
-        let rows = sqlx::query("SELECT * FROM products WHERE code > $1 ORDER BY code LIMIT $2")
-            .bind(after.map(|c| c.as_str()).unwrap_or(""))
-            .bind(i64::from(limit))
-            .fetch_all(&self.readers)
-            .await?;
+        let rows = sqlx::query(concat!(
+            product_select!(),
+            "WHERE code > $1 ORDER BY code LIMIT $2"
+        ))
+        .bind(after.map(|c| c.as_str()).unwrap_or(""))
+        .bind(i64::from(limit))
+        .fetch_all(&self.readers)
+        .await?;
         rows.iter().map(product_from_row).collect()
     }
 
     pub(super) async fn update_product(
         &self,
         code: &ProductCode,
-        update: &(dyn Fn(ProductSpec) -> ProductSpec + Send + Sync),
+        update: ProductUpdate,
         now: DateTime<Utc>,
     ) -> StoreResult<Product> {
-        self.write(Some(Change::Products), move |mut tx| async move {
-            let current = require_product(&mut tx, code, Lock::ForUpdate(self.dialect)).await?;
-            let updated =
-                Product::new(code.clone(), update(current.to_spec())).map_err(Refusal::InvalidField)?;
-            sqlx::query(
-                "UPDATE products SET display_name = $1, latest_version = $2, personal_terms = $3, business_terms = $4, \
-                 grace_period_months = $5, renewal_basis = $6, updated_at = $7, offline_lease_days = $9 WHERE code = $8",
-            )
-            .bind(updated.display_name())
-            .bind(updated.latest_version().map(|v| v.to_string()).unwrap_or_default())
-            .bind(terms_to_text(updated.personal_terms()))
-            .bind(terms_to_text(updated.business_terms()))
-            .bind(i64::from(updated.grace_period_months()))
-            .bind(updated.renewal_basis().as_str())
-            .bind(micros(now))
-            .bind(code.as_str())
-            .bind(i64::from(updated.offline_lease_days()))
-            .execute(&mut *tx)
-            .await?;
-            tx.commit().await?;
-            Ok(updated)
-        })
-        .await
+        let cmd = UpdateProduct {
+            code: code.clone(),
+            update,
+            now,
+        };
+        self.write(Some(Change::Products), cmd).await
     }
 
     pub(super) async fn create_token(
@@ -105,25 +203,13 @@ impl SqlStore {
         token: &Token,
         now: DateTime<Utc>,
     ) -> StoreResult<()> {
-        let mut tx = self.begin_write().await?;
-        let res = sqlx::query(
-            "INSERT INTO api_tokens (id, name, role, secret_hash, created_at) VALUES ($1, $2, $3, $4, $5)",
-        )
-        .bind(token.id())
-        .bind(name)
-        .bind(role.as_str())
-        .bind(token.secret_hash())
-        .bind(micros(now))
-        .execute(&mut *tx)
-        .await;
-        match res {
-            Err(e) if is_unique_violation(&e) => Err(Refusal::InvalidField(
-                crate::domain::FieldViolation::new("name", "a live token already has this name"),
-            )
-            .into()),
-            Err(e) => Err(e.into()),
-            Ok(_) => Ok(tx.commit().await?),
-        }
+        let cmd = CreateToken {
+            name: name.to_string(),
+            role,
+            token: token.clone(),
+            now,
+        };
+        self.write(None, cmd).await
     }
 
     pub(super) async fn list_tokens(&self) -> StoreResult<Vec<TokenRecord>> {
@@ -136,16 +222,11 @@ impl SqlStore {
     }
 
     pub(super) async fn revoke_token(&self, name: &str, now: DateTime<Utc>) -> StoreResult<bool> {
-        let mut tx = self.begin_write().await?;
-        let done = sqlx::query(
-            "UPDATE api_tokens SET revoked_at = $1 WHERE name = $2 AND revoked_at IS NULL",
-        )
-        .bind(micros(now))
-        .bind(name)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(done.rows_affected() > 0)
+        let cmd = RevokeToken {
+            name: name.to_string(),
+            now,
+        };
+        self.write(None, cmd).await
     }
 
     pub(super) async fn find_token(&self, id: &str) -> StoreResult<Option<TokenRecord>> {

@@ -3,11 +3,11 @@
 //! payload is refused. Every payload's digest is computed here: the
 //! operation's name, then its fields ([`digest_fields`]).
 
-use chrono::{DateTime, Utc};
-use sqlx::{AnyConnection, Row};
-
+use super::conn::{Conn, args};
 use crate::domain::{LicenseKey, Refusal};
+use crate::store::rows::Columns;
 use crate::store::{Dialect, IssueLicense, IssueRenewalCode, StoreResult, digest_fields, micros};
+use chrono::{DateTime, Utc};
 
 /// One request's idempotency key (if it has one) and what it asks for.
 pub(super) struct Request<'a> {
@@ -86,37 +86,30 @@ impl<'a> Request<'a> {
     /// The resource this request produced before, if it was made before
     /// (never for a request without a key); refuses a key used before with
     /// another payload.
-    pub(super) async fn replayed(
-        &self,
-        conn: &mut AnyConnection,
-        dialect: Dialect,
-    ) -> StoreResult<Option<String>> {
+    pub(super) async fn replayed<C: Conn>(&self, conn: &mut C) -> StoreResult<Option<String>> {
         let Some(request_id) = self.request_id else {
             return Ok(None);
         };
-        if dialect == Dialect::Postgres {
+        if conn.dialect() == Dialect::Postgres {
             // Two replicas handling the same request id wait for each other here,
             // so the second one sees the first one's key (released at commit).
-            sqlx::query(
+            conn.execute(
                 "SELECT 1 FROM (SELECT pg_advisory_xact_lock(hashtextextended($1, 0))) AS locked",
+                args![request_id],
             )
-            .bind(request_id)
-            .execute(&mut *conn)
             .await?;
         }
-        let row = sqlx::query(
-            "SELECT operation, payload_hash, resource FROM idempotency_keys WHERE request_id = $1",
-        )
-        .bind(request_id)
-        .fetch_optional(&mut *conn)
-        .await?;
+        let row = conn
+            .fetch_optional(
+                "SELECT operation, payload_hash, resource FROM idempotency_keys WHERE request_id = $1",
+                args![request_id],
+            )
+            .await?;
         match row {
             None => Ok(None),
             Some(row) => {
-                let op: String = row.try_get("operation")?;
-                let hash: Vec<u8> = row.try_get("payload_hash")?;
-                if op == self.operation && hash == self.payload_hash {
-                    Ok(Some(row.try_get("resource")?))
+                if row.text(0)? == self.operation && row.blob(1)? == self.payload_hash {
+                    Ok(Some(row.text(2)?))
                 } else {
                     Err(Refusal::IdempotencyKeyReused.into())
                 }
@@ -125,25 +118,20 @@ impl<'a> Request<'a> {
     }
 
     /// Keeps the key (if any), with the `resource` this request produced.
-    pub(super) async fn remember(
+    pub(super) async fn remember<C: Conn>(
         &self,
-        conn: &mut AnyConnection,
+        conn: &mut C,
         resource: &str,
         now: DateTime<Utc>,
     ) -> StoreResult<()> {
         let Some(request_id) = self.request_id else {
             return Ok(());
         };
-        sqlx::query(
+        conn.execute(
             "INSERT INTO idempotency_keys (request_id, operation, payload_hash, resource, created_at) \
              VALUES ($1, $2, $3, $4, $5)",
+            args![request_id, self.operation, &self.payload_hash, resource, micros(now)],
         )
-        .bind(request_id)
-        .bind(self.operation)
-        .bind(&self.payload_hash)
-        .bind(resource)
-        .bind(micros(now))
-        .execute(&mut *conn)
         .await?;
         Ok(())
     }

@@ -4,20 +4,130 @@
 use chrono::{DateTime, Utc};
 
 use super::SqlStore;
+use super::conn::{Command, Conn, Ending, args, fetch_one};
 use super::idempotency::Request;
-use super::load::{Lock, commit_with_license, require_license, require_product};
+use super::load::{Lock, require_license, require_product};
 use super::tx::{NewEvent, record_event};
 use crate::domain::rules::{self, StatusAction};
 use crate::domain::{License, LicenseKey, Refusal};
 use crate::store::change_notify::Change;
 use crate::store::rows::{
-    VALIDATION_SQL, corrupt, license_from, license_from_row, license_select, validation_from_row,
+    Columns, VALIDATION_SQL, corrupt, license_from, license_from_row, license_select,
+    validation_from_row,
 };
 use crate::store::validation_cache::Answer;
 use crate::store::{
     Actor, IssueLicense, LicenseCursor, LicenseEvent, LicenseFilter, StoreError, StoreResult,
     ValidationView, micros,
 };
+
+/// IssueLicense, with the key it will have (drawn before the transaction,
+/// so that the change is known before it commits).
+struct Issue {
+    cmd: IssueLicense,
+    key: LicenseKey,
+    actor: Actor,
+    now: DateTime<Utc>,
+}
+
+impl Command for Issue {
+    type Output = License;
+
+    async fn run<C: Conn>(&self, conn: &mut C) -> StoreResult<Ending<License>> {
+        let (cmd, now) = (&self.cmd, self.now);
+        let request = Request::issue_license(cmd);
+        if let Some(key) = request.replayed(conn).await? {
+            let key = LicenseKey::parse(&key).map_err(|_| corrupt("license key", "<redacted>"))?;
+            let license = require_license(conn, &key, Lock::ForUpdate).await?.1;
+            return Ok(Ending::Commit(license));
+        }
+        let product = require_product(conn, &cmd.product, Lock::No).await?;
+        let plan = rules::issue(
+            &product,
+            cmd.edition,
+            cmd.seats,
+            cmd.term_years,
+            cmd.starts_at,
+            now,
+        )?;
+        let key = &self.key;
+        let row = fetch_one(
+            conn,
+            "INSERT INTO licenses (license_key, product_code, edition, kind, seats, term_years, status, starts_at, \
+             expires_at, order_ref, customer_ref, reseller, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, 'ACTIVE', $7, $8, $9, $10, $11, $12) RETURNING id",
+            args![
+                key.normalized(),
+                cmd.product.as_str(),
+                cmd.edition.as_str(),
+                cmd.kind.as_str(),
+                i64::from(cmd.seats),
+                i64::from(cmd.term_years),
+                micros(plan.starts_at),
+                micros(plan.expires_at),
+                &cmd.order_ref,
+                &cmd.customer_ref,
+                &cmd.reseller,
+                micros(now),
+            ],
+        )
+        .await?;
+        let license_id = row.int(0)?;
+        let event = NewEvent {
+            event_type: "issued",
+            new_expires_at: Some(plan.expires_at),
+            ..Default::default()
+        };
+        record_event(conn, license_id, &self.actor, now, event).await?;
+        request.remember(conn, key.normalized(), now).await?;
+        // As the transaction leaves it: exactly what was written.
+        Ok(Ending::Commit(
+            require_license(conn, key, Lock::No).await?.1,
+        ))
+    }
+}
+
+/// Suspend, Reinstate or Revoke.
+struct ChangeStatus {
+    key: LicenseKey,
+    action: StatusAction,
+    reason: String,
+    request_id: Option<String>,
+    actor: Actor,
+    now: DateTime<Utc>,
+}
+
+impl Command for ChangeStatus {
+    type Output = License;
+
+    async fn run<C: Conn>(&self, conn: &mut C) -> StoreResult<Ending<License>> {
+        let (key, now) = (&self.key, self.now);
+        let op = self.action.event_type();
+        let request = Request::change_status(self.request_id.as_deref(), op, key, &self.reason);
+        if request.replayed(conn).await?.is_some() {
+            let license = require_license(conn, key, Lock::ForUpdate).await?.1;
+            return Ok(Ending::Commit(license));
+        }
+        let (id, license) = require_license(conn, key, Lock::ForUpdate).await?;
+        if let Some(status) = rules::change_status(&license, self.action)? {
+            conn.execute(
+                "UPDATE licenses SET status = $1 WHERE id = $2",
+                args![status.as_str(), id],
+            )
+            .await?;
+            let event = NewEvent {
+                event_type: op,
+                detail: &self.reason,
+                ..Default::default()
+            };
+            record_event(conn, id, &self.actor, now, event).await?;
+        }
+        request.remember(conn, key.normalized(), now).await?;
+        Ok(Ending::Commit(
+            require_license(conn, key, Lock::No).await?.1,
+        ))
+    }
+}
 
 impl SqlStore {
     pub(super) async fn issue_license(
@@ -26,70 +136,22 @@ impl SqlStore {
         actor: &Actor,
         now: DateTime<Utc>,
     ) -> StoreResult<License> {
-        let result = self.write(None, move |mut tx| async move {
-            let request = Request::issue_license(cmd);
-            if let Some(key) = request.replayed(&mut tx, self.dialect).await? {
-                let key = LicenseKey::parse(&key).map_err(|_| corrupt("license key", "<redacted>"))?;
-                return Ok(require_license(&mut tx, &key, Lock::ForUpdate(self.dialect)).await?.1);
-            }
-            let product = require_product(&mut tx, &cmd.product, Lock::No).await?;
-            let plan = rules::issue(
-                &product,
-                cmd.edition,
-                cmd.seats,
-                cmd.term_years,
-                cmd.starts_at,
-                now,
-            )?;
-            let key = LicenseKey::generate(&cmd.product, cmd.kind);
-            let license_id: i64 = sqlx::query_scalar(
-                "INSERT INTO licenses (license_key, product_code, edition, kind, seats, term_years, status, starts_at, \
-                 expires_at, order_ref, customer_ref, reseller, created_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, 'ACTIVE', $7, $8, $9, $10, $11, $12) RETURNING id",
-            )
-            .bind(key.normalized())
-            .bind(cmd.product.as_str())
-            .bind(cmd.edition.as_str())
-            .bind(cmd.kind.as_str())
-            .bind(i64::from(cmd.seats))
-            .bind(i64::from(cmd.term_years))
-            .bind(micros(plan.starts_at))
-            .bind(micros(plan.expires_at))
-            .bind(&cmd.order_ref)
-            .bind(&cmd.customer_ref)
-            .bind(&cmd.reseller)
-            .bind(micros(now))
-            .fetch_one(&mut *tx)
-            .await?;
-            record_event(
-                &mut tx,
-                license_id,
-                actor,
-                now,
-                NewEvent {
-                    event_type: "issued",
-                    new_expires_at: Some(plan.expires_at),
-                    ..Default::default()
-                },
-            )
-            .await?;
-            request.remember(&mut tx, key.normalized(), now).await?;
-            let license = commit_with_license(tx, &key).await?;
-            Ok(license)
-        })
-        .await;
-        if let Ok(license) = &result {
-            self.announce(Change::License(license.key.clone()), &result)
-                .await;
-        }
-        result
+        let key = LicenseKey::generate(&cmd.product, cmd.kind);
+        let change = Change::License(key.clone());
+        let issue = Issue {
+            cmd: cmd.clone(),
+            key,
+            actor: actor.clone(),
+            now,
+        };
+        self.write(Some(change), issue).await
     }
 
     pub(super) async fn get_license(&self, key: &LicenseKey) -> StoreResult<License> {
         // The license row and its activations come from one snapshot, so
         // seats_used always matches the activations listed.
         let mut tx = self.readers.begin_with(self.dialect.begin_read()).await?;
-        let license = require_license(&mut tx, key, Lock::No).await?.1;
+        let license = require_license(&mut *tx, key, Lock::No).await?.1;
         tx.commit().await?;
         Ok(license)
     }
@@ -142,43 +204,15 @@ impl SqlStore {
         actor: &Actor,
         now: DateTime<Utc>,
     ) -> StoreResult<License> {
-        self.write(
-            Some(Change::License(key.clone())),
-            move |mut tx| async move {
-                let op = action.event_type();
-                let request = Request::change_status(request_id, op, key, reason);
-                if request.replayed(&mut tx, self.dialect).await?.is_some() {
-                    return Ok(require_license(&mut tx, key, Lock::ForUpdate(self.dialect))
-                        .await?
-                        .1);
-                }
-                let (id, license) =
-                    require_license(&mut tx, key, Lock::ForUpdate(self.dialect)).await?;
-                if let Some(status) = rules::change_status(&license, action)? {
-                    sqlx::query("UPDATE licenses SET status = $1 WHERE id = $2")
-                        .bind(status.as_str())
-                        .bind(id)
-                        .execute(&mut *tx)
-                        .await?;
-                    record_event(
-                        &mut tx,
-                        id,
-                        actor,
-                        now,
-                        NewEvent {
-                            event_type: op,
-                            detail: reason,
-                            ..Default::default()
-                        },
-                    )
-                    .await?;
-                }
-                request.remember(&mut tx, key.normalized(), now).await?;
-                let license = commit_with_license(tx, key).await?;
-                Ok(license)
-            },
-        )
-        .await
+        let cmd = ChangeStatus {
+            key: key.clone(),
+            action,
+            reason: reason.to_string(),
+            request_id: request_id.map(str::to_string),
+            actor: actor.clone(),
+            now,
+        };
+        self.write(Some(Change::License(key.clone())), cmd).await
     }
 
     pub(super) async fn list_events(

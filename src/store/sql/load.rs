@@ -1,15 +1,13 @@
 //! The rows a write (or a read) loads, with the lock the write needs:
-//! shared by the files of every concern.
+//! shared by the files of every concern, on any [`Conn`].
 
-use sqlx::AnyConnection;
-
-use super::tx::Tx;
+use super::conn::{Conn, args, fetch_one};
 use crate::domain::{
     Activation, License, LicenseKey, Product, ProductCode, Refusal, RenewalCodeRecord,
 };
 use crate::store::rows::{
     Columns, Dialect, LICENSE_WITH_ACTIVATIONS, code_from_row, code_select, col, license_from_row,
-    product_from_row,
+    product_from_row, product_select,
 };
 use crate::store::{StoreError, StoreResult, from_micros};
 
@@ -20,36 +18,37 @@ pub(super) enum Lock {
     No,
     /// Lock for the rest of the transaction: `FOR UPDATE` on PostgreSQL;
     /// SQLite's writer already holds the database lock.
-    ForUpdate(Dialect),
+    ForUpdate,
 }
 
 impl Lock {
-    fn rows(self) -> bool {
-        self == Lock::ForUpdate(Dialect::Postgres)
+    fn rows(self, conn: &impl Conn) -> bool {
+        self == Lock::ForUpdate && conn.dialect() == Dialect::Postgres
     }
 }
 
-async fn load_license(
-    conn: &mut AnyConnection,
+async fn load_license<C: Conn>(
+    conn: &mut C,
     key: &LicenseKey,
     lock: Lock,
 ) -> StoreResult<Option<(i64, License)>> {
-    if lock.rows() {
+    if lock.rows(conn) {
         // Lock first, then read in a second statement: under READ COMMITTED
         // a statement that waited for the lock re-reads the locked row but
         // not the rows it joined, so one statement could pair a fresh
         // seats_used with a stale list of activations.
-        let locked = sqlx::query("SELECT id FROM licenses WHERE license_key = $1 FOR UPDATE")
-            .bind(key.normalized())
-            .fetch_optional(&mut *conn)
+        let locked = conn
+            .fetch_optional(
+                "SELECT id FROM licenses WHERE license_key = $1 FOR UPDATE",
+                args![key.normalized()],
+            )
             .await?;
         if locked.is_none() {
             return Ok(None);
         }
     }
-    let rows = sqlx::query(LICENSE_WITH_ACTIVATIONS)
-        .bind(key.normalized())
-        .fetch_all(&mut *conn)
+    let rows = conn
+        .fetch_all(LICENSE_WITH_ACTIVATIONS, args![key.normalized()])
         .await?;
     let Some(first) = rows.first() else {
         return Ok(None);
@@ -67,8 +66,8 @@ async fn load_license(
     Ok(Some((id, license)))
 }
 
-pub(super) async fn require_license(
-    conn: &mut AnyConnection,
+pub(super) async fn require_license<C: Conn>(
+    conn: &mut C,
     key: &LicenseKey,
     lock: Lock,
 ) -> StoreResult<(i64, License)> {
@@ -77,58 +76,40 @@ pub(super) async fn require_license(
         .ok_or(StoreError::Refused(Refusal::LicenseNotFound))
 }
 
-pub(super) async fn require_product(
-    conn: &mut AnyConnection,
+pub(super) async fn require_product<C: Conn>(
+    conn: &mut C,
     code: &ProductCode,
     lock: Lock,
 ) -> StoreResult<Product> {
-    let sql = if lock.rows() {
-        "SELECT * FROM products WHERE code = $1 FOR UPDATE"
+    let sql = if lock.rows(conn) {
+        concat!(product_select!(), "WHERE code = $1 FOR UPDATE")
     } else {
-        "SELECT * FROM products WHERE code = $1"
+        concat!(product_select!(), "WHERE code = $1")
     };
-    let row = sqlx::query(sql)
-        .bind(code.as_str())
-        .fetch_optional(&mut *conn)
-        .await?;
-    match row {
+    match conn.fetch_optional(sql, args![code.as_str()]).await? {
         Some(row) => product_from_row(&row),
         None => Err(Refusal::ProductNotFound(code.to_string()).into()),
     }
 }
 
-pub(super) async fn load_code_by_hash(
-    conn: &mut AnyConnection,
+pub(super) async fn load_code_by_hash<C: Conn>(
+    conn: &mut C,
     hash: &[u8],
     lock: Lock,
 ) -> StoreResult<Option<RenewalCodeRecord>> {
-    let sql = if lock.rows() {
+    let sql = if lock.rows(conn) {
         concat!(code_select!(), "WHERE c.code_hash = $1 FOR UPDATE OF c")
     } else {
         concat!(code_select!(), "WHERE c.code_hash = $1")
     };
-    let row = sqlx::query(sql)
-        .bind(hash)
-        .fetch_optional(&mut *conn)
-        .await?;
+    let row = conn.fetch_optional(sql, args![hash]).await?;
     row.as_ref().map(code_from_row).transpose()
 }
 
-pub(super) async fn load_code_by_id(
-    conn: &mut AnyConnection,
+pub(super) async fn load_code_by_id<C: Conn>(
+    conn: &mut C,
     id: &str,
 ) -> StoreResult<RenewalCodeRecord> {
-    let row = sqlx::query(concat!(code_select!(), "WHERE c.id = $1"))
-        .bind(id)
-        .fetch_one(&mut *conn)
-        .await?;
+    let row = fetch_one(conn, concat!(code_select!(), "WHERE c.id = $1"), args![id]).await?;
     code_from_row(&row)
-}
-
-/// Reads the license as the transaction leaves it (its row is already
-/// locked), then commits: the answer shows exactly what was written.
-pub(super) async fn commit_with_license(mut tx: Tx, key: &LicenseKey) -> StoreResult<License> {
-    let license = require_license(&mut tx, key, Lock::No).await?.1;
-    tx.commit().await?;
-    Ok(license)
 }

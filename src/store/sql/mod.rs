@@ -23,6 +23,7 @@
 //! one `renewed` event per code, a code's state moves only once.
 
 mod catalog;
+pub(super) mod conn;
 mod idempotency;
 mod licenses;
 mod load;
@@ -42,13 +43,13 @@ pub(super) use tx::is_unique_violation;
 use super::cache::validation_cache::ValidationCache;
 use super::change_notify::Changes;
 use super::event_feed::{EventFeed, EventFilter, FeedPage, FeedWatch};
-use super::rows::Dialect;
+use super::rows::{Columns, Dialect};
 use super::{
-    Actor, IssueLicense, IssueRenewalCode, LicenseCursor, LicenseEvent, LicenseFilter, Redeem,
-    Store, StoreResult, TokenRecord, ValidationView,
+    Actor, IssueLicense, IssueRenewalCode, LicenseCursor, LicenseEvent, LicenseFilter,
+    ProductUpdate, Redeem, Store, StoreResult, TokenRecord, ValidationView,
 };
 use crate::domain::auth::{Role, Token};
-use crate::domain::product::ProductSpec;
+
 use crate::domain::rules::StatusAction;
 use crate::domain::{
     Activation, License, LicenseKey, Product, ProductCode, RenewalCode, RenewalCodeRecord,
@@ -61,8 +62,10 @@ pub struct SqlStore {
     pub(super) readers: AnyPool,
     code_secret: Vec<u8>,
     dialect: Dialect,
+    /// SQLite only: the writes, committed in groups by one thread.
+    native: Option<Arc<super::sqlite::writer::GroupWriter>>,
     /// SQLite only: Validate's lookups without sqlx's per-query overhead.
-    fast_reads: Option<std::sync::Arc<super::sqlite_fast::FastReader>>,
+    fast_reads: Option<std::sync::Arc<super::sqlite::fast::FastReader>>,
     /// Validate's answers from memory, if switched on.
     cache: Option<Arc<ValidationCache>>,
     /// PostgreSQL: change notifications to and from the other replicas.
@@ -104,6 +107,7 @@ impl SqlStore {
             code_secret,
             dialect,
             fast_reads: None,
+            native: None,
             cache: None,
             changes: None,
             cache_hits: metrics::Counter::noop(),
@@ -173,8 +177,14 @@ impl SqlStore {
     }
 
     /// Serves Validate's lookups through `reader` (SQLite).
-    pub(super) fn with_fast_reads(mut self, reader: super::sqlite_fast::FastReader) -> Self {
+    pub(super) fn with_fast_reads(mut self, reader: super::sqlite::fast::FastReader) -> Self {
         self.fast_reads = Some(std::sync::Arc::new(reader));
+        self
+    }
+
+    /// Runs the rule writes through `writer` (SQLite).
+    pub(super) fn with_group_writer(mut self, writer: super::sqlite::writer::GroupWriter) -> Self {
+        self.native = Some(Arc::new(writer));
         self
     }
 
@@ -194,9 +204,8 @@ impl SqlStore {
     pub async fn durability(&self) -> StoreResult<String> {
         Ok(match self.dialect {
             Dialect::Sqlite => {
-                let level: i64 = sqlx::query_scalar("PRAGMA synchronous")
-                    .fetch_one(&self.writer)
-                    .await?;
+                // Asked of the connection the rule writes commit on.
+                let level = self.write(None, ReadSynchronous).await?;
                 let name = match level {
                     0 => "off",
                     1 => "normal",
@@ -218,11 +227,26 @@ impl SqlStore {
     /// Closes the pools (SQLite checkpoints its WAL).
     pub async fn close(&self) {
         self.feed.close();
+        if let Some(native) = &self.native {
+            native.close().await;
+        }
         if let Some(changes) = &self.changes {
             changes.close().await;
         }
         self.readers.close().await;
         self.writer.close().await;
+    }
+}
+
+/// SQLite's `PRAGMA synchronous` of the connection it runs on.
+struct ReadSynchronous;
+
+impl conn::Command for ReadSynchronous {
+    type Output = i64;
+
+    async fn run<C: conn::Conn>(&self, conn: &mut C) -> StoreResult<conn::Ending<i64>> {
+        let row = conn::fetch_one(conn, "PRAGMA synchronous", &[]).await?;
+        Ok(conn::Ending::Commit(row.int(0)?))
     }
 }
 
@@ -266,7 +290,7 @@ impl Store for SqlStore {
     async fn update_product(
         &self,
         code: &ProductCode,
-        update: &(dyn Fn(ProductSpec) -> ProductSpec + Send + Sync),
+        update: ProductUpdate,
         now: DateTime<Utc>,
     ) -> StoreResult<Product> {
         self.update_product(code, update, now).await

@@ -4,12 +4,101 @@
 use chrono::{DateTime, Utc};
 
 use super::SqlStore;
+use super::conn::{Command, Conn, Ending, args};
 use super::load::{Lock, require_license};
 use super::tx::{NewEvent, record_event};
 use crate::domain::rules::{self, ActivateDecision};
 use crate::domain::{Activation, License, LicenseKey};
 use crate::store::change_notify::Change;
 use crate::store::{Actor, StoreResult, micros};
+
+/// ActivateLicense: takes a seat for `fingerprint`, or finds it taken by it.
+pub(super) struct Activate {
+    pub key: LicenseKey,
+    pub fingerprint: String,
+    pub hostname: String,
+    pub client_version: String,
+    pub actor: Actor,
+    pub now: DateTime<Utc>,
+}
+
+impl Command for Activate {
+    type Output = (License, Activation);
+
+    async fn run<C: Conn>(&self, conn: &mut C) -> StoreResult<Ending<Self::Output>> {
+        let (id, mut license) = require_license(conn, &self.key, Lock::ForUpdate).await?;
+        let fingerprint = self.fingerprint.as_str();
+        match rules::activate(&license, fingerprint, self.now)? {
+            ActivateDecision::AlreadyActivated => {
+                let activation = license
+                    .activations
+                    .iter()
+                    .find(|a| a.fingerprint == fingerprint)
+                    .cloned()
+                    .expect("decided on this list");
+                Ok(Ending::Commit((license, activation)))
+            }
+            ActivateDecision::TakeSeat => {
+                conn.execute(
+                    "INSERT INTO activations (license_id, fingerprint, hostname, client_version, activated_at) \
+                     VALUES ($1, $2, $3, $4, $5)",
+                    args![id, fingerprint, &self.hostname, &self.client_version, micros(self.now)],
+                )
+                .await?;
+                let event = NewEvent {
+                    event_type: "activated",
+                    fingerprint,
+                    detail: &self.hostname,
+                    ..Default::default()
+                };
+                record_event(conn, id, &self.actor, self.now, event).await?;
+                // The answer is the license as loaded plus this seat: the
+                // row was locked, and the trigger counts exactly this insert.
+                let activation = Activation {
+                    fingerprint: self.fingerprint.clone(),
+                    hostname: self.hostname.clone(),
+                    activated_at: self.now,
+                };
+                license.seats_used += 1;
+                license.activations.push(activation.clone());
+                Ok(Ending::Commit((license, activation)))
+            }
+        }
+    }
+}
+
+/// DeactivateLicense: releases the seat `fingerprint` holds.
+pub(super) struct Deactivate {
+    pub key: LicenseKey,
+    pub fingerprint: String,
+    pub actor: Actor,
+    pub now: DateTime<Utc>,
+}
+
+impl Command for Deactivate {
+    type Output = License;
+
+    async fn run<C: Conn>(&self, conn: &mut C) -> StoreResult<Ending<License>> {
+        let (id, mut license) = require_license(conn, &self.key, Lock::ForUpdate).await?;
+        let fingerprint = self.fingerprint.as_str();
+        rules::deactivate(&license, fingerprint)?;
+        conn.execute(
+            "DELETE FROM activations WHERE license_id = $1 AND fingerprint = $2",
+            args![id, fingerprint],
+        )
+        .await?;
+        let event = NewEvent {
+            event_type: "deactivated",
+            fingerprint,
+            ..Default::default()
+        };
+        record_event(conn, id, &self.actor, self.now, event).await?;
+        // As loaded (the row was locked) minus this seat.
+        license.seats_used -= 1;
+        license.activations.retain(|a| a.fingerprint != fingerprint);
+        Ok(Ending::Commit(license))
+    }
+}
 
 impl SqlStore {
     pub(super) async fn activate(
@@ -21,60 +110,15 @@ impl SqlStore {
         actor: &Actor,
         now: DateTime<Utc>,
     ) -> StoreResult<(License, Activation)> {
-        self.write(Some(Change::License(key.clone())), move |mut tx| async move {
-            let (id, license) = require_license(&mut tx, key, Lock::ForUpdate(self.dialect)).await?;
-            match rules::activate(&license, fingerprint, now)? {
-                ActivateDecision::AlreadyActivated => {
-                    tx.commit().await?;
-                    let activation = license
-                        .activations
-                        .iter()
-                        .find(|a| a.fingerprint == fingerprint)
-                        .cloned()
-                        .expect("decided on this list");
-                    Ok((license, activation))
-                }
-                ActivateDecision::TakeSeat => {
-                    sqlx::query(
-                        "INSERT INTO activations (license_id, fingerprint, hostname, client_version, activated_at) \
-                         VALUES ($1, $2, $3, $4, $5)",
-                    )
-                    .bind(id)
-                    .bind(fingerprint)
-                    .bind(hostname)
-                    .bind(client_version)
-                    .bind(micros(now))
-                    .execute(&mut *tx)
-                    .await?;
-                    record_event(
-                        &mut tx,
-                        id,
-                        actor,
-                        now,
-                        NewEvent {
-                            event_type: "activated",
-                            fingerprint,
-                            detail: hostname,
-                            ..Default::default()
-                        },
-                    )
-                    .await?;
-                    tx.commit().await?;
-                    // The answer is the license as loaded plus this seat: the
-                    // row was locked, and the trigger counts exactly this insert.
-                    let activation = Activation {
-                        fingerprint: fingerprint.to_string(),
-                        hostname: hostname.to_string(),
-                        activated_at: now,
-                    };
-                    let mut license = license;
-                    license.seats_used += 1;
-                    license.activations.push(activation.clone());
-                    Ok((license, activation))
-                }
-            }
-        })
-        .await
+        let cmd = Activate {
+            key: key.clone(),
+            fingerprint: fingerprint.to_string(),
+            hostname: hostname.to_string(),
+            client_version: client_version.to_string(),
+            actor: actor.clone(),
+            now,
+        };
+        self.write(Some(Change::License(key.clone())), cmd).await
     }
 
     pub(super) async fn deactivate(
@@ -84,37 +128,12 @@ impl SqlStore {
         actor: &Actor,
         now: DateTime<Utc>,
     ) -> StoreResult<License> {
-        self.write(
-            Some(Change::License(key.clone())),
-            move |mut tx| async move {
-                let (id, license) =
-                    require_license(&mut tx, key, Lock::ForUpdate(self.dialect)).await?;
-                rules::deactivate(&license, fingerprint)?;
-                sqlx::query("DELETE FROM activations WHERE license_id = $1 AND fingerprint = $2")
-                    .bind(id)
-                    .bind(fingerprint)
-                    .execute(&mut *tx)
-                    .await?;
-                record_event(
-                    &mut tx,
-                    id,
-                    actor,
-                    now,
-                    NewEvent {
-                        event_type: "deactivated",
-                        fingerprint,
-                        ..Default::default()
-                    },
-                )
-                .await?;
-                tx.commit().await?;
-                // As loaded (the row was locked) minus this seat.
-                let mut license = license;
-                license.seats_used -= 1;
-                license.activations.retain(|a| a.fingerprint != fingerprint);
-                Ok(license)
-            },
-        )
-        .await
+        let cmd = Deactivate {
+            key: key.clone(),
+            fingerprint: fingerprint.to_string(),
+            actor: actor.clone(),
+            now,
+        };
+        self.write(Some(Change::License(key.clone())), cmd).await
     }
 }

@@ -8,9 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use sqlx::AnyConnection;
 
 use super::SqlStore;
+use super::conn::{Command, Conn, args};
 use crate::store::change_notify::{Change, Changes};
 use crate::store::error::session_ended;
 use crate::store::event_feed::EventFeed;
@@ -62,26 +62,42 @@ impl Drop for CancelGuard {
 }
 
 impl SqlStore {
-    /// Runs a rule's write: each attempt gets a write transaction just begun
-    /// and commits it itself; an attempt that meets a deadlock or
-    /// serialisation failure is run again. When the write may change what
-    /// the validation cache or the other replicas hold (`change`; `None`
-    /// for renewal codes, which neither holds), they are told once the write
-    /// has an outcome, or when its caller goes away before that (see
-    /// [`cancel_guard`](Self::cancel_guard)).
-    pub(super) async fn write<T, F, Fut>(
+    /// Runs a rule's write, `cmd`, in a transaction of its own and commits
+    /// it: on SQLite through the group-commit writer
+    /// ([`crate::store::sqlite::writer`]), on PostgreSQL on a pooled
+    /// connection, again after a deadlock or serialisation failure. When the
+    /// write may change what the validation cache or the other replicas hold
+    /// (`change`; `None` for renewal codes, which neither holds), they are
+    /// told once the write has an outcome, or when its caller goes away
+    /// before that (see [`cancel_guard`](Self::cancel_guard)).
+    pub(super) async fn write<K: Command>(
         &self,
         change: Option<Change>,
-        attempt: F,
-    ) -> StoreResult<T>
-    where
-        F: Fn(Tx) -> Fut,
-        Fut: Future<Output = StoreResult<T>>,
-    {
+        cmd: K,
+    ) -> StoreResult<K::Output> {
+        if let Some(writer) = &self.native {
+            // The writer tells this replica's cache and feed itself, right
+            // after the commit (whether or not its caller is still there);
+            // SQLite has no other replicas.
+            let feed = self.feed.clone();
+            let cache = self.cache.clone();
+            let committed = move |refused: bool| {
+                feed.nudge();
+                if let (false, Some(cache), Some(change)) = (refused, &cache, &change) {
+                    mark(cache, change);
+                }
+            };
+            return writer.run(cmd, Box::new(committed)).await;
+        }
         let guard = change.clone().map(|change| self.cancel_guard(change));
-        let attempt = &attempt;
+        let cmd = &cmd;
         let result = self
-            .retrying(move || async move { attempt(self.begin_write().await?).await })
+            .retrying(move || async move {
+                let mut tx = self.begin_write().await?;
+                let ending = cmd.run(&mut *tx).await?;
+                tx.commit().await?;
+                ending.answer()
+            })
             .await;
         if let Some(guard) = guard {
             guard.disarm();
@@ -196,28 +212,29 @@ pub(super) struct NewEvent<'a> {
     pub detail: &'a str,
 }
 
-pub(super) async fn record_event(
-    conn: &mut AnyConnection,
+pub(super) async fn record_event<C: Conn>(
+    conn: &mut C,
     license_id: i64,
     actor: &Actor,
     now: DateTime<Utc>,
     e: NewEvent<'_>,
 ) -> StoreResult<()> {
-    sqlx::query(
+    conn.execute(
         "INSERT INTO license_events (license_id, type, at, actor, fingerprint, old_expires_at, new_expires_at, \
          renewal_code_id, refusal_reason, detail) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+        args![
+            license_id,
+            e.event_type,
+            micros(now),
+            &actor.0,
+            e.fingerprint,
+            e.old_expires_at.map(micros),
+            e.new_expires_at.map(micros),
+            e.renewal_code_id,
+            e.refusal_reason,
+            e.detail,
+        ],
     )
-    .bind(license_id)
-    .bind(e.event_type)
-    .bind(micros(now))
-    .bind(&actor.0)
-    .bind(e.fingerprint)
-    .bind(e.old_expires_at.map(micros))
-    .bind(e.new_expires_at.map(micros))
-    .bind(e.renewal_code_id)
-    .bind(e.refusal_reason)
-    .bind(e.detail)
-    .execute(&mut *conn)
     .await?;
     Ok(())
 }

@@ -1,5 +1,10 @@
 //! The embedded SQLite backend: a file next to the server, created and
-//! migrated on start, one writer connection and a small read-only pool.
+//! migrated on start; its writes go through one thread's connection that
+//! commits them in groups ([`writer`]), Validate's reads through native
+//! read-only connections ([`fast`]), the rest through a small sqlx pool.
+
+pub(super) mod fast;
+pub(super) mod writer;
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -40,20 +45,18 @@ impl Default for SqliteOptions {
 
 /// SQLite's `synchronous` setting for the writer (in WAL mode).
 ///
-/// `Normal` is still the default: with one commit per write, `Full` costs
-/// one WAL sync per write (8 ms at the median on this project's 2-core
-/// machine, hundreds of ms while other work writes to the disk), which
-/// today's writer cannot share between writes.
+/// `Full` is the default: the writer commits the writes queued meanwhile
+/// together ([`writer`]), so one WAL sync serves a whole batch.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Durability {
     /// Every commit is flushed to the disk (the WAL file synced) before it
     /// is acknowledged: an acknowledged write survives a power cut or an
     /// operating system crash.
+    #[default]
     Full,
     /// Commits are flushed at checkpoints only: a killed process loses
     /// nothing acknowledged, but a power cut or an operating system crash
     /// can lose the last acknowledged writes (never corrupting the file).
-    #[default]
     Normal,
 }
 
@@ -163,8 +166,10 @@ pub async fn open(path: &Path, opts: SqliteOptions) -> StoreResult<SqlStore> {
     let readers = pool(opts.read_connections.max(1))
         .connect_with(any_options(path, "ro")?)
         .await?;
-    let fast = super::sqlite_fast::FastReader::open(path, opts.mmap_bytes)?;
+    let fast = fast::FastReader::open(path, opts.mmap_bytes)?;
+    let group = writer::GroupWriter::start(path, opts.acquire_timeout, opts.synchronous)?;
     Ok(SqlStore::new(writer, readers, Dialect::Sqlite)
         .await?
-        .with_fast_reads(fast))
+        .with_fast_reads(fast)
+        .with_group_writer(group))
 }

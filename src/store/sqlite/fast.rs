@@ -22,9 +22,9 @@ use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags};
 
-use super::rows::{Columns, VALIDATION_SQL, validation_from_row};
-use super::{StoreError, StoreResult, ValidationView};
 use crate::domain::LicenseKey;
+use crate::store::rows::{Columns, VALIDATION_SQL, validation_from_row};
+use crate::store::{StoreError, StoreResult, ValidationView, sqlite_unavailable};
 
 /// A small pool of read-only connections.
 pub struct FastReader {
@@ -33,9 +33,11 @@ pub struct FastReader {
     idle: Mutex<Vec<Connection>>,
 }
 
-fn unavailable_or_internal(e: rusqlite::Error) -> StoreError {
+/// A rusqlite error as the store reports it: UNAVAILABLE when the disk or
+/// the file cannot serve now (full, read-only, locked, I/O), else INTERNAL.
+pub(super) fn unavailable_or_internal(e: rusqlite::Error) -> StoreError {
     match e.sqlite_error() {
-        Some(code) if super::sqlite_unavailable(code.extended_code) => {
+        Some(code) if sqlite_unavailable(code.extended_code) => {
             StoreError::Unavailable(e.to_string())
         }
         _ => StoreError::Internal(e.to_string()),
@@ -119,7 +121,7 @@ impl FastReader {
     /// blocking thread), never memory-mapped: a full scan would map the
     /// whole file into the process. Every statement run through it reads
     /// one snapshot; dropping it ends the transaction.
-    pub(super) fn snapshot(&self) -> StoreResult<Snapshot> {
+    pub(in crate::store) fn snapshot(&self) -> StoreResult<Snapshot> {
         let conn = self.open_read_only()?;
         conn.execute_batch("BEGIN")
             .map_err(unavailable_or_internal)?;
@@ -128,18 +130,18 @@ impl FastReader {
 }
 
 /// See [`FastReader::snapshot`].
-pub(super) struct Snapshot(Connection);
+pub(in crate::store) struct Snapshot(Connection);
 
 impl Snapshot {
     /// The one integer `sql` selects.
-    pub(super) fn int(&self, sql: &str) -> StoreResult<i64> {
+    pub(in crate::store) fn int(&self, sql: &str) -> StoreResult<i64> {
         self.0
             .query_row(sql, [], |r| r.get(0))
             .map_err(unavailable_or_internal)
     }
 
     /// Calls `each` on every row `sql` selects, stopping at its first error.
-    pub(super) fn for_each(
+    pub(in crate::store) fn for_each(
         &self,
         sql: &str,
         mut each: impl FnMut(&FastRow<'_>) -> StoreResult<()>,
@@ -154,7 +156,7 @@ impl Snapshot {
 }
 
 /// A row read through rusqlite, read by position like an `AnyRow`.
-pub(super) struct FastRow<'a>(&'a rusqlite::Row<'a>);
+pub(in crate::store) struct FastRow<'a>(&'a rusqlite::Row<'a>);
 
 impl Columns for FastRow<'_> {
     fn text(&self, at: usize) -> StoreResult<String> {
@@ -167,6 +169,9 @@ impl Columns for FastRow<'_> {
         self.0.get(at).map_err(unavailable_or_internal)
     }
     fn opt_text(&self, at: usize) -> StoreResult<Option<String>> {
+        self.0.get(at).map_err(unavailable_or_internal)
+    }
+    fn blob(&self, at: usize) -> StoreResult<Vec<u8>> {
         self.0.get(at).map_err(unavailable_or_internal)
     }
 }

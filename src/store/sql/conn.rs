@@ -1,0 +1,208 @@
+//! What a rule's transaction runs its statements through, so that each one
+//! is written once for both backends.
+//!
+//! A write is a [`Command`]: a value holding its request, whose
+//! [`run`](Command::run) loads rows, asks the domain for a decision and
+//! writes it, through any [`Conn`]. Two connections implement `Conn`:
+//!
+//! * sqlx's `AnyConnection` — PostgreSQL's writes (and every backend's
+//!   reads): each statement one round trip, the transaction begun,
+//!   committed and retried by [`SqlStore::write`](super::SqlStore);
+//! * the SQLite writer's native connection (`store::sqlite::writer`), which
+//!   runs many commands in one transaction, each in a SAVEPOINT, and
+//!   commits them together (group commit).
+//!
+//! Why a trait over a connection, not a trait of "steps" each backend
+//! implements: the steps (load the license and lock it, take a seat, record
+//! the event) are where rules drift if written twice. Here the SQL text, the
+//! order of the statements and the decision exist once; a backend supplies
+//! only how a statement is executed. The SQL is the dialect both accept
+//! (`$N` placeholders; SQLite's writer numbers them `?N`); where the
+//! dialects differ (row locks, advisory locks) the command asks
+//! [`Conn::dialect`].
+
+use std::future::Future;
+
+use sqlx::AnyConnection;
+use sqlx::any::AnyRow;
+
+use crate::domain::Refusal;
+use crate::store::rows::{Columns, Dialect};
+use crate::store::{StoreError, StoreResult};
+
+/// A value bound to a statement's placeholder. Typed even when NULL:
+/// PostgreSQL checks a parameter's type against its column's.
+#[derive(Debug, Clone, Copy)]
+pub(in crate::store) enum Arg<'a> {
+    Int(Option<i64>),
+    Text(Option<&'a str>),
+    Blob(Option<&'a [u8]>),
+}
+
+impl From<i64> for Arg<'_> {
+    fn from(v: i64) -> Self {
+        Arg::Int(Some(v))
+    }
+}
+
+impl From<Option<i64>> for Arg<'_> {
+    fn from(v: Option<i64>) -> Self {
+        Arg::Int(v)
+    }
+}
+
+impl<'a> From<&'a str> for Arg<'a> {
+    fn from(v: &'a str) -> Self {
+        Arg::Text(Some(v))
+    }
+}
+
+impl<'a> From<&'a String> for Arg<'a> {
+    fn from(v: &'a String) -> Self {
+        Arg::Text(Some(v))
+    }
+}
+
+impl<'a> From<Option<&'a str>> for Arg<'a> {
+    fn from(v: Option<&'a str>) -> Self {
+        Arg::Text(v)
+    }
+}
+
+impl<'a> From<&'a [u8]> for Arg<'a> {
+    fn from(v: &'a [u8]) -> Self {
+        Arg::Blob(Some(v))
+    }
+}
+
+impl<'a> From<&'a Vec<u8>> for Arg<'a> {
+    fn from(v: &'a Vec<u8>) -> Self {
+        Arg::Blob(Some(v))
+    }
+}
+
+/// The arguments of one statement: `args![a, b, c]`.
+macro_rules! args {
+    ($($v:expr),* $(,)?) => {
+        &[$($crate::store::sql::conn::Arg::from($v)),*]
+    };
+}
+pub(in crate::store) use args;
+
+/// A connection a command's statements run on, inside a transaction the
+/// caller began.
+pub(in crate::store) trait Conn: Send {
+    /// A row it returns, read by position.
+    type Row: Columns + Send;
+
+    /// Which SQL it speaks where the two differ.
+    fn dialect(&self) -> Dialect;
+
+    /// Runs `sql`; how many rows it changed.
+    fn execute(
+        &mut self,
+        sql: &'static str,
+        args: &[Arg<'_>],
+    ) -> impl Future<Output = StoreResult<u64>> + Send;
+
+    /// Every row `sql` returns.
+    fn fetch_all(
+        &mut self,
+        sql: &'static str,
+        args: &[Arg<'_>],
+    ) -> impl Future<Output = StoreResult<Vec<Self::Row>>> + Send;
+
+    /// The first row `sql` returns, if any.
+    fn fetch_optional(
+        &mut self,
+        sql: &'static str,
+        args: &[Arg<'_>],
+    ) -> impl Future<Output = StoreResult<Option<Self::Row>>> + Send;
+}
+
+/// The row `sql` must return.
+pub(in crate::store) async fn fetch_one<C: Conn>(
+    conn: &mut C,
+    sql: &'static str,
+    args: &[Arg<'_>],
+) -> StoreResult<C::Row> {
+    conn.fetch_optional(sql, args)
+        .await?
+        .ok_or_else(|| StoreError::Internal(format!("no row from {sql}")))
+}
+
+/// How a command's transaction ends.
+pub(in crate::store) enum Ending<T> {
+    /// Committed; the caller gets `T`.
+    Commit(T),
+    /// Committed (a history event of the refusal), and the caller is
+    /// refused.
+    CommitRefusal(Refusal),
+}
+
+impl<T> Ending<T> {
+    /// The caller's answer once the transaction committed.
+    pub(in crate::store) fn answer(self) -> StoreResult<T> {
+        match self {
+            Ending::Commit(t) => Ok(t),
+            Ending::CommitRefusal(r) => Err(r.into()),
+        }
+    }
+}
+
+/// One write rule's transaction, written once for every backend. An
+/// `Err` rolls back everything it wrote; [`Ending`] says what commits.
+/// Run again from the start when PostgreSQL reports a deadlock or
+/// serialisation failure, so `run` takes `&self`.
+pub(in crate::store) trait Command: Send + Sync + 'static {
+    /// What the caller gets.
+    type Output: Send + 'static;
+
+    /// Loads, decides and writes through `conn`.
+    fn run<C: Conn>(
+        &self,
+        conn: &mut C,
+    ) -> impl Future<Output = StoreResult<Ending<Self::Output>>> + Send;
+}
+
+fn query<'q>(
+    sql: &'static str,
+    args: &[Arg<'q>],
+) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments> {
+    let mut q = sqlx::query(sql);
+    for arg in args {
+        q = match *arg {
+            Arg::Int(v) => q.bind(v),
+            Arg::Text(v) => q.bind(v),
+            Arg::Blob(v) => q.bind(v),
+        };
+    }
+    q
+}
+
+impl Conn for AnyConnection {
+    type Row = AnyRow;
+
+    fn dialect(&self) -> Dialect {
+        match self.backend_name() {
+            "PostgreSQL" => Dialect::Postgres,
+            _ => Dialect::Sqlite,
+        }
+    }
+
+    async fn execute(&mut self, sql: &'static str, args: &[Arg<'_>]) -> StoreResult<u64> {
+        Ok(query(sql, args).execute(self).await?.rows_affected())
+    }
+
+    async fn fetch_all(&mut self, sql: &'static str, args: &[Arg<'_>]) -> StoreResult<Vec<AnyRow>> {
+        Ok(query(sql, args).fetch_all(self).await?)
+    }
+
+    async fn fetch_optional(
+        &mut self,
+        sql: &'static str,
+        args: &[Arg<'_>],
+    ) -> StoreResult<Option<AnyRow>> {
+        Ok(query(sql, args).fetch_optional(self).await?)
+    }
+}

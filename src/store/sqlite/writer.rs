@@ -1,0 +1,452 @@
+//! SQLite's writes: one thread owns the one write connection (rusqlite,
+//! no async driver between) and commits the writes queued meanwhile
+//! together — group commit.
+//!
+//! A caller queues its [`Command`] and waits for the answer. The thread
+//! takes every command queued (up to [`MAX_BATCH`]), opens one
+//! `BEGIN IMMEDIATE` transaction, runs each command in a SAVEPOINT of its
+//! own (a refusal or an error rolls back that command's statements only;
+//! a refusal that keeps a history event commits it), commits once, and
+//! only then answers every caller. With `synchronous = FULL` the commit
+//! syncs the WAL once for the whole batch: while one batch's sync runs,
+//! the next batch queues, so the syncs are shared by more writes the more
+//! writes arrive.
+//!
+//! Why a thread and not sqlx: through sqlx each statement crosses from a
+//! Tokio worker to the connection's thread and back (4–6 hand-offs per
+//! write, more CPU than SQLite's own work); here a write is one hand-off to
+//! this thread and one back, and its statements run as plain calls with
+//! cached prepared statements.
+//!
+//! What a commit failure means: every command of the batch that would
+//! have committed is answered with the error (UNAVAILABLE for a full or
+//! read-only disk); none of them is in the database.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::Path;
+use std::sync::mpsc;
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use rusqlite::types::Value;
+use rusqlite::{Connection, OpenFlags};
+use tokio::sync::oneshot;
+
+use super::Durability;
+use super::fast::unavailable_or_internal;
+use crate::store::rows::{Columns, Dialect, corrupt};
+use crate::store::sql::conn::{Arg, Command, Conn, Ending};
+use crate::store::{StoreError, StoreResult};
+
+/// The most commands one transaction commits.
+pub const MAX_BATCH: usize = 256;
+
+/// Called on the writer's thread once a command's transaction committed,
+/// before its caller hears (whether or not the caller still waits): `true`
+/// when what committed is a refusal's history event only.
+pub(in crate::store) type Committed = Box<dyn FnOnce(bool) + Send>;
+
+/// The queue to the writer's thread.
+pub(in crate::store) struct GroupWriter {
+    queue: mpsc::Sender<Msg>,
+}
+
+enum Msg {
+    Job(Box<dyn Job>),
+    /// Finish what is queued before, close the connection, then say so.
+    Close(oneshot::Sender<()>),
+}
+
+impl GroupWriter {
+    /// Opens the write connection to the (migrated) database at `path` and
+    /// starts its thread.
+    pub(in crate::store) fn start(
+        path: &Path,
+        busy_timeout: Duration,
+        synchronous: Durability,
+    ) -> StoreResult<Self> {
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(unavailable_or_internal)?;
+        conn.busy_timeout(busy_timeout)
+            .map_err(unavailable_or_internal)?;
+        conn.execute_batch(&format!(
+            "PRAGMA foreign_keys = ON; PRAGMA synchronous = {}; PRAGMA temp_store = MEMORY;",
+            synchronous.pragma()
+        ))
+        .map_err(unavailable_or_internal)?;
+        conn.set_prepared_statement_cache_capacity(64);
+        let (queue, jobs) = mpsc::channel();
+        let native = NativeConn {
+            conn,
+            numbered: HashMap::new(),
+        };
+        std::thread::Builder::new()
+            .name("licensd-sqlite-writer".into())
+            .spawn(move || serve(native, jobs))
+            .map_err(|e| StoreError::Internal(format!("starting the SQLite writer: {e}")))?;
+        Ok(GroupWriter { queue })
+    }
+
+    /// Runs `cmd` in the next batch; `committed` is called once it
+    /// committed. A caller that goes away before its batch begins takes
+    /// its command back; once begun it runs, and `committed` still tells
+    /// the cache.
+    pub(in crate::store) async fn run<K: Command>(
+        &self,
+        cmd: K,
+        committed: Committed,
+    ) -> StoreResult<K::Output> {
+        let (reply, answer) = oneshot::channel();
+        let job = Queued {
+            queued_at: Instant::now(),
+            cmd,
+            outcome: None,
+            reply,
+            committed: Some(committed),
+        };
+        self.queue
+            .send(Msg::Job(Box::new(job)))
+            .map_err(|_| closed())?;
+        answer.await.map_err(|_| closed())?
+    }
+
+    /// Lets the queued writes finish, then closes the connection (the last
+    /// connection to close checkpoints the WAL).
+    pub(in crate::store) async fn close(&self) {
+        let (ack, done) = oneshot::channel();
+        if self.queue.send(Msg::Close(ack)).is_ok() {
+            let _ = done.await;
+        }
+    }
+}
+
+fn closed() -> StoreError {
+    StoreError::Unavailable("the store is closed".into())
+}
+
+/// A queued command, type-erased for the queue.
+trait Job: Send {
+    /// Runs the command in a savepoint of the open transaction.
+    fn run(&mut self, conn: &mut NativeConn);
+    /// Answers the caller once the batch ended (`commit`: how).
+    fn finish(self: Box<Self>, commit: &Result<(), StoreError>);
+}
+
+struct Queued<K: Command> {
+    queued_at: Instant,
+    cmd: K,
+    outcome: Option<StoreResult<Ending<K::Output>>>,
+    reply: oneshot::Sender<StoreResult<K::Output>>,
+    committed: Option<Committed>,
+}
+
+impl<K: Command> Job for Queued<K> {
+    fn run(&mut self, conn: &mut NativeConn) {
+        if self.reply.is_closed() {
+            // Its caller gave up (a deadline, a client gone) before the
+            // write began: it is not written, as the caller was told.
+            self.outcome = Some(Err(closed()));
+            self.committed = None;
+            return;
+        }
+        metrics::histogram!("licensd_db_acquire_seconds")
+            .record(self.queued_at.elapsed().as_secs_f64());
+        let cmd = &self.cmd;
+        self.outcome = Some(conn.in_savepoint(|conn| now_or_never(cmd.run(conn))));
+    }
+
+    fn finish(self: Box<Self>, commit: &Result<(), StoreError>) {
+        let Queued {
+            outcome,
+            reply,
+            committed,
+            ..
+        } = *self;
+        let answer = match (outcome, commit) {
+            // Rolled back to its savepoint: its own answer, whatever the batch did.
+            (Some(Err(e)), _) => Err(e),
+            (Some(Ok(ending)), Ok(())) => {
+                if let Some(committed) = committed {
+                    committed(matches!(ending, Ending::CommitRefusal(_)));
+                }
+                ending.answer()
+            }
+            (_, Err(e)) => Err(same(e)),
+            (None, Ok(())) => Err(StoreError::Internal("a queued write did not run".into())),
+        };
+        let _ = reply.send(answer);
+    }
+}
+
+/// Another error saying what `e` says (each caller of a failed batch gets one).
+fn same(e: &StoreError) -> StoreError {
+    match e {
+        StoreError::Unavailable(m) => StoreError::Unavailable(m.clone()),
+        StoreError::Retryable(m) => StoreError::Retryable(m.clone()),
+        StoreError::Refused(r) => StoreError::Internal(format!("batch refused: {r}")),
+        StoreError::Internal(m) => StoreError::Internal(m.clone()),
+    }
+}
+
+/// A command's future on this connection never waits (every statement is
+/// a plain call): polled once, it is ready.
+fn now_or_never<T>(f: impl Future<Output = StoreResult<T>>) -> StoreResult<T> {
+    let mut f = std::pin::pin!(f);
+    match f.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+        Poll::Ready(out) => out,
+        Poll::Pending => Err(StoreError::Internal(
+            "a write on the SQLite writer waited".into(),
+        )),
+    }
+}
+
+/// The writer thread: a batch at a time until the store closes.
+fn serve(mut conn: NativeConn, queue: mpsc::Receiver<Msg>) {
+    let batch_sizes = metrics::histogram!("licensd_sqlite_batch_writes");
+    let commit_seconds = metrics::histogram!("licensd_sqlite_commit_seconds");
+    let mut closing = None;
+    while closing.is_none() {
+        let Ok(first) = queue.recv() else { break };
+        let mut jobs: Vec<Box<dyn Job>> = Vec::new();
+        let mut next = Some(first);
+        while let Some(msg) = next.take() {
+            match msg {
+                Msg::Job(job) => jobs.push(job),
+                Msg::Close(ack) => closing = Some(ack),
+            }
+            if closing.is_none() && jobs.len() < MAX_BATCH {
+                next = queue.try_recv().ok();
+            }
+        }
+        if jobs.is_empty() {
+            continue;
+        }
+        batch_sizes.record(jobs.len() as f64);
+        let started = Instant::now();
+        let commit = conn.batch(&mut jobs);
+        commit_seconds.record(started.elapsed().as_secs_f64());
+        for job in jobs {
+            job.finish(&commit);
+        }
+    }
+    drop(conn);
+    if let Some(ack) = closing {
+        let _ = ack.send(());
+    }
+}
+
+/// The write connection, as a [`Conn`] the commands run on.
+pub(in crate::store) struct NativeConn {
+    conn: Connection,
+    /// Each statement's text with SQLite's numbered placeholders (`?N`
+    /// for `$N`: SQLite reads `$1` as a name, numbered by first appearance).
+    numbered: HashMap<&'static str, String>,
+}
+
+impl NativeConn {
+    fn plain(&self, sql: &str) -> StoreResult<()> {
+        self.conn
+            .prepare_cached(sql)
+            .and_then(|mut s| s.raw_execute())
+            .map(drop)
+            .map_err(unavailable_or_internal)
+    }
+
+    /// One transaction for `jobs`, each in its savepoint; how it ended.
+    fn batch(&mut self, jobs: &mut [Box<dyn Job>]) -> Result<(), StoreError> {
+        let result = self.plain("BEGIN IMMEDIATE").and_then(|()| {
+            for job in jobs.iter_mut() {
+                let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job.run(self)));
+                if ran.is_err() {
+                    return Err(StoreError::Internal("a write panicked".into()));
+                }
+                if self.conn.is_autocommit() {
+                    // SQLite rolled the whole transaction back itself (a
+                    // disk error): the commands before this one are gone too.
+                    return Err(StoreError::Unavailable(
+                        "SQLite rolled the batch back after an error".into(),
+                    ));
+                }
+            }
+            self.plain("COMMIT")
+        });
+        if result.is_err() && !self.conn.is_autocommit() {
+            let _ = self.plain("ROLLBACK");
+        }
+        result
+    }
+
+    /// `f`'s statements, kept if it succeeds and undone if it fails.
+    fn in_savepoint<T>(
+        &mut self,
+        f: impl FnOnce(&mut Self) -> StoreResult<Ending<T>>,
+    ) -> StoreResult<Ending<T>> {
+        self.plain("SAVEPOINT write")?;
+        let outcome = f(self);
+        let end = match outcome {
+            Ok(_) => self.plain("RELEASE write"),
+            Err(_) => self
+                .plain("ROLLBACK TO write")
+                .and_then(|()| self.plain("RELEASE write")),
+        };
+        end?;
+        outcome
+    }
+
+    fn prepared(&mut self, sql: &'static str) -> StoreResult<rusqlite::CachedStatement<'_>> {
+        let text = self.numbered.entry(sql).or_insert_with(|| numbered(sql));
+        self.conn
+            .prepare_cached(text)
+            .map_err(unavailable_or_internal)
+    }
+
+    fn bound(
+        &mut self,
+        sql: &'static str,
+        args: &[Arg<'_>],
+    ) -> StoreResult<rusqlite::CachedStatement<'_>> {
+        let mut stmt = self.prepared(sql)?;
+        if stmt.parameter_count() != args.len() {
+            return Err(StoreError::Internal(format!(
+                "{} arguments for {} placeholders: {sql}",
+                args.len(),
+                stmt.parameter_count()
+            )));
+        }
+        for (i, arg) in args.iter().enumerate() {
+            let bound = match *arg {
+                Arg::Int(v) => stmt.raw_bind_parameter(i + 1, v),
+                Arg::Text(v) => stmt.raw_bind_parameter(i + 1, v),
+                Arg::Blob(v) => stmt.raw_bind_parameter(i + 1, v),
+            };
+            bound.map_err(unavailable_or_internal)?;
+        }
+        Ok(stmt)
+    }
+
+    fn rows(
+        &mut self,
+        sql: &'static str,
+        args: &[Arg<'_>],
+        limit: usize,
+    ) -> StoreResult<Vec<OwnedRow>> {
+        let mut stmt = self.bound(sql, args)?;
+        let width = stmt.column_count();
+        let mut rows = stmt.raw_query();
+        let mut out = Vec::new();
+        while out.len() < limit {
+            let Some(row) = rows.next().map_err(unavailable_or_internal)? else {
+                break;
+            };
+            let values = (0..width)
+                .map(|i| row.get::<_, Value>(i))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(unavailable_or_internal)?;
+            out.push(OwnedRow(values));
+        }
+        Ok(out)
+    }
+}
+
+impl Conn for NativeConn {
+    type Row = OwnedRow;
+
+    fn dialect(&self) -> Dialect {
+        Dialect::Sqlite
+    }
+
+    async fn execute(&mut self, sql: &'static str, args: &[Arg<'_>]) -> StoreResult<u64> {
+        let mut stmt = self.bound(sql, args)?;
+        let changed = stmt.raw_execute().map_err(unavailable_or_internal)?;
+        Ok(changed as u64)
+    }
+
+    async fn fetch_all(
+        &mut self,
+        sql: &'static str,
+        args: &[Arg<'_>],
+    ) -> StoreResult<Vec<OwnedRow>> {
+        self.rows(sql, args, usize::MAX)
+    }
+
+    async fn fetch_optional(
+        &mut self,
+        sql: &'static str,
+        args: &[Arg<'_>],
+    ) -> StoreResult<Option<OwnedRow>> {
+        Ok(self.rows(sql, args, 1)?.pop())
+    }
+}
+
+/// `sql` with `?N` for each `$N`.
+fn numbered(sql: &str) -> String {
+    let mut out = String::with_capacity(sql.len());
+    let mut chars = sql.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '$' && chars.peek().is_some_and(char::is_ascii_digit) {
+            out.push('?');
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// A row read off the writer's connection.
+pub(in crate::store) struct OwnedRow(Vec<Value>);
+
+impl OwnedRow {
+    fn at(&self, at: usize) -> StoreResult<&Value> {
+        self.0
+            .get(at)
+            .ok_or_else(|| StoreError::Internal(format!("no column {at}")))
+    }
+}
+
+impl Columns for OwnedRow {
+    fn text(&self, at: usize) -> StoreResult<String> {
+        self.opt_text(at)?
+            .ok_or_else(|| corrupt("NULL in column", at))
+    }
+    fn int(&self, at: usize) -> StoreResult<i64> {
+        self.opt_int(at)?
+            .ok_or_else(|| corrupt("NULL in column", at))
+    }
+    fn opt_int(&self, at: usize) -> StoreResult<Option<i64>> {
+        match self.at(at)? {
+            Value::Integer(v) => Ok(Some(*v)),
+            Value::Null => Ok(None),
+            other => Err(corrupt("type in integer column", format!("{other:?}"))),
+        }
+    }
+    fn opt_text(&self, at: usize) -> StoreResult<Option<String>> {
+        match self.at(at)? {
+            Value::Text(v) => Ok(Some(v.clone())),
+            Value::Null => Ok(None),
+            other => Err(corrupt("type in text column", format!("{other:?}"))),
+        }
+    }
+    fn blob(&self, at: usize) -> StoreResult<Vec<u8>> {
+        match self.at(at)? {
+            Value::Blob(v) => Ok(v.clone()),
+            other => Err(corrupt("type in blob column", format!("{other:?}"))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::numbered;
+
+    #[test]
+    fn placeholders_are_numbered_for_sqlite() {
+        assert_eq!(
+            numbered("UPDATE t SET a = $2 WHERE b = $10 AND c = '$'"),
+            "UPDATE t SET a = ?2 WHERE b = ?10 AND c = '$'"
+        );
+    }
+}
