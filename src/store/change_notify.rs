@@ -74,142 +74,40 @@
 //! Anything else in a payload is ignored: a notification can only make
 //! Validate read the database, never answer from memory something it would
 //! not have answered anyway.
+//!
+//! [`listen`]: Changes::listen
 
-use std::collections::{BTreeMap, HashMap};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use tokio::sync::{mpsc, oneshot};
 
+pub use progress::PEER_TTL;
+use progress::Progress;
 pub use wire::{CHANNEL, Change};
-use wire::{Parsed, Token, ack_channel, listener_name, notify_sql, parse_payload};
+use wire::{Token, listener_name};
 
 use super::cache::validation_cache::ValidationCache;
 use super::{StoreError, StoreResult};
 
+mod listener;
+mod progress;
+mod sender;
 mod wire;
-
-/// Changes sent in one transaction at most.
-const MAX_BATCH: usize = 2_000;
 
 /// Longest a write waits for its notification to be sent, echoed and
 /// acknowledged before it answers anyway (the poll is the backstop).
 const ANNOUNCE_WAIT: Duration = Duration::from_millis(500);
 
-/// Longest the next batch of changes gathers while the previous one is
-/// being acknowledged.
-const GATHER_MAX: Duration = Duration::from_millis(5);
-
 /// How often a listening replica says hello.
 pub const HELLO_EVERY: Duration = Duration::from_secs(1);
-
-/// A replica not heard saying hello for this long is not waited for.
-pub const PEER_TTL: Duration = Duration::from_millis(3_500);
-
-/// Pause before reconnecting a lost listener.
-const RECONNECT_PAUSE: Duration = Duration::from_millis(200);
-
-/// How long the check that the database is reachable, after the listener
-/// was lost, waits for a fresh connection.
-const REACHABLE_WAIT: Duration = Duration::from_millis(500);
 
 /// A queued token, and who waits for the number of the batch it went out in
 /// (`None`: sending failed).
 type Outgoing = (Token, Option<oneshot::Sender<Option<u64>>>);
-
-/// What this replica knows about its notifications' progress.
-#[derive(Debug, Default)]
-struct Progress {
-    /// The highest own batch number heard back by the listener.
-    echo: u64,
-    /// The other listening replicas.
-    peers: HashMap<u64, Peer>,
-    /// Writes waiting for their batch to be done, by batch (each woken
-    /// once, not at every acknowledgement).
-    waiters: BTreeMap<u64, Vec<oneshot::Sender<()>>>,
-    /// The validation cache this replica marks and acknowledges for, once
-    /// switched on.
-    cache: Option<Weak<ValidationCache>>,
-    /// Joined on this listener connection and not heard back yet: the
-    /// cache answers only after it is.
-    joining: bool,
-    /// When the listener was last lost.
-    lost_at: Option<Instant>,
-}
-
-impl Progress {
-    fn cache(&self) -> Option<Arc<ValidationCache>> {
-        self.cache.as_ref().and_then(Weak::upgrade)
-    }
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Peer {
-    /// When its last hello was heard.
-    seen: Instant,
-    /// Our echo when its first hello was heard: it was listening for every
-    /// later batch, not necessarily for these.
-    since: u64,
-    /// Our highest batch it has acknowledged.
-    acked: u64,
-    /// It did not acknowledge this batch in time: not waited for until it
-    /// acknowledges it (0: waited for).
-    late: u64,
-}
-
-impl Peer {
-    /// Heard saying hello within [`PEER_TTL`].
-    fn listening(&self, now: Instant) -> bool {
-        now.duration_since(self.seen) < PEER_TTL
-    }
-
-    /// Listening and not late: a write waits for it.
-    fn waited_for(&self, now: Instant) -> bool {
-        self.listening(now) && self.acked >= self.late
-    }
-}
-
-impl Progress {
-    /// The listening replicas that have not acknowledged `batch` yet.
-    fn waiting_for(&self, batch: u64, now: Instant) -> impl Iterator<Item = u64> + '_ {
-        self.peers.iter().filter_map(move |(&id, p)| {
-            let waited = p.waited_for(now) && batch > p.since && p.acked < batch;
-            waited.then_some(id)
-        })
-    }
-
-    /// The highest batch that is done: heard back, and acknowledged by
-    /// every replica waited for. (A replica is waited for a batch only if
-    /// it said hello before it, so it imposes `max(acked, since)`.)
-    fn done_up_to(&self, now: Instant) -> u64 {
-        self.peers
-            .values()
-            .filter(|p| p.waited_for(now))
-            .map(|p| p.acked.max(p.since))
-            .fold(self.echo, u64::min)
-    }
-
-    fn done(&self, batch: u64, now: Instant) -> bool {
-        batch <= self.done_up_to(now)
-    }
-
-    /// Wakes the writes whose batch is done.
-    fn release(&mut self, now: Instant) {
-        if self.waiters.is_empty() {
-            return;
-        }
-        let up_to = self.done_up_to(now);
-        let waiting = self.waiters.split_off(&(up_to + 1));
-        for done in std::mem::replace(&mut self.waiters, waiting).into_values() {
-            for w in done {
-                let _ = w.send(());
-            }
-        }
-    }
-}
 
 /// One replica's sending and listening ends.
 pub struct Changes {
@@ -269,9 +167,9 @@ impl Changes {
             on_change: std::sync::OnceLock::new(),
             _alive: alive,
         });
-        tokio::spawn(send_loop(Arc::downgrade(&changes), rx));
-        tokio::spawn(say_hello(Arc::downgrade(&changes)));
-        tokio::spawn(listen(Arc::downgrade(&changes), gone));
+        tokio::spawn(Changes::send_loop(Arc::downgrade(&changes), rx));
+        tokio::spawn(Changes::say_hello(Arc::downgrade(&changes)));
+        tokio::spawn(Changes::listen(Arc::downgrade(&changes), gone));
         Ok(changes)
     }
 
@@ -362,33 +260,6 @@ impl Changes {
         }
     }
 
-    /// Whether the database is down: a fresh connection is refused (by
-    /// the host, or by PostgreSQL shutting down or starting up) within
-    /// [`REACHABLE_WAIT`]. A pool would retry a refused connection until
-    /// its timeout. Anything else (it connects, another error, no answer in
-    /// time: perhaps only this replica is cut off while others write) is
-    /// not taken as down.
-    async fn database_down(&self) -> bool {
-        use sqlx::Connection;
-        let attempt = tokio::time::timeout(
-            REACHABLE_WAIT,
-            sqlx::PgConnection::connect_with(&self.options),
-        )
-        .await;
-        match attempt {
-            Ok(Ok(conn)) => {
-                let _ = conn.close().await;
-                false
-            }
-            Ok(Err(sqlx::Error::Io(e))) => matches!(
-                e.kind(),
-                std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound
-            ),
-            Ok(Err(sqlx::Error::Database(db))) => db.code().as_deref() == Some("57P03"),
-            Ok(Err(_)) | Err(_) => false,
-        }
-    }
-
     fn progress(&self) -> MutexGuard<'_, Progress> {
         self.progress.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -418,329 +289,6 @@ impl Changes {
         }
         self.listen_pool.close().await;
         self.send_pool.close().await;
-    }
-}
-
-/// Says hello every [`HELLO_EVERY`] while the listener is connected.
-async fn say_hello(changes: Weak<Changes>) {
-    let mut tick = tokio::time::interval(HELLO_EVERY);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        let Some(c) = changes.upgrade() else {
-            return;
-        };
-        if c.send_pool.is_closed() {
-            return;
-        }
-        if c.caching() && c.listening.load(Ordering::Acquire) {
-            c.queue(Token::Hello);
-        }
-    }
-}
-
-/// Sends what has queued up, one transaction per batch, until every
-/// [`Changes`] handle is gone.
-///
-/// After a batch of changes it lets the next one gather until this one is
-/// done (heard back and acknowledged) or [`GATHER_MAX`] has passed, and sends
-/// acknowledgements, hellos and goodbyes at once: under load, batches grow
-/// with the round trip instead of costing every other replica one
-/// acknowledgement each per few writes; when idle, nothing waits.
-async fn send_loop(changes: Weak<Changes>, mut rx: mpsc::UnboundedReceiver<Outgoing>) {
-    let mut batch_no = 0u64;
-    let mut failing = false;
-    let mut batch: Vec<Outgoing> = Vec::new();
-    loop {
-        if batch.is_empty() {
-            match rx.recv().await {
-                Some(first) => batch.push(first),
-                None => return,
-            }
-        }
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(next) => batch.push(next),
-                Err(_) => break,
-            }
-        }
-        let Some(c) = changes.upgrade() else {
-            return;
-        };
-        batch_no += 1;
-        let has_changes = batch.iter().any(|(t, _)| matches!(t, Token::Change(_)));
-        let sql = notify_sql(c.replica, batch_no, batch.iter().map(|(token, _)| token));
-        let sent = sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
-            .execute(&c.send_pool)
-            .await;
-        let reply = match sent {
-            Ok(_) => {
-                if failing {
-                    failing = false;
-                    tracing::info!("change notifications: sending again");
-                }
-                Some(batch_no)
-            }
-            Err(e) => {
-                if !failing && !c.send_pool.is_closed() {
-                    failing = true;
-                    tracing::warn!(error = %e, "change notifications: sending failed; other replicas see these changes by their poll");
-                }
-                None
-            }
-        };
-        for (_, done) in batch.drain(..) {
-            if let Some(done) = done {
-                let _ = done.send(reply);
-            }
-        }
-        if let Some(sent) = reply
-            && has_changes
-            && c.listening.load(Ordering::Acquire)
-        {
-            let (wake, woken) = oneshot::channel();
-            {
-                let mut p = c.progress();
-                if !p.done(sent, Instant::now()) {
-                    p.waiters.entry(sent).or_default().push(wake);
-                }
-            }
-            drop(c);
-            let gathering = tokio::time::sleep(GATHER_MAX);
-            tokio::pin!(woken, gathering);
-            loop {
-                tokio::select! {
-                    _ = &mut woken => break,
-                    () = &mut gathering => break,
-                    next = rx.recv() => match next {
-                        Some(next) => {
-                            let urgent = !matches!(next.0, Token::Change(_));
-                            batch.push(next);
-                            if urgent || batch.len() >= MAX_BATCH {
-                                break;
-                            }
-                        }
-                        None => break,
-                    },
-                }
-            }
-        }
-    }
-}
-
-/// Keeps one listening connection until the store closes (or `changes` is
-/// dropped: `gone`): records this replica's echoes and the others'
-/// acknowledgements, hellos and goodbyes, and with a cache marks and
-/// acknowledges what other replicas announce.
-async fn listen(changes: Weak<Changes>, mut gone: oneshot::Receiver<()>) {
-    let mut lost_before = false;
-    loop {
-        let Some(c) = changes.upgrade() else {
-            return;
-        };
-        if c.listen_pool.is_closed() {
-            return;
-        }
-        let cache = {
-            let mut p = c.progress();
-            p.joining = false;
-            if c.listening.swap(false, Ordering::AcqRel) {
-                // Lost now (not a failed attempt to listen again).
-                p.lost_at = Some(Instant::now());
-                if p.cache.is_some() {
-                    c.queue(Token::Goodbye);
-                }
-            }
-            p.cache()
-        };
-        if let Some(cache) = &cache {
-            cache.listener_lost();
-            // The database itself down (not only this connection): Validate
-            // may ride through on the cache within its staleness bound.
-            if c.database_down().await {
-                cache.database_unreachable();
-            }
-        }
-        drop(cache);
-        let mut listener = match connect(&c.listen_pool, c.replica).await {
-            Ok(l) => l,
-            Err(e) => {
-                if c.listen_pool.is_closed() {
-                    return;
-                }
-                if !lost_before {
-                    lost_before = true;
-                    tracing::warn!(error = %e, "change listener: cannot listen; Validate reads the database until it can");
-                }
-                drop(c);
-                tokio::time::sleep(RECONNECT_PAUSE).await;
-                continue;
-            }
-        };
-        c.joined_listener();
-        if lost_before {
-            tracing::info!("change listener: listening again");
-        }
-        drop(c);
-        let error = loop {
-            let received = tokio::select! {
-                received = listener.try_recv() => received,
-                _ = &mut gone => return,
-            };
-            match received {
-                Ok(Some(n)) => {
-                    let Some(c) = changes.upgrade() else {
-                        return;
-                    };
-                    receive(&c, n.payload());
-                }
-                Ok(None) => break "connection lost".to_string(),
-                Err(e) => break e.to_string(),
-            }
-        };
-        match changes.upgrade() {
-            Some(c) if !c.listen_pool.is_closed() => {}
-            _ => return,
-        }
-        lost_before = true;
-        tracing::warn!(error = %error, "change listener: connection lost; Validate reads the database until it has caught up");
-    }
-}
-
-impl Changes {
-    /// The listener is connected (its `LISTEN` has returned).
-    fn joined_listener(&self) {
-        let mut p = self.progress();
-        let now = Instant::now();
-        // The replicas that listened when ours was lost still acknowledge
-        // our notifications (those reach them, and their acknowledgements
-        // us again): keep waiting for them until they fall silent.
-        let lost_at = p.lost_at.unwrap_or(now);
-        p.peers.retain(|_, peer| peer.listening(lost_at));
-        for peer in p.peers.values_mut() {
-            peer.seen = peer.seen.max(now);
-        }
-        self.listening.store(true, Ordering::Release);
-        if p.cache.is_some() {
-            p.joining = true;
-            self.queue(Token::Join);
-        } else {
-            self.queue(Token::Probe);
-        }
-        p.release(now);
-    }
-}
-
-async fn connect(pool: &PgPool, replica: u64) -> Result<PgListener, sqlx::Error> {
-    let mut listener = PgListener::connect_with(pool).await?;
-    // Reconnection is ours: the cache must know it happened.
-    listener.eager_reconnect(false);
-    listener
-        .listen_all([CHANNEL, ack_channel(replica).as_str()])
-        .await?;
-    Ok(listener)
-}
-
-fn receive(changes: &Changes, payload: &str) {
-    let parsed = parse_payload(payload);
-    let Some(from) = parsed.replica else {
-        return;
-    };
-    let now = Instant::now();
-    let cache = changes.progress().cache();
-    if from == changes.replica {
-        // Our own: this replica marked the change before sending it.
-        let mut p = changes.progress();
-        if parsed.batch_no > p.echo {
-            p.echo = parsed.batch_no;
-            p.release(now);
-        }
-        if parsed.hello && p.joining {
-            // Heard back: every writer that hears its own notification
-            // back from now on waits for us. What was sent before, a poll
-            // that starts now reads.
-            p.joining = false;
-            if let Some(cache) = &cache {
-                cache.listener_ready();
-            }
-        }
-        return;
-    }
-    let changed = !parsed.keys.is_empty() || parsed.products;
-    if changed && let Some(wake) = changes.on_change.get() {
-        wake.notify_one();
-    }
-    if let Some(cache) = cache.as_ref().filter(|_| changed) {
-        if !parsed.keys.is_empty() {
-            cache.mark_all_changed(&parsed.keys);
-        }
-        if parsed.products {
-            cache.mark_products_changed();
-        }
-        cache.nudge();
-        // Marked: the writer may answer its caller.
-        changes.queue(Token::Ack {
-            replica: from,
-            batch: parsed.batch_no,
-        });
-    }
-    let ours = parsed
-        .acks
-        .iter()
-        .filter(|(r, _)| *r == changes.replica)
-        .map(|&(_, b)| b)
-        .max();
-    let answer_hello = changes.progress().heard(from, &parsed, ours, now);
-    if answer_hello && cache.is_some() && changes.listening.load(Ordering::Acquire) {
-        changes.queue(Token::Hello);
-    }
-}
-
-impl Progress {
-    /// What another replica's notification says about it: its hello, join
-    /// or goodbye, and `ours`, the highest of our batches it acknowledges.
-    /// Whether to say hello to it.
-    fn heard(&mut self, from: u64, parsed: &Parsed, ours: Option<u64>, now: Instant) -> bool {
-        let mut answer_hello = parsed.probe;
-        if parsed.goodbye {
-            self.peers.remove(&from);
-        } else if parsed.hello {
-            let echo = self.echo;
-            let known = self
-                .peers
-                .get(&from)
-                .is_some_and(|peer| peer.listening(now));
-            // A replica new to us: let it know us at once.
-            answer_hello |= !known;
-            match self.peers.get_mut(&from) {
-                Some(peer) if known && !parsed.joined => peer.seen = now,
-                // New, or joined again: waited for from our next batch on
-                // (its poll reads what went before), even if it was late.
-                _ => {
-                    self.peers.insert(
-                        from,
-                        Peer {
-                            seen: now,
-                            since: echo,
-                            acked: echo,
-                            late: 0,
-                        },
-                    );
-                }
-            }
-        }
-        if let (Some(batch), Some(peer)) = (ours, self.peers.get_mut(&from))
-            && batch > peer.acked
-        {
-            peer.acked = batch;
-            if peer.acked >= peer.late {
-                peer.late = 0;
-            }
-        }
-        // Also when nothing changed: a replica silent for longer than the
-        // TTL is no longer waited for.
-        self.release(now);
-        answer_hello
     }
 }
 

@@ -1,4 +1,7 @@
+use chrono::Utc;
+
 use super::*;
+use crate::domain::ProductCode;
 
 #[test]
 fn every_seeded_shape_leaves_a_free_seat_and_a_term_both_editions_sell() {

@@ -63,120 +63,27 @@
 //! answer, Validate reads the database: the cache is never needed for a
 //! right answer, only for a fast one.
 
-use std::collections::HashMap;
 use std::hash::Hasher;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use hashbrown::HashTable;
 use siphasher::sip::SipHasher13;
 use siphasher::sip128::{Hasher128, SipHasher13 as SipHasher13x128};
-use smallvec::SmallVec;
 
-use crate::domain::{Edition, LicenseKey, LicenseKind, LicenseStatus, Standing, Version};
+pub use mirror::ProductPolicy;
+use mirror::{KeyHash, Mirror};
+
+use crate::domain::{Edition, LicenseKey, LicenseKind, LicenseStatus, Standing};
 use crate::store::ValidationView;
+
+mod mirror;
+mod poll;
 
 /// By default the cache answers only if its last successful poll started
 /// less than this long ago; changes must reach every replica within 1 s.
 pub const DEFAULT_MAX_STALENESS: Duration = Duration::from_millis(800);
-
-/// Entries per storage chunk: the store grows a chunk at a time, never by
-/// copying what it holds.
-const CHUNK: usize = 1 << 16;
-
-/// A license key as the cache knows it: 128-bit SipHash of its normalised
-/// text under a per-process random key.
-type KeyHash = [u64; 2];
-
-/// One license: 56 bytes.
-#[derive(Debug, Clone)]
-struct Entry {
-    key: KeyHash,
-    expires_at: i64,
-    /// Keyed 64-bit hashes of the bound fingerprints, sorted. The count is
-    /// `seats_used` (the refresh checks they agree).
-    fingerprints: SmallVec<[u64; 2]>,
-    seats: u32,
-    product: u16,
-    bits: Bits,
-}
-
-/// Status, kind, edition and the stale mark in one byte.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Bits(u8);
-
-impl Bits {
-    const STALE: u8 = 0x80;
-
-    fn new(status: LicenseStatus, kind: LicenseKind, edition: Edition) -> Bits {
-        let s = match status {
-            LicenseStatus::Active => 0,
-            LicenseStatus::Suspended => 1,
-            LicenseStatus::Revoked => 2,
-        };
-        let k = match kind {
-            LicenseKind::Standard => 0,
-            LicenseKind::Promo => 1,
-            LicenseKind::Nfr => 2,
-        };
-        let e = match edition {
-            Edition::Personal => 0,
-            Edition::Business => 1,
-        };
-        Bits(s | (k << 2) | (e << 4))
-    }
-
-    fn status(self) -> LicenseStatus {
-        match self.0 & 3 {
-            0 => LicenseStatus::Active,
-            1 => LicenseStatus::Suspended,
-            _ => LicenseStatus::Revoked,
-        }
-    }
-
-    fn kind(self) -> LicenseKind {
-        match (self.0 >> 2) & 3 {
-            0 => LicenseKind::Standard,
-            1 => LicenseKind::Promo,
-            _ => LicenseKind::Nfr,
-        }
-    }
-
-    fn edition(self) -> Edition {
-        if (self.0 >> 4) & 1 == 0 {
-            Edition::Personal
-        } else {
-            Edition::Business
-        }
-    }
-
-    fn stale(self) -> bool {
-        self.0 & Self::STALE != 0
-    }
-
-    fn with_stale(self, stale: bool) -> Bits {
-        if stale {
-            Bits(self.0 | Self::STALE)
-        } else {
-            Bits(self.0 & !Self::STALE)
-        }
-    }
-}
-
-/// A product's policy as Validate needs it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ProductPolicy {
-    /// Product code.
-    pub code: String,
-    /// Grace period in months (R3).
-    pub grace_period_months: u32,
-    /// Latest version, if set.
-    pub latest_version: Option<Arc<Version>>,
-    /// Offline certificate lifetime in days (0: none).
-    pub offline_lease_days: u32,
-}
 
 /// A license as read from the database by the feed.
 #[derive(Debug, Clone, PartialEq)]
@@ -261,59 +168,6 @@ pub struct ValidationCache {
     /// feed, which waits on it without keeping the cache alive).
     nudge: Arc<tokio::sync::Notify>,
     inner: RwLock<Mirror>,
-}
-
-#[derive(Default)]
-struct Mirror {
-    index: HashTable<u32>,
-    chunks: Vec<Vec<Entry>>,
-    len: usize,
-    products: Vec<ProductPolicy>,
-    product_slots: HashMap<String, u16>,
-    /// Epoch of the last local product change not yet re-read, if any.
-    products_stale_since: Option<u64>,
-    /// Licenses written here and not re-read since: key hash -> (key, epoch
-    /// when marked).
-    pending: HashMap<KeyHash, (String, u64)>,
-    epoch: u64,
-}
-
-impl Mirror {
-    fn entry(&self, slot: u32) -> &Entry {
-        let s = slot as usize;
-        &self.chunks[s / CHUNK][s % CHUNK]
-    }
-
-    fn entry_mut(&mut self, slot: u32) -> &mut Entry {
-        let s = slot as usize;
-        &mut self.chunks[s / CHUNK][s % CHUNK]
-    }
-
-    fn find(&self, key: &KeyHash) -> Option<u32> {
-        self.index
-            .find(key[0], |&slot| self.entry(slot).key == *key)
-            .copied()
-    }
-
-    /// Stores `entry` under its key, replacing what was there; returns its slot.
-    fn put(&mut self, entry: Entry) -> u32 {
-        if let Some(slot) = self.find(&entry.key) {
-            *self.entry_mut(slot) = entry;
-            return slot;
-        }
-        let slot = self.len as u32;
-        if self.len.is_multiple_of(CHUNK) {
-            self.chunks.push(Vec::with_capacity(CHUNK));
-        }
-        let hash = entry.key[0];
-        self.chunks.last_mut().expect("pushed").push(entry);
-        self.len += 1;
-        let Mirror { index, chunks, .. } = self;
-        index.insert_unique(hash, slot, |&s| {
-            chunks[s as usize / CHUNK][s as usize % CHUNK].key[0]
-        });
-        slot
-    }
 }
 
 impl ValidationCache {
@@ -509,119 +363,6 @@ impl ValidationCache {
         let epoch = m.epoch;
         m.products_stale_since = Some(epoch);
     }
-
-    /// Starts a poll: its epoch, and the keys marked before it started (to
-    /// re-read along with the licenses the events name).
-    pub fn begin_poll(&self) -> Poll {
-        let mut m = self.write();
-        m.epoch += 1;
-        Poll {
-            epoch: m.epoch,
-            started: Instant::now(),
-            pending: m.pending.values().map(|(k, _)| k.clone()).collect(),
-        }
-    }
-
-    /// Applies licenses read during `poll` (any order, any subset). The
-    /// products they name must have been applied first.
-    pub fn apply(&self, poll: &Poll, rows: &[LicenseRow]) {
-        let entries: Vec<(Entry, &LicenseRow)> =
-            rows.iter().map(|r| (self.entry_from(r), r)).collect();
-        let mut m = self.write();
-        for (mut entry, row) in entries {
-            let product = m.product_slots.get(&row.product).copied();
-            let marked_since = m.pending.get(&entry.key).map(|(_, e)| *e);
-            let fresh = !entry.bits.stale()
-                && product.is_some()
-                && marked_since.is_none_or(|e| e < poll.epoch);
-            if fresh {
-                if marked_since.is_some() {
-                    m.pending.remove(&entry.key);
-                }
-            } else if product.is_none() {
-                // Cannot happen when products are read after licenses; if it
-                // does, the database answers until the next poll re-reads it.
-                m.pending.insert(entry.key, (row.key.clone(), poll.epoch));
-            }
-            entry.product = product.unwrap_or(0);
-            entry.bits = entry.bits.with_stale(!fresh);
-            m.put(entry);
-        }
-    }
-
-    fn entry_from(&self, r: &LicenseRow) -> Entry {
-        let mut fingerprints: SmallVec<[u64; 2]> = r
-            .fingerprints
-            .iter()
-            .map(|f| self.fingerprint_hash(f))
-            .collect();
-        fingerprints.sort_unstable();
-        fingerprints.dedup();
-        // `seats_used` mirrors the count of activations; should they ever
-        // disagree, the database answers (as it would without a cache).
-        let consistent = fingerprints.len() == r.seats_used as usize
-            && DateTime::<Utc>::from_timestamp_micros(r.expires_at).is_some();
-        Entry {
-            key: self.key_hash(&r.key),
-            expires_at: r.expires_at,
-            fingerprints,
-            seats: r.seats,
-            product: 0,
-            bits: Bits::new(r.status, r.kind, r.edition).with_stale(!consistent),
-        }
-    }
-
-    /// Replaces the product policies with those read during `poll` (every
-    /// product).
-    pub fn apply_products(&self, poll: &Poll, products: Vec<ProductPolicy>) {
-        let mut m = self.write();
-        for p in products {
-            match m.product_slots.get(&p.code) {
-                Some(&slot) => m.products[usize::from(slot)] = p,
-                None => {
-                    let Ok(slot) = u16::try_from(m.products.len()) else {
-                        tracing::warn!(
-                            "more than 65,536 products: the validation cache is off, Validate reads the database"
-                        );
-                        self.disabled.store(true, Ordering::Relaxed);
-                        return;
-                    };
-                    m.product_slots.insert(p.code.clone(), slot);
-                    m.products.push(p);
-                }
-            }
-        }
-        if m.products_stale_since.is_some_and(|e| e < poll.epoch) {
-            m.products_stale_since = None;
-        }
-    }
-
-    /// Licenses re-read for pending marks that do not exist (a write that
-    /// never committed, a notification naming an unknown key): forget the
-    /// mark. Nothing is held for such a key, so the database answers for it.
-    pub fn drop_pending_missing(&self, poll: &Poll, missing: &[String]) {
-        let mut m = self.write();
-        for key in missing {
-            let hash = self.key_hash(key);
-            if m.pending.get(&hash).is_some_and(|(_, e)| *e < poll.epoch) {
-                m.pending.remove(&hash);
-            }
-        }
-    }
-
-    /// `poll` has applied everything it read: the cache may answer until
-    /// the staleness bound after the poll started.
-    pub fn finish_poll(&self, poll: &Poll) {
-        let until = self.nanos(poll.started + self.max_staleness);
-        self.fresh_until.fetch_max(until, Ordering::AcqRel);
-        self.finished_epoch.fetch_max(poll.epoch, Ordering::AcqRel);
-    }
-
-    /// The first full load is complete.
-    pub fn finish_load(&self) {
-        self.loaded.store(true, Ordering::Release);
-    }
-
     /// Counters.
     pub fn stats(&self) -> CacheStats {
         let now = Instant::now();

@@ -1,3 +1,5 @@
+use super::progress::Peer;
+use super::wire::{Parsed, notify_sql, parse_payload};
 use super::*;
 use crate::domain::{LicenseKey, LicenseKind, ProductCode};
 

@@ -1,3 +1,4 @@
+use super::horizon::{MAX_PENDING, passed};
 use super::*;
 use crate::domain::LicenseKey;
 

@@ -1,5 +1,7 @@
+use super::mirror::{CHUNK, Entry};
 use super::*;
 use crate::domain::ProductCode;
+use crate::domain::Version;
 
 fn product(code: &str, grace: u32, latest: &str) -> ProductPolicy {
     ProductPolicy {
