@@ -79,6 +79,11 @@ pub struct License {
     pub created_at: DateTime<Utc>,
     /// The product's grace period in months (R3).
     pub grace_period_months: u32,
+    /// The product's latest version, as read with the license (R6).
+    pub latest_version: Option<std::sync::Arc<crate::domain::Version>>,
+    /// The product's offline certificate lifetime in days (0: none), as
+    /// read with the license.
+    pub offline_lease_days: u32,
     /// The workstations bound now (may be left empty by list queries).
     pub activations: Vec<Activation>,
 }

@@ -6,7 +6,7 @@ use tonic::{Request, Response, Status};
 use super::{Ctx, actor_of, auth, convert, refusal_status, request, status_of};
 use crate::domain::certificate::{CertificateFacts, certificate_lifetime, worth_sending};
 use crate::domain::rules;
-use crate::domain::{LicenseKey, Refusal, Validity};
+use crate::domain::{License, LicenseKey, Refusal, Validity};
 use crate::proto as pb;
 use crate::proto::activation_service_server::ActivationService;
 use crate::store::ValidationView;
@@ -56,23 +56,17 @@ impl ActivationApi {
             .unwrap_or_default()
     }
 
-    /// The certificate after a write that bound or renewed `fingerprint`:
-    /// read back as Validate reads it. A failure to read costs the
-    /// certificate, not the write's answer.
-    async fn certificate_after_write(
+    /// The certificate after a write that bound or renewed `fingerprint`,
+    /// of the license as the write left it (the same view Validate reads,
+    /// without reading it again).
+    fn certificate_after_write(
         &self,
-        key: &LicenseKey,
+        license: &License,
         fingerprint: &str,
         now: chrono::DateTime<chrono::Utc>,
     ) -> String {
-        match self.ctx.store.validation_view(key, Some(fingerprint)).await {
-            Ok(Some(view)) => self.certificate(key, &view, fingerprint, None, now),
-            Ok(None) => String::new(),
-            Err(e) => {
-                tracing::warn!(key = %key.redacted(), error = %e, "no offline certificate: the license could not be read back");
-                String::new()
-            }
-        }
+        let view = ValidationView::of_license(license, Some(fingerprint));
+        self.certificate(&license.key, &view, fingerprint, None, now)
     }
 }
 
@@ -110,9 +104,7 @@ impl ActivationService for ActivationApi {
             .await
             .map_err(status_of)?;
         crate::observe::count(crate::observe::Business::Activation);
-        let license_certificate = self
-            .certificate_after_write(&cmd.key, &cmd.fingerprint, now)
-            .await;
+        let license_certificate = self.certificate_after_write(&license, &cmd.fingerprint, now);
         Ok(Response::new(pb::ActivateResponse {
             license: Some(convert::license_to_proto(&license, now)),
             activation: Some(convert::activation_to_proto(&activation)),
@@ -226,9 +218,7 @@ impl ActivationService for ActivationApi {
         })?;
         tracing::info!(key = %license.key.redacted(), "license renewed");
         crate::observe::count(crate::observe::Business::Renewal);
-        let license_certificate = self
-            .certificate_after_write(&license.key, &cmd.fingerprint, now)
-            .await;
+        let license_certificate = self.certificate_after_write(&license, &cmd.fingerprint, now);
         Ok(Response::new(pb::RedeemRenewalCodeResponse {
             license: Some(convert::license_to_proto(&license, now)),
             previous_expires_at: Some(convert::timestamp(previous)),

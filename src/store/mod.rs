@@ -232,6 +232,23 @@ pub struct ValidationView {
     pub offline_lease_days: u32,
 }
 
+impl ValidationView {
+    /// What Validate would answer about `license` as a write just left it
+    /// (its product's policy read in the same transaction).
+    pub fn of_license(license: &License, fingerprint: Option<&str>) -> Self {
+        ValidationView {
+            standing: license.standing(),
+            edition: license.edition,
+            seats: license.seats,
+            seats_used: license.seats_used,
+            fingerprint_bound: fingerprint
+                .map(|fp| license.activations.iter().any(|a| a.fingerprint == fp)),
+            latest_version: license.latest_version.clone(),
+            offline_lease_days: license.offline_lease_days,
+        }
+    }
+}
+
 /// An API token as stored (its secret only as a hash).
 #[derive(Debug, Clone, PartialEq)]
 pub struct TokenRecord {
@@ -445,6 +462,12 @@ pub fn new_code_id() -> String {
 /// Microseconds since the epoch, the stored form of an instant.
 pub fn micros(t: DateTime<Utc>) -> i64 {
     t.timestamp_micros()
+}
+
+/// `t` as the database keeps it (to the microsecond): what a write
+/// answers without reading back what it wrote.
+pub fn stored(t: DateTime<Utc>) -> DateTime<Utc> {
+    DateTime::from_timestamp_micros(micros(t)).unwrap_or(t)
 }
 
 /// Inverse of [`micros`].

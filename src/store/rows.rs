@@ -132,7 +132,7 @@ macro_rules! license_select {
     () => {
         "SELECT l.id, l.license_key, l.product_code, l.edition, l.kind, l.seats, l.seats_used, l.term_years, \
          l.status, l.starts_at, l.expires_at, l.renewal_count, l.order_ref, l.customer_ref, l.reseller, \
-         l.created_at, p.grace_period_months"
+         l.created_at, p.grace_period_months, p.latest_version, p.offline_lease_days"
     };
 }
 pub(super) use license_select;
@@ -167,8 +167,10 @@ pub(super) mod col {
     pub const RESELLER: usize = 14;
     pub const CREATED_AT: usize = 15;
     pub const GRACE_PERIOD_MONTHS: usize = 16;
+    pub const LATEST_VERSION: usize = 17;
+    pub const OFFLINE_LEASE_DAYS: usize = 18;
     /// The first column after `license_select!`'s.
-    pub const EXTRA: usize = 17;
+    pub const EXTRA: usize = 19;
 
     /// Every column's name, by position (for the test that keeps the
     /// positions in step with the query text).
@@ -191,6 +193,8 @@ pub(super) mod col {
         "reseller",
         "created_at",
         "grace_period_months",
+        "latest_version",
+        "offline_lease_days",
     ];
 }
 
@@ -258,6 +262,8 @@ pub(super) fn license_from_row(row: &impl Columns) -> StoreResult<(i64, License)
         reseller: row.text(col::RESELLER)?,
         created_at: from_micros(row.int(col::CREATED_AT)?)?,
         grace_period_months: row.int(col::GRACE_PERIOD_MONTHS)? as u32,
+        latest_version: latest_version(&row.text(col::LATEST_VERSION)?)?,
+        offline_lease_days: row.int(col::OFFLINE_LEASE_DAYS)? as u32,
         activations: Vec::new(),
     };
     Ok((row.int(col::ID)?, license))
@@ -332,18 +338,45 @@ pub(super) mod vcol {
     ];
 }
 
-pub(super) fn token_from_row(row: &AnyRow) -> StoreResult<TokenRecord> {
-    let role: String = row.try_get("role")?;
+/// An API token's columns, in the order [`token_col`] reads them.
+macro_rules! token_select {
+    () => {
+        "SELECT id, name, role, secret_hash, created_at, revoked_at FROM api_tokens "
+    };
+}
+pub(super) use token_select;
+
+/// Positions of `token_select!`'s columns.
+pub(super) mod token_col {
+    pub const ID: usize = 0;
+    pub const NAME: usize = 1;
+    pub const ROLE: usize = 2;
+    pub const SECRET_HASH: usize = 3;
+    pub const CREATED_AT: usize = 4;
+    pub const REVOKED_AT: usize = 5;
+    /// Every column's name, by position.
+    #[cfg(test)]
+    pub const NAMES: [&str; 6] = [
+        "id",
+        "name",
+        "role",
+        "secret_hash",
+        "created_at",
+        "revoked_at",
+    ];
+}
+
+/// A token from the columns of `token_select!` (any backend).
+pub(super) fn token_from_row(row: &impl Columns) -> StoreResult<TokenRecord> {
+    use token_col as c;
+    let role = row.text(c::ROLE)?;
     Ok(TokenRecord {
-        id: row.try_get("id")?,
-        name: row.try_get("name")?,
+        id: row.text(c::ID)?,
+        name: row.text(c::NAME)?,
         role: Role::parse(&role).ok_or_else(|| corrupt("role", &role))?,
-        secret_hash: row.try_get("secret_hash")?,
-        created_at: from_micros(row.try_get("created_at")?)?,
-        revoked_at: row
-            .try_get::<Option<i64>, _>("revoked_at")?
-            .map(from_micros)
-            .transpose()?,
+        secret_hash: row.blob(c::SECRET_HASH)?,
+        created_at: from_micros(row.int(c::CREATED_AT)?)?,
+        revoked_at: row.opt_int(c::REVOKED_AT)?.map(from_micros).transpose()?,
     })
 }
 

@@ -85,6 +85,8 @@ fn license_of(kind: LicenseKind, expires_at: DateTime<Utc>) -> License {
         reseller: String::new(),
         created_at: starts_at,
         grace_period_months: 1,
+        latest_version: None,
+        offline_lease_days: 30,
         activations: vec![Activation {
             fingerprint: FP.into(),
             hostname: "ws-1".into(),

@@ -22,14 +22,11 @@ use std::time::{Duration, Instant};
 use sqlx::{AnyConnection, AnyPool};
 use tokio_stream::StreamExt;
 
-use super::loader::{Grouper, Loader, load_sqlite, product_policy};
-use super::validation_cache::{LicenseRow, ProductPolicy, ValidationCache};
+use super::loader::{BATCH, Grouper, Loader, load_sqlite, poll_sqlite, product_policy};
+use super::validation_cache::{LicenseRow, Poll, ProductPolicy, ValidationCache};
 use crate::store::rows::{Dialect, LOAD_SQL, PRODUCTS_SQL, cache_select, pg_xmin};
 use crate::store::sqlite::fast::FastReader;
 use crate::store::{StoreError, StoreResult};
-
-/// Licenses re-read per statement.
-const BATCH: usize = 500;
 
 /// Events read per statement.
 const EVENT_PAGE: i64 = 10_000;
@@ -194,6 +191,20 @@ impl Feed {
     /// One poll: re-read what changed, apply it, move the cursor.
     async fn poll(&self, cache: &ValidationCache, cursor: &mut Cursor) -> StoreResult<()> {
         let poll = cache.begin_poll();
+        if let (Cursor::Sqlite { last_id }, Some(fast)) = (&*cursor, &self.fast) {
+            // One snapshot through rusqlite, on a blocking thread.
+            let (fast, last_id, pending) = (fast.clone(), *last_id, poll.pending.clone());
+            let read = tokio::task::spawn_blocking(move || poll_sqlite(&fast, last_id, &pending))
+                .await
+                .map_err(|e| StoreError::Internal(format!("poll task: {e}")))??;
+            cache.apply_products(&poll, read.products);
+            cache.apply(&poll, &read.rows);
+            self.finish_poll(cache, &poll, &read.rows);
+            *cursor = Cursor::Sqlite {
+                last_id: read.last_id,
+            };
+            return Ok(());
+        }
         let mut conn = self.readers.acquire().await?;
         // The licenses named by new events, read a page at a time (a poll
         // after a long outage may find many events).
@@ -271,6 +282,14 @@ impl Feed {
         drop(conn);
         cache.apply_products(&poll, products);
         cache.apply(&poll, &rows);
+        self.finish_poll(cache, &poll, &rows);
+        *cursor = next;
+        Ok(())
+    }
+
+    /// Ends a poll that read `rows`: the pending keys it did not find are
+    /// no longer in the database.
+    fn finish_poll(&self, cache: &ValidationCache, poll: &Poll, rows: &[LicenseRow]) {
         let read: std::collections::HashSet<&str> = rows.iter().map(|r| r.key.as_str()).collect();
         let missing: Vec<String> = poll
             .pending
@@ -278,10 +297,8 @@ impl Feed {
             .filter(|k| !read.contains(k.as_str()))
             .cloned()
             .collect();
-        cache.drop_pending_missing(&poll, &missing);
-        cache.finish_poll(&poll);
-        *cursor = next;
-        Ok(())
+        cache.drop_pending_missing(poll, &missing);
+        cache.finish_poll(poll);
     }
 }
 

@@ -5,13 +5,75 @@
 use super::validation_cache::{LicenseRow, Poll, ProductPolicy, ValidationCache};
 use crate::domain::{Edition, LicenseKind, LicenseStatus};
 use crate::store::rows::{
-    Columns, LAST_EVENT_SQL, LOAD_SQL, PRODUCTS_SQL, cache_col, enum_of, latest_version, policy_col,
+    Columns, LAST_EVENT_SQL, LOAD_SQL, PRODUCTS_SQL, cache_col, cache_select, enum_of,
+    latest_version, policy_col,
 };
-use crate::store::sqlite::fast::FastReader;
+use crate::store::sqlite::fast::{FastReader, Snapshot};
 use crate::store::{StoreError, StoreResult};
 
 /// Licenses applied to the cache per write lock during a load.
 const LOAD_BATCH: usize = 10_000;
+
+/// Licenses re-read per statement by a poll.
+pub(super) const BATCH: usize = 500;
+
+/// What one SQLite poll read: the licenses to apply, every product's
+/// policy, and the newest event id seen.
+pub(super) struct SqlitePoll {
+    pub rows: Vec<LicenseRow>,
+    pub products: Vec<ProductPolicy>,
+    pub last_id: i64,
+}
+
+/// SQLite's poll, through rusqlite in one read transaction (blocking: run
+/// it on a blocking thread): the licenses named by events after `last_id`,
+/// then those of the `pending` keys not read already (a local write marks
+/// its key and records an event: each license is read once), then every
+/// product.
+pub(super) fn poll_sqlite(
+    fast: &FastReader,
+    last_id: i64,
+    pending: &[String],
+) -> StoreResult<SqlitePoll> {
+    fast.read(|snapshot| {
+        let mut last = last_id;
+        let mut ids = std::collections::BTreeSet::new();
+        snapshot.for_each_with(
+            "SELECT id, license_id FROM license_events WHERE id > ?1 ORDER BY id",
+            [last_id],
+            |row| {
+                last = row.int(0)?;
+                ids.insert(row.int(1)?);
+                Ok(())
+            },
+        )?;
+        let mut rows = Vec::new();
+        let ids: Vec<i64> = ids.into_iter().collect();
+        for chunk in ids.chunks(BATCH) {
+            read_licenses(snapshot, "l.id", chunk, &mut rows)?;
+        }
+        let read: std::collections::HashSet<&str> = rows.iter().map(|r| r.key.as_str()).collect();
+        let unread: Vec<&String> = pending
+            .iter()
+            .filter(|k| !read.contains(k.as_str()))
+            .collect();
+        let mut more = Vec::new();
+        for chunk in unread.chunks(BATCH) {
+            read_licenses(snapshot, "l.license_key", chunk, &mut more)?;
+        }
+        rows.extend(more);
+        let mut products = Vec::new();
+        snapshot.for_each(PRODUCTS_SQL, |row| {
+            products.push(product_policy(row)?);
+            Ok(())
+        })?;
+        Ok(SqlitePoll {
+            rows,
+            products,
+            last_id: last,
+        })
+    })
+}
 
 /// SQLite's load, through rusqlite (blocking: run it on a blocking thread):
 /// every product, then every license with its activations, from one
@@ -46,6 +108,28 @@ pub(super) fn product_policy(row: &impl Columns) -> StoreResult<ProductPolicy> {
         latest_version: latest_version(&row.text(policy_col::LATEST_VERSION)?)?,
         offline_lease_days: row.int(policy_col::OFFLINE_LEASE_DAYS)? as u32,
     })
+}
+
+/// Appends to `rows` the licenses whose `column` is one of `values`.
+fn read_licenses(
+    snapshot: &Snapshot,
+    column: &str,
+    values: &[impl rusqlite::ToSql],
+    rows: &mut Vec<LicenseRow>,
+) -> StoreResult<()> {
+    let placeholders: Vec<String> = (1..=values.len()).map(|i| format!("?{i}")).collect();
+    let sql = format!(
+        concat!(cache_select!(), "WHERE {} IN ({}) ORDER BY l.id"),
+        column,
+        placeholders.join(", ")
+    );
+    let mut group = Grouper::default();
+    snapshot.for_each_with(&sql, rusqlite::params_from_iter(values), |row| {
+        rows.extend(group.push(row)?);
+        Ok(())
+    })?;
+    rows.extend(group.finish());
+    Ok(())
 }
 
 /// Applies the rows of [`LOAD_SQL`] to the cache, [`LOAD_BATCH`] licenses

@@ -9,7 +9,9 @@ use super::load::{Lock, require_product};
 use crate::domain::auth::{Role, Token};
 use crate::domain::{FieldViolation, Product, ProductCode, Refusal};
 use crate::store::change_notify::Change;
-use crate::store::rows::{product_from_row, product_select, terms_to_text, token_from_row};
+use crate::store::rows::{
+    product_from_row, product_select, terms_to_text, token_from_row, token_select,
+};
 use crate::store::{ProductUpdate, StoreResult, TokenRecord, micros};
 
 /// CreateProduct.
@@ -213,11 +215,9 @@ impl SqlStore {
     }
 
     pub(super) async fn list_tokens(&self) -> StoreResult<Vec<TokenRecord>> {
-        let rows = sqlx::query(
-            "SELECT id, name, role, secret_hash, created_at, revoked_at FROM api_tokens ORDER BY name, created_at",
-        )
-        .fetch_all(&self.readers)
-        .await?;
+        let rows = sqlx::query(concat!(token_select!(), "ORDER BY name, created_at"))
+            .fetch_all(&self.readers)
+            .await?;
         rows.iter().map(token_from_row).collect()
     }
 
@@ -230,12 +230,15 @@ impl SqlStore {
     }
 
     pub(super) async fn find_token(&self, id: &str) -> StoreResult<Option<TokenRecord>> {
-        let row = sqlx::query(
-            "SELECT id, name, role, secret_hash, created_at, revoked_at FROM api_tokens WHERE id = $1",
-        )
-        .bind(id)
-        .fetch_optional(&self.readers)
-        .await?;
+        // Every admin call asks: on SQLite one indexed lookup on the
+        // calling task, without a hand-off to sqlx's thread.
+        if let Some(fast) = &self.fast_reads {
+            return fast.find_token(id);
+        }
+        let row = sqlx::query(concat!(token_select!(), "WHERE id = $1"))
+            .bind(id)
+            .fetch_optional(&self.readers)
+            .await?;
         row.as_ref().map(token_from_row).transpose()
     }
 }

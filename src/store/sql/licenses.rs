@@ -1,6 +1,8 @@
 //! Licenses: issuing, reading, listing, status changes, their history, and
 //! Validate's read (from the validation cache when it can answer).
 
+use std::sync::Arc;
+
 use chrono::{DateTime, Utc};
 
 use super::SqlStore;
@@ -9,7 +11,7 @@ use super::idempotency::Request;
 use super::load::{Lock, require_license, require_product};
 use super::tx::{NewEvent, record_event};
 use crate::domain::rules::{self, StatusAction};
-use crate::domain::{License, LicenseKey, Refusal};
+use crate::domain::{License, LicenseKey, LicenseStatus, Refusal};
 use crate::store::change_notify::Change;
 use crate::store::rows::{
     Columns, VALIDATION_SQL, corrupt, license_from, license_from_row, license_select,
@@ -18,7 +20,7 @@ use crate::store::rows::{
 use crate::store::validation_cache::Answer;
 use crate::store::{
     Actor, IssueLicense, LicenseCursor, LicenseEvent, LicenseFilter, StoreError, StoreResult,
-    ValidationView, micros,
+    ValidationView, micros, stored,
 };
 
 /// IssueLicense, with the key it will have (drawn before the transaction,
@@ -80,10 +82,28 @@ impl Command for Issue {
         };
         record_event(conn, license_id, &self.actor, now, event).await?;
         request.remember(conn, key.normalized(), now).await?;
-        // As the transaction leaves it: exactly what was written.
-        Ok(Ending::Commit(
-            require_license(conn, key, Lock::No).await?.1,
-        ))
+        // Exactly what was written, as a read would return it.
+        Ok(Ending::Commit(License {
+            key: key.clone(),
+            product: cmd.product.clone(),
+            edition: cmd.edition,
+            kind: cmd.kind,
+            seats: cmd.seats,
+            seats_used: 0,
+            term_years: cmd.term_years,
+            status: LicenseStatus::Active,
+            starts_at: stored(plan.starts_at),
+            expires_at: stored(plan.expires_at),
+            renewal_count: 0,
+            order_ref: cmd.order_ref.clone(),
+            customer_ref: cmd.customer_ref.clone(),
+            reseller: cmd.reseller.clone(),
+            created_at: stored(now),
+            grace_period_months: product.grace_period_months(),
+            latest_version: product.latest_version().cloned().map(Arc::new),
+            offline_lease_days: product.offline_lease_days(),
+            activations: Vec::new(),
+        }))
     }
 }
 
@@ -108,7 +128,7 @@ impl Command for ChangeStatus {
             let license = require_license(conn, key, Lock::ForUpdate).await?.1;
             return Ok(Ending::Commit(license));
         }
-        let (id, license) = require_license(conn, key, Lock::ForUpdate).await?;
+        let (id, mut license) = require_license(conn, key, Lock::ForUpdate).await?;
         if let Some(status) = rules::change_status(&license, self.action)? {
             conn.execute(
                 "UPDATE licenses SET status = $1 WHERE id = $2",
@@ -121,11 +141,11 @@ impl Command for ChangeStatus {
                 ..Default::default()
             };
             record_event(conn, id, &self.actor, now, event).await?;
+            license.status = status;
         }
         request.remember(conn, key.normalized(), now).await?;
-        Ok(Ending::Commit(
-            require_license(conn, key, Lock::No).await?.1,
-        ))
+        // As loaded (the row is locked) with the new status.
+        Ok(Ending::Commit(license))
     }
 }
 

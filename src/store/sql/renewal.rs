@@ -14,7 +14,7 @@ use crate::domain::{License, Refusal, RenewalCode, RenewalCodeRecord};
 use crate::store::change_notify::Change;
 use crate::store::{
     Actor, IssueRenewalCode, Redeem, StoreError, StoreResult, code_hash, derive_renewal_code,
-    micros, new_code_id,
+    micros, new_code_id, stored,
 };
 
 /// IssueRenewalCode.
@@ -106,7 +106,7 @@ impl Command for RedeemCode {
 
     async fn run<C: Conn>(&self, conn: &mut C) -> StoreResult<Ending<Self::Output>> {
         let (cmd, actor, now) = (&self.cmd, &self.actor, self.now);
-        let (license_id, license) =
+        let (license_id, mut license) =
             require_license(conn, &cmd.license_key, Lock::ForUpdate).await?;
         let code = load_code_by_hash(conn, &code_hash(&cmd.code), Lock::ForUpdate)
             .await?
@@ -163,7 +163,9 @@ impl Command for RedeemCode {
             ..Default::default()
         };
         record_event(conn, license_id, actor, now, event).await?;
-        let license = require_license(conn, &cmd.license_key, Lock::No).await?.1;
+        // As loaded (the row is locked) with what was just written.
+        license.expires_at = stored(decision.new_expires_at);
+        license.renewal_count += 1;
         Ok(Ending::Commit((license, decision.previous_expires_at)))
     }
 }

@@ -23,8 +23,10 @@ use std::time::Duration;
 use rusqlite::{Connection, OpenFlags};
 
 use crate::domain::LicenseKey;
-use crate::store::rows::{Columns, VALIDATION_SQL, validation_from_row};
-use crate::store::{StoreError, StoreResult, ValidationView, sqlite_unavailable};
+use crate::store::rows::{
+    Columns, VALIDATION_SQL, token_from_row, token_select, validation_from_row,
+};
+use crate::store::{StoreError, StoreResult, TokenRecord, ValidationView, sqlite_unavailable};
 
 /// A small pool of read-only connections.
 pub struct FastReader {
@@ -83,6 +85,22 @@ impl FastReader {
         Ok(conn)
     }
 
+    /// `read` on a pooled connection (on the calling thread: for one
+    /// short, indexed lookup).
+    fn pooled<T>(&self, read: impl FnOnce(&Connection) -> StoreResult<T>) -> StoreResult<T> {
+        let pooled = self.idle.lock().expect("not poisoned").pop();
+        let conn = match pooled {
+            Some(c) => c,
+            None => self.connect()?,
+        };
+        let result = read(&conn);
+        let mut idle = self.idle.lock().expect("not poisoned");
+        if idle.len() < 8 {
+            idle.push(conn);
+        }
+        result
+    }
+
     /// The license with key `key`, its product's latest version, and whether
     /// `fingerprint` is bound to it.
     pub fn validation_view(
@@ -90,12 +108,7 @@ impl FastReader {
         key: &LicenseKey,
         fingerprint: Option<&str>,
     ) -> StoreResult<Option<ValidationView>> {
-        let pooled = self.idle.lock().expect("not poisoned").pop();
-        let conn = match pooled {
-            Some(c) => c,
-            None => self.connect()?,
-        };
-        let result = (|| {
+        self.pooled(|conn| {
             let mut stmt = conn
                 .prepare_cached(VALIDATION_SQL)
                 .map_err(unavailable_or_internal)?;
@@ -107,12 +120,19 @@ impl FastReader {
             let row = rows.next().map_err(unavailable_or_internal)?;
             row.map(|r| validation_from_row(&FastRow(r), fingerprint))
                 .transpose()
-        })();
-        let mut idle = self.idle.lock().expect("not poisoned");
-        if idle.len() < 8 {
-            idle.push(conn);
-        }
-        result
+        })
+    }
+
+    /// The API token with id `id`, revoked or not.
+    pub(in crate::store) fn find_token(&self, id: &str) -> StoreResult<Option<TokenRecord>> {
+        self.pooled(|conn| {
+            let mut stmt = conn
+                .prepare_cached(concat!(token_select!(), "WHERE id = ?1"))
+                .map_err(unavailable_or_internal)?;
+            let mut rows = stmt.query([id]).map_err(unavailable_or_internal)?;
+            let row = rows.next().map_err(unavailable_or_internal)?;
+            row.map(|r| token_from_row(&FastRow(r))).transpose()
+        })
     }
 }
 
@@ -126,6 +146,34 @@ impl FastReader {
         conn.execute_batch("BEGIN")
             .map_err(unavailable_or_internal)?;
         Ok(Snapshot(conn))
+    }
+}
+
+impl FastReader {
+    /// Runs `read` in a read transaction on a pooled connection (blocking:
+    /// run it on a blocking thread): one snapshot for every statement. For
+    /// short reads; a full scan takes a [`snapshot`](Self::snapshot).
+    pub(in crate::store) fn read<T>(
+        &self,
+        read: impl FnOnce(&Snapshot) -> StoreResult<T>,
+    ) -> StoreResult<T> {
+        let pooled = self.idle.lock().expect("not poisoned").pop();
+        let snapshot = Snapshot(match pooled {
+            Some(c) => c,
+            None => self.connect()?,
+        });
+        snapshot
+            .0
+            .execute_batch("BEGIN")
+            .map_err(unavailable_or_internal)?;
+        let result = read(&snapshot);
+        if snapshot.0.execute_batch("COMMIT").is_ok() {
+            let mut idle = self.idle.lock().expect("not poisoned");
+            if idle.len() < 8 {
+                idle.push(snapshot.0);
+            }
+        }
+        result
     }
 }
 
@@ -144,10 +192,20 @@ impl Snapshot {
     pub(in crate::store) fn for_each(
         &self,
         sql: &str,
+        each: impl FnMut(&FastRow<'_>) -> StoreResult<()>,
+    ) -> StoreResult<()> {
+        self.for_each_with(sql, [], each)
+    }
+
+    /// [`for_each`](Self::for_each) with `params` bound (`?N` placeholders).
+    pub(in crate::store) fn for_each_with(
+        &self,
+        sql: &str,
+        params: impl rusqlite::Params,
         mut each: impl FnMut(&FastRow<'_>) -> StoreResult<()>,
     ) -> StoreResult<()> {
         let mut stmt = self.0.prepare(sql).map_err(unavailable_or_internal)?;
-        let mut rows = stmt.query([]).map_err(unavailable_or_internal)?;
+        let mut rows = stmt.query(params).map_err(unavailable_or_internal)?;
         while let Some(r) = rows.next().map_err(unavailable_or_internal)? {
             each(&FastRow(r))?;
         }

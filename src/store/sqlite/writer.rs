@@ -42,6 +42,11 @@ use crate::store::{StoreError, StoreResult};
 /// The most commands one transaction commits.
 pub const MAX_BATCH: usize = 256;
 
+/// The write connection's page cache (SQLite's default is 2 MiB): the
+/// pages a write reads and changes stay in memory instead of being read
+/// again from the file (one `pread` each).
+const WRITER_CACHE_KIB: u32 = 16 * 1024;
+
 /// Called on the writer's thread once a command's transaction committed,
 /// before its caller hears (whether or not the caller still waits): `true`
 /// when what committed is a refusal's history event only.
@@ -74,7 +79,8 @@ impl GroupWriter {
         conn.busy_timeout(busy_timeout)
             .map_err(unavailable_or_internal)?;
         conn.execute_batch(&format!(
-            "PRAGMA foreign_keys = ON; PRAGMA synchronous = {}; PRAGMA temp_store = MEMORY;",
+            "PRAGMA foreign_keys = ON; PRAGMA synchronous = {}; PRAGMA temp_store = MEMORY; \
+             PRAGMA cache_size = -{WRITER_CACHE_KIB};",
             synchronous.pragma()
         ))
         .map_err(unavailable_or_internal)?;
