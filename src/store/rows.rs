@@ -15,10 +15,10 @@
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
+use sqlx::Row;
 use sqlx::any::AnyRow;
-use sqlx::{AnyConnection, Row};
 
-use super::{LicenseEvent, StoreError, StoreResult, TokenRecord, ValidationView, from_micros};
+use super::{StoreError, StoreResult, TokenRecord, ValidationView, from_micros};
 use crate::domain::auth::Role;
 use crate::domain::product::ProductSpec;
 use crate::domain::{
@@ -31,7 +31,7 @@ use crate::domain::{
 pub enum Dialect {
     /// SQLite: one writer, `BEGIN IMMEDIATE`, no row locks.
     Sqlite,
-    /// PostgreSQL: row locks and advisory locks.
+    /// PostgreSQL: row locks.
     Postgres,
 }
 
@@ -461,108 +461,11 @@ pub(super) const LICENSE_WITH_ACTIVATIONS: &str = concat!(
      WHERE l.license_key = $1 ORDER BY a.activated_at, a.fingerprint"
 );
 
-/// What a license row of the cache is read from: one statement, so
-/// `seats_used` and the activations listed come from one snapshot.
-macro_rules! cache_select {
-    () => {
-        "SELECT l.id, l.license_key, l.product_code, l.edition, l.kind, l.status, l.expires_at, l.seats, \
-         l.seats_used, a.fingerprint FROM licenses l LEFT JOIN activations a ON a.license_id = l.id "
-    };
-}
-pub(super) use cache_select;
-
-/// Positions of `cache_select!`'s columns (one row per activation).
-pub(super) mod cache_col {
-    pub const ID: usize = 0;
-    pub const LICENSE_KEY: usize = 1;
-    pub const PRODUCT_CODE: usize = 2;
-    pub const EDITION: usize = 3;
-    pub const KIND: usize = 4;
-    pub const STATUS: usize = 5;
-    pub const EXPIRES_AT: usize = 6;
-    pub const SEATS: usize = 7;
-    pub const SEATS_USED: usize = 8;
-    /// NULL on the one row of a license without activations.
-    pub const FINGERPRINT: usize = 9;
-    /// Every column's name, by position.
-    #[cfg(test)]
-    pub const NAMES: [&str; 10] = [
-        "id",
-        "license_key",
-        "product_code",
-        "edition",
-        "kind",
-        "status",
-        "expires_at",
-        "seats",
-        "seats_used",
-        "fingerprint",
-    ];
-}
-
-/// The full load: every license with its activations, grouped by license.
-pub(super) const LOAD_SQL: &str = concat!(cache_select!(), "ORDER BY l.id");
-
-/// Every product's policy.
-pub(super) const PRODUCTS_SQL: &str =
-    "SELECT code, grace_period_months, latest_version, offline_lease_days FROM products";
-
-/// Positions of [`PRODUCTS_SQL`]'s columns.
-pub(super) mod policy_col {
-    pub const CODE: usize = 0;
-    pub const GRACE_PERIOD_MONTHS: usize = 1;
-    pub const LATEST_VERSION: usize = 2;
-    pub const OFFLINE_LEASE_DAYS: usize = 3;
-    /// Every column's name, by position.
-    #[cfg(test)]
-    pub const NAMES: [&str; 4] = [
-        "code",
-        "grace_period_months",
-        "latest_version",
-        "offline_lease_days",
-    ];
-}
-
-/// The newest event (SQLite: the position a load starts from).
-pub(super) const LAST_EVENT_SQL: &str = "SELECT COALESCE(MAX(id), 0) FROM license_events";
-
-/// The columns of an event in the feed, with its license's key and product.
-pub(super) const EVENT_SELECT: &str = "SELECT e.id, e.type, e.at, e.actor, e.fingerprint, e.old_expires_at, \
-     e.new_expires_at, e.renewal_code_id, e.refusal_reason, e.detail, l.license_key, l.product_code \
-     FROM license_events e JOIN licenses l ON l.id = e.license_id";
-
-/// An event from a row of [`EVENT_SELECT`].
-pub(super) fn event_from_row(row: &AnyRow) -> StoreResult<LicenseEvent> {
-    let time = |name: &str| -> StoreResult<Option<chrono::DateTime<chrono::Utc>>> {
-        row.try_get::<Option<i64>, _>(name)?
-            .map(from_micros)
-            .transpose()
-    };
-    Ok(LicenseEvent {
-        id: row.try_get("id")?,
-        event_type: row.try_get("type")?,
-        at: from_micros(row.try_get("at")?)?,
-        actor: row.try_get("actor")?,
-        fingerprint: row.try_get("fingerprint")?,
-        old_expires_at: time("old_expires_at")?,
-        new_expires_at: time("new_expires_at")?,
-        renewal_code_id: row.try_get("renewal_code_id")?,
-        refusal_reason: row.try_get("refusal_reason")?,
-        detail: row.try_get("detail")?,
-        license_key: LicenseKey::parse(&row.try_get::<String, _>("license_key")?)
-            .map_err(|_| corrupt("license key", "<redacted>"))?,
-        product: row.try_get("product_code")?,
-    })
-}
-
-/// The `xmin` of a fresh snapshot: every transaction below it has finished.
-pub(super) async fn pg_xmin(conn: &mut AnyConnection) -> StoreResult<i64> {
-    Ok(
-        sqlx::query_scalar("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint")
-            .fetch_one(&mut *conn)
-            .await?,
-    )
-}
+mod feeds;
+pub(super) use feeds::{
+    EVENT_SELECT, LAST_EVENT_SQL, LOAD_SQL, PRODUCTS_SQL, cache_col, cache_select, event_from_row,
+    pg_xmin, policy_col,
+};
 
 #[cfg(test)]
 mod tests;

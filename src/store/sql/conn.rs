@@ -18,7 +18,7 @@
 //! order of the statements and the decision exist once; a backend supplies
 //! only how a statement is executed. The SQL is the dialect both accept
 //! (`$N` placeholders; SQLite's writer numbers them `?N`); where the
-//! dialects differ (row locks, advisory locks) the command asks
+//! dialects differ (row locks) the command asks
 //! [`Conn::dialect`].
 
 use std::future::Future;

@@ -3,10 +3,10 @@
 //! payload is refused. Every payload's digest is computed here: the
 //! operation's name, then its fields ([`digest_fields`]).
 
-use super::conn::{Conn, args};
+use super::conn::{Conn, args, fetch_one};
 use crate::domain::{LicenseKey, Refusal};
 use crate::store::rows::Columns;
-use crate::store::{Dialect, IssueLicense, IssueRenewalCode, StoreResult, digest_fields, micros};
+use crate::store::{IssueLicense, IssueRenewalCode, StoreResult, digest_fields, micros};
 use chrono::{DateTime, Utc};
 
 /// One request's idempotency key (if it has one) and what it asks for.
@@ -83,56 +83,45 @@ impl<'a> Request<'a> {
         }
     }
 
-    /// The resource this request produced before, if it was made before
-    /// (never for a request without a key); refuses a key used before with
-    /// another payload.
-    pub(super) async fn replayed<C: Conn>(&self, conn: &mut C) -> StoreResult<Option<String>> {
-        let Some(request_id) = self.request_id else {
-            return Ok(None);
-        };
-        if conn.dialect() == Dialect::Postgres {
-            // Two replicas handling the same request id wait for each other here,
-            // so the second one sees the first one's key (released at commit).
-            conn.execute(
-                "SELECT 1 FROM (SELECT pg_advisory_xact_lock(hashtextextended($1, 0))) AS locked",
-                args![request_id],
-            )
-            .await?;
-        }
-        let row = conn
-            .fetch_optional(
-                "SELECT operation, payload_hash, resource FROM idempotency_keys WHERE request_id = $1",
-                args![request_id],
-            )
-            .await?;
-        match row {
-            None => Ok(None),
-            Some(row) => {
-                if row.text(0)? == self.operation && row.blob(1)? == self.payload_hash {
-                    Ok(Some(row.text(2)?))
-                } else {
-                    Err(Refusal::IdempotencyKeyReused.into())
-                }
-            }
-        }
-    }
-
-    /// Keeps the key (if any), with the `resource` this request produced.
-    pub(super) async fn remember<C: Conn>(
+    /// Claims the request's key (if it has one) for `resource`, the
+    /// resource this request will produce, at the start of its
+    /// transaction: `None` if it is new (the claim rolls back with the
+    /// transaction if the write is refused), or the resource its first
+    /// sending produced; a key sent before with another payload is refused.
+    ///
+    /// One statement when the key is new, on both backends. On PostgreSQL
+    /// two replicas handling the same key at once queue on the key's unique
+    /// index: the second waits for the first to end, then finds its row
+    /// (or claims the key itself if the first rolled back).
+    pub(super) async fn claim<C: Conn>(
         &self,
         conn: &mut C,
         resource: &str,
         now: DateTime<Utc>,
-    ) -> StoreResult<()> {
+    ) -> StoreResult<Option<String>> {
         let Some(request_id) = self.request_id else {
-            return Ok(());
+            return Ok(None);
         };
-        conn.execute(
-            "INSERT INTO idempotency_keys (request_id, operation, payload_hash, resource, created_at) \
-             VALUES ($1, $2, $3, $4, $5)",
-            args![request_id, self.operation, &self.payload_hash, resource, micros(now)],
+        let claimed = conn
+            .execute(
+                "INSERT INTO idempotency_keys (request_id, operation, payload_hash, resource, created_at) \
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (request_id) DO NOTHING",
+                args![request_id, self.operation, &self.payload_hash, resource, micros(now)],
+            )
+            .await?;
+        if claimed == 1 {
+            return Ok(None);
+        }
+        let row = fetch_one(
+            conn,
+            "SELECT operation, payload_hash, resource FROM idempotency_keys WHERE request_id = $1",
+            args![request_id],
         )
         .await?;
-        Ok(())
+        if row.text(0)? == self.operation && row.blob(1)? == self.payload_hash {
+            Ok(Some(row.text(2)?))
+        } else {
+            Err(Refusal::IdempotencyKeyReused.into())
+        }
     }
 }

@@ -38,7 +38,7 @@ impl Command for Issue {
     async fn run<C: Conn>(&self, conn: &mut C) -> StoreResult<Ending<License>> {
         let (cmd, now) = (&self.cmd, self.now);
         let request = Request::issue_license(cmd);
-        if let Some(key) = request.replayed(conn).await? {
+        if let Some(key) = request.claim(conn, self.key.normalized(), now).await? {
             let key = LicenseKey::parse(&key).map_err(|_| corrupt("license key", "<redacted>"))?;
             let license = require_license(conn, &key, Lock::ForUpdate).await?.1;
             return Ok(Ending::Commit(license));
@@ -81,7 +81,6 @@ impl Command for Issue {
             ..Default::default()
         };
         record_event(conn, license_id, &self.actor, now, event).await?;
-        request.remember(conn, key.normalized(), now).await?;
         // Exactly what was written, as a read would return it.
         Ok(Ending::Commit(License {
             key: key.clone(),
@@ -124,7 +123,7 @@ impl Command for ChangeStatus {
         let (key, now) = (&self.key, self.now);
         let op = self.action.event_type();
         let request = Request::change_status(self.request_id.as_deref(), op, key, &self.reason);
-        if request.replayed(conn).await?.is_some() {
+        if request.claim(conn, key.normalized(), now).await?.is_some() {
             let license = require_license(conn, key, Lock::ForUpdate).await?.1;
             return Ok(Ending::Commit(license));
         }
@@ -143,7 +142,6 @@ impl Command for ChangeStatus {
             record_event(conn, id, &self.actor, now, event).await?;
             license.status = status;
         }
-        request.remember(conn, key.normalized(), now).await?;
         // As loaded (the row is locked) with the new status.
         Ok(Ending::Commit(license))
     }

@@ -1,22 +1,22 @@
 //! The SQL store: every rule transaction written once, for SQLite and
 //! PostgreSQL alike.
 //!
-//! The two backends share this code through sqlx's `Any` driver: the queries
-//! use `$N` placeholders and SQL both dialects accept. What differs lives in a
-//! [`Dialect`] and in the backend modules (connecting, migrations, pool
-//! sizing):
+//! Each write is a [`conn::Command`] run through a [`conn::Conn`]: the
+//! queries use `$N` placeholders and SQL both dialects accept. What differs
+//! lives in a [`Dialect`] and in the backend modules (connecting,
+//! migrations, the SQLite writer, pool sizing):
 //!
-//! * **SQLite** allows one writer at a time. A deferred transaction that reads
-//!   and then writes can fail with "database is locked" under concurrency
-//!   whatever the busy timeout, so every write goes through one writer
-//!   connection and opens with `BEGIN IMMEDIATE`, taking the write lock before
-//!   it reads. Reads use a separate pool of read-only connections (WAL mode).
+//! * **SQLite** allows one writer at a time. Every write goes through one
+//!   writer thread's connection (`super::sqlite::writer`), which runs the
+//!   writes queued meanwhile in one `BEGIN IMMEDIATE` transaction, each in
+//!   a savepoint, and commits them together. Reads use separate read-only
+//!   connections (WAL mode).
 //! * **PostgreSQL** serves many replicas at once. A write transaction locks
 //!   the rows its decision depends on (`SELECT … FOR UPDATE`: the license,
 //!   then the renewal code), so concurrent activations of one license queue
-//!   behind each other and the seat count is exact; idempotency keys are
-//!   serialised with a transaction-scoped advisory lock; deadlocks and
-//!   serialisation failures are retried.
+//!   behind each other and the seat count is exact; a request's idempotency
+//!   key is claimed first (a second replica with the same key waits on the
+//!   key's unique index); deadlocks and serialisation failures are retried.
 //!
 //! Whatever the backend, the schema's constraints are the last line of
 //! defence: `seats_used <= seats`, one activation per (license, fingerprint),

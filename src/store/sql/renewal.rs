@@ -30,15 +30,13 @@ impl Command for IssueCode {
     async fn run<C: Conn>(&self, conn: &mut C) -> StoreResult<Ending<Self::Output>> {
         let (cmd, code, now) = (&self.cmd, &self.code, self.now);
         let request = Request::issue_renewal_code(cmd);
-        if let Some(id) = request.replayed(conn).await? {
-            return Ok(Ending::Commit((
-                load_code_by_id(conn, &id).await?,
-                code.clone(),
-            )));
+        let id = new_code_id();
+        if let Some(first) = request.claim(conn, &id, now).await? {
+            let record = load_code_by_id(conn, &first).await?;
+            return Ok(Ending::Commit((record, code.clone())));
         }
         let product = require_product(conn, &cmd.product, Lock::No).await?;
         rules::issue_code(&product, cmd.edition, cmd.seats, cmd.term_years)?;
-        let id = new_code_id();
         conn.execute(
             "INSERT INTO renewal_codes (id, code_hash, product_code, edition, seats, term_years, state, issued_at, \
              order_ref, reseller) VALUES ($1, $2, $3, $4, $5, $6, 'UNREDEEMED', $7, $8, $9)",
@@ -55,7 +53,6 @@ impl Command for IssueCode {
             ],
         )
         .await?;
-        request.remember(conn, &id, now).await?;
         let record = load_code_by_id(conn, &id).await?;
         Ok(Ending::Commit((record, code.clone())))
     }
@@ -78,7 +75,7 @@ impl Command for VoidCode {
         let record = load_code_by_hash(conn, &self.code_hash, Lock::ForUpdate)
             .await?
             .ok_or(StoreError::Refused(Refusal::RenewalCodeNotFound))?;
-        if request.replayed(conn).await?.is_some() {
+        if request.claim(conn, &record.id, self.now).await?.is_some() {
             return Ok(Ending::Commit(record));
         }
         if rules::void_code(&record)? {
@@ -89,7 +86,6 @@ impl Command for VoidCode {
             )
             .await?;
         }
-        request.remember(conn, &record.id, self.now).await?;
         Ok(Ending::Commit(load_code_by_id(conn, &record.id).await?))
     }
 }

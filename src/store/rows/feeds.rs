@@ -1,0 +1,112 @@
+//! The statements the validation cache and the event feed read with, and
+//! their rows (re-exported by [`super`]).
+
+use sqlx::any::AnyRow;
+use sqlx::{AnyConnection, Row};
+
+use super::corrupt;
+use crate::domain::LicenseKey;
+use crate::store::{LicenseEvent, StoreResult, from_micros};
+
+/// What a license row of the cache is read from: one statement, so
+/// `seats_used` and the activations listed come from one snapshot.
+macro_rules! cache_select {
+    () => {
+        "SELECT l.id, l.license_key, l.product_code, l.edition, l.kind, l.status, l.expires_at, l.seats, \
+         l.seats_used, a.fingerprint FROM licenses l LEFT JOIN activations a ON a.license_id = l.id "
+    };
+}
+pub(in crate::store) use cache_select;
+
+/// Positions of `cache_select!`'s columns (one row per activation).
+pub(in crate::store) mod cache_col {
+    pub const ID: usize = 0;
+    pub const LICENSE_KEY: usize = 1;
+    pub const PRODUCT_CODE: usize = 2;
+    pub const EDITION: usize = 3;
+    pub const KIND: usize = 4;
+    pub const STATUS: usize = 5;
+    pub const EXPIRES_AT: usize = 6;
+    pub const SEATS: usize = 7;
+    pub const SEATS_USED: usize = 8;
+    /// NULL on the one row of a license without activations.
+    pub const FINGERPRINT: usize = 9;
+    /// Every column's name, by position.
+    #[cfg(test)]
+    pub const NAMES: [&str; 10] = [
+        "id",
+        "license_key",
+        "product_code",
+        "edition",
+        "kind",
+        "status",
+        "expires_at",
+        "seats",
+        "seats_used",
+        "fingerprint",
+    ];
+}
+
+/// The full load: every license with its activations, grouped by license.
+pub(in crate::store) const LOAD_SQL: &str = concat!(cache_select!(), "ORDER BY l.id");
+
+/// Every product's policy.
+pub(in crate::store) const PRODUCTS_SQL: &str =
+    "SELECT code, grace_period_months, latest_version, offline_lease_days FROM products";
+
+/// Positions of [`PRODUCTS_SQL`]'s columns.
+pub(in crate::store) mod policy_col {
+    pub const CODE: usize = 0;
+    pub const GRACE_PERIOD_MONTHS: usize = 1;
+    pub const LATEST_VERSION: usize = 2;
+    pub const OFFLINE_LEASE_DAYS: usize = 3;
+    /// Every column's name, by position.
+    #[cfg(test)]
+    pub const NAMES: [&str; 4] = [
+        "code",
+        "grace_period_months",
+        "latest_version",
+        "offline_lease_days",
+    ];
+}
+
+/// The newest event (SQLite: the position a load starts from).
+pub(in crate::store) const LAST_EVENT_SQL: &str = "SELECT COALESCE(MAX(id), 0) FROM license_events";
+
+/// The columns of an event in the feed, with its license's key and product.
+pub(in crate::store) const EVENT_SELECT: &str = "SELECT e.id, e.type, e.at, e.actor, e.fingerprint, e.old_expires_at, \
+     e.new_expires_at, e.renewal_code_id, e.refusal_reason, e.detail, l.license_key, l.product_code \
+     FROM license_events e JOIN licenses l ON l.id = e.license_id";
+
+/// An event from a row of [`EVENT_SELECT`].
+pub(in crate::store) fn event_from_row(row: &AnyRow) -> StoreResult<LicenseEvent> {
+    let time = |name: &str| -> StoreResult<Option<chrono::DateTime<chrono::Utc>>> {
+        row.try_get::<Option<i64>, _>(name)?
+            .map(from_micros)
+            .transpose()
+    };
+    Ok(LicenseEvent {
+        id: row.try_get("id")?,
+        event_type: row.try_get("type")?,
+        at: from_micros(row.try_get("at")?)?,
+        actor: row.try_get("actor")?,
+        fingerprint: row.try_get("fingerprint")?,
+        old_expires_at: time("old_expires_at")?,
+        new_expires_at: time("new_expires_at")?,
+        renewal_code_id: row.try_get("renewal_code_id")?,
+        refusal_reason: row.try_get("refusal_reason")?,
+        detail: row.try_get("detail")?,
+        license_key: LicenseKey::parse(&row.try_get::<String, _>("license_key")?)
+            .map_err(|_| corrupt("license key", "<redacted>"))?,
+        product: row.try_get("product_code")?,
+    })
+}
+
+/// The `xmin` of a fresh snapshot: every transaction below it has finished.
+pub(in crate::store) async fn pg_xmin(conn: &mut AnyConnection) -> StoreResult<i64> {
+    Ok(
+        sqlx::query_scalar("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint")
+            .fetch_one(&mut *conn)
+            .await?,
+    )
+}
