@@ -33,6 +33,7 @@ fn bench(extra: &[&str]) -> serde_json::Value {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
     assert!(stdout.contains("Validate / ceiling:"), "{stdout}");
+    assert!(stdout.contains("server CPU per write ("), "{stdout}");
     serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap()
 }
 

@@ -143,6 +143,29 @@ fn opt(v: Option<f64>, digits: usize) -> String {
 }
 
 impl Report {
+    /// The server's CPU per write of each write workload (every call of
+    /// `activate`, `redeem` and `issue` is one write transaction), with the
+    /// durability it was measured at.
+    fn cpu_per_write(&self) -> Option<String> {
+        let figures: Vec<String> = self
+            .workloads
+            .iter()
+            .filter(|w| ["activate", "redeem", "issue"].contains(&w.workload.as_str()))
+            .filter_map(|w| {
+                let per = w.server_cpu_seconds? * 1e6 / (w.total_calls().max(1) as f64);
+                Some(format!("{} {per:.0} µs", w.workload))
+            })
+            .collect();
+        if figures.is_empty() {
+            return None;
+        }
+        Some(format!(
+            "server CPU per write ({}): {}",
+            self.durability.as_deref().unwrap_or("-"),
+            figures.join(", ")
+        ))
+    }
+
     /// The human-readable report.
     pub fn table(&self) -> String {
         let mut out = String::new();
@@ -299,6 +322,9 @@ impl Report {
             let _ = writeln!(out, "{}", line.trim_end());
         }
         let _ = writeln!(out);
+        if let Some(line) = self.cpu_per_write() {
+            let _ = writeln!(out, "{line}");
+        }
         match self.validate_to_ceiling_ratio {
             Some(ratio) => {
                 let rate = |server: &str| {

@@ -118,6 +118,21 @@ pub(in crate::store) trait Conn: Send {
         sql: &'static str,
         args: &[Arg<'_>],
     ) -> impl Future<Output = StoreResult<Option<Self::Row>>> + Send;
+
+    /// Runs `first`, then `then` (neither reading what the other writes),
+    /// in as few round trips as the backend allows; how many rows `first`
+    /// changed. Used for a change and the history event that records it.
+    fn execute_pair(
+        &mut self,
+        first: (&'static str, &[Arg<'_>]),
+        then: (&'static str, &[Arg<'_>]),
+    ) -> impl Future<Output = StoreResult<u64>> + Send {
+        async move {
+            let changed = self.execute(first.0, first.1).await?;
+            self.execute(then.0, then.1).await?;
+            Ok(changed)
+        }
+    }
 }
 
 /// The row `sql` must return.
@@ -180,6 +195,45 @@ fn query<'q>(
     q
 }
 
+/// PostgreSQL's one statement for [`Conn::execute_pair`]: both as
+/// data-modifying `WITH` queries (each runs once, on the same snapshot),
+/// `then`'s placeholders numbered after `first`'s. Built once per pair.
+fn paired(first: &'static str, first_args: usize, then: &'static str) -> &'static str {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    static PAIRS: OnceLock<Mutex<HashMap<(usize, usize), &'static str>>> = OnceLock::new();
+    let id = (first.as_ptr() as usize, then.as_ptr() as usize);
+    let mut pairs = PAIRS
+        .get_or_init(Default::default)
+        .lock()
+        .expect("not poisoned");
+    pairs.entry(id).or_insert_with(|| {
+        let sql = format!(
+            "WITH w1 AS ({first} RETURNING 1), w2 AS ({} RETURNING 1) SELECT count(*) FROM w1",
+            shifted(then, first_args)
+        );
+        Box::leak(sql.into_boxed_str())
+    })
+}
+
+/// `sql` with each `$N` numbered `$(N + by)`.
+fn shifted(sql: &str, by: usize) -> String {
+    let mut out = String::with_capacity(sql.len() + 8);
+    let mut rest = sql;
+    while let Some(at) = rest.find('$') {
+        out.push_str(&rest[..=at]);
+        rest = &rest[at + 1..];
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        match rest[..digits].parse::<usize>() {
+            Ok(n) => out.push_str(&(n + by).to_string()),
+            Err(_) => out.push_str(&rest[..digits]),
+        }
+        rest = &rest[digits..];
+    }
+    out.push_str(rest);
+    out
+}
+
 impl Conn for AnyConnection {
     type Row = AnyRow;
 
@@ -204,5 +258,35 @@ impl Conn for AnyConnection {
         args: &[Arg<'_>],
     ) -> StoreResult<Option<AnyRow>> {
         Ok(query(sql, args).fetch_optional(self).await?)
+    }
+
+    async fn execute_pair(
+        &mut self,
+        first: (&'static str, &[Arg<'_>]),
+        then: (&'static str, &[Arg<'_>]),
+    ) -> StoreResult<u64> {
+        if self.dialect() == Dialect::Sqlite {
+            let changed = self.execute(first.0, first.1).await?;
+            self.execute(then.0, then.1).await?;
+            return Ok(changed);
+        }
+        // One round trip instead of two.
+        let sql = paired(first.0, first.1.len(), then.0);
+        let args: Vec<Arg<'_>> = first.1.iter().chain(then.1).copied().collect();
+        let row = query(sql, &args).fetch_one(self).await?;
+        Ok(row.int(0)? as u64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::shifted;
+
+    #[test]
+    fn placeholders_shift_past_the_first_statement() {
+        assert_eq!(
+            shifted("INSERT INTO t (a, b) VALUES ($1, $10)", 5),
+            "INSERT INTO t (a, b) VALUES ($6, $15)"
+        );
     }
 }

@@ -9,7 +9,7 @@ use super::SqlStore;
 use super::conn::{Command, Conn, Ending, args, fetch_one};
 use super::idempotency::Request;
 use super::load::{Lock, require_license, require_product};
-use super::tx::{NewEvent, record_event};
+use super::tx::{NewEvent, change_recorded, record_event};
 use crate::domain::rules::{self, StatusAction};
 use crate::domain::{License, LicenseKey, LicenseStatus, Refusal};
 use crate::store::change_notify::Change;
@@ -129,17 +129,16 @@ impl Command for ChangeStatus {
         }
         let (id, mut license) = require_license(conn, key, Lock::ForUpdate).await?;
         if let Some(status) = rules::change_status(&license, self.action)? {
-            conn.execute(
+            let update = (
                 "UPDATE licenses SET status = $1 WHERE id = $2",
                 args![status.as_str(), id],
-            )
-            .await?;
+            );
             let event = NewEvent {
                 event_type: op,
                 detail: &self.reason,
                 ..Default::default()
             };
-            record_event(conn, id, &self.actor, now, event).await?;
+            change_recorded(conn, update.0, update.1, id, &self.actor, now, event).await?;
             license.status = status;
         }
         // As loaded (the row is locked) with the new status.

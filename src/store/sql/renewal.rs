@@ -7,7 +7,7 @@ use super::SqlStore;
 use super::conn::{Command, Conn, Ending, args};
 use super::idempotency::Request;
 use super::load::{Lock, load_code_by_hash, load_code_by_id, require_license, require_product};
-use super::tx::{NewEvent, record_event};
+use super::tx::{NewEvent, change_recorded, record_event};
 use crate::domain::error::RefusalClass;
 use crate::domain::rules;
 use crate::domain::{License, Refusal, RenewalCode, RenewalCodeRecord};
@@ -145,11 +145,10 @@ impl Command for RedeemCode {
         if updated != 1 {
             return Err(Refusal::RenewalCodeAlreadyRedeemed { redeemed_at: None }.into());
         }
-        conn.execute(
+        let extend = (
             "UPDATE licenses SET expires_at = $1, renewal_count = renewal_count + 1 WHERE id = $2",
             args![micros(decision.new_expires_at), license_id],
-        )
-        .await?;
+        );
         let event = NewEvent {
             event_type: "renewed",
             fingerprint: &cmd.fingerprint,
@@ -158,7 +157,7 @@ impl Command for RedeemCode {
             renewal_code_id: Some(&code.id),
             ..Default::default()
         };
-        record_event(conn, license_id, actor, now, event).await?;
+        change_recorded(conn, extend.0, extend.1, license_id, actor, now, event).await?;
         // As loaded (the row is locked) with what was just written.
         license.expires_at = stored(decision.new_expires_at);
         license.renewal_count += 1;

@@ -6,7 +6,7 @@ use chrono::{DateTime, Utc};
 use super::SqlStore;
 use super::conn::{Command, Conn, Ending, args};
 use super::load::{Lock, require_license};
-use super::tx::{NewEvent, record_event};
+use super::tx::{NewEvent, change_recorded};
 use crate::domain::rules::{self, ActivateDecision};
 use crate::domain::{Activation, License, LicenseKey};
 use crate::store::change_notify::Change;
@@ -39,19 +39,24 @@ impl Command for Activate {
                 Ok(Ending::Commit((license, activation)))
             }
             ActivateDecision::TakeSeat => {
-                conn.execute(
+                let insert = (
                     "INSERT INTO activations (license_id, fingerprint, hostname, client_version, activated_at) \
                      VALUES ($1, $2, $3, $4, $5)",
-                    args![id, fingerprint, &self.hostname, &self.client_version, micros(self.now)],
-                )
-                .await?;
+                    args![
+                        id,
+                        fingerprint,
+                        &self.hostname,
+                        &self.client_version,
+                        micros(self.now)
+                    ],
+                );
                 let event = NewEvent {
                     event_type: "activated",
                     fingerprint,
                     detail: &self.hostname,
                     ..Default::default()
                 };
-                record_event(conn, id, &self.actor, self.now, event).await?;
+                change_recorded(conn, insert.0, insert.1, id, &self.actor, self.now, event).await?;
                 // The answer is the license as loaded plus this seat: the
                 // row was locked, and the trigger counts exactly this insert.
                 let activation = Activation {
@@ -82,17 +87,16 @@ impl Command for Deactivate {
         let (id, mut license) = require_license(conn, &self.key, Lock::ForUpdate).await?;
         let fingerprint = self.fingerprint.as_str();
         rules::deactivate(&license, fingerprint)?;
-        conn.execute(
+        let delete = (
             "DELETE FROM activations WHERE license_id = $1 AND fingerprint = $2",
             args![id, fingerprint],
-        )
-        .await?;
+        );
         let event = NewEvent {
             event_type: "deactivated",
             fingerprint,
             ..Default::default()
         };
-        record_event(conn, id, &self.actor, self.now, event).await?;
+        change_recorded(conn, delete.0, delete.1, id, &self.actor, self.now, event).await?;
         // As loaded (the row was locked) minus this seat.
         license.seats_used -= 1;
         license.activations.retain(|a| a.fingerprint != fingerprint);

@@ -10,7 +10,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 
 use super::SqlStore;
-use super::conn::{Command, Conn, args};
+use super::conn::{Arg, Command, Conn};
 use crate::store::change_notify::{Change, Changes};
 use crate::store::error::session_ended;
 use crate::store::event_feed::EventFeed;
@@ -212,6 +212,11 @@ pub(super) struct NewEvent<'a> {
     pub detail: &'a str,
 }
 
+/// Appends one history event.
+const EVENT_INSERT: &str = "INSERT INTO license_events (license_id, type, at, actor, fingerprint, \
+     old_expires_at, new_expires_at, renewal_code_id, refusal_reason, detail) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)";
+
 pub(super) async fn record_event<C: Conn>(
     conn: &mut C,
     license_id: i64,
@@ -219,24 +224,45 @@ pub(super) async fn record_event<C: Conn>(
     now: DateTime<Utc>,
     e: NewEvent<'_>,
 ) -> StoreResult<()> {
-    conn.execute(
-        "INSERT INTO license_events (license_id, type, at, actor, fingerprint, old_expires_at, new_expires_at, \
-         renewal_code_id, refusal_reason, detail) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-        args![
-            license_id,
-            e.event_type,
-            micros(now),
-            &actor.0,
-            e.fingerprint,
-            e.old_expires_at.map(micros),
-            e.new_expires_at.map(micros),
-            e.renewal_code_id,
-            e.refusal_reason,
-            e.detail,
-        ],
-    )
-    .await?;
+    conn.execute(EVENT_INSERT, &event_args(license_id, actor, now, &e))
+        .await?;
     Ok(())
+}
+
+/// Runs `change` and appends the event `e` that records it, as one pair
+/// (one round trip on PostgreSQL); how many rows `change` changed.
+pub(super) async fn change_recorded<C: Conn>(
+    conn: &mut C,
+    change: &'static str,
+    change_args: &[Arg<'_>],
+    license_id: i64,
+    actor: &Actor,
+    now: DateTime<Utc>,
+    e: NewEvent<'_>,
+) -> StoreResult<u64> {
+    let event = event_args(license_id, actor, now, &e);
+    conn.execute_pair((change, change_args), (EVENT_INSERT, &event))
+        .await
+}
+
+fn event_args<'a>(
+    license_id: i64,
+    actor: &'a Actor,
+    now: DateTime<Utc>,
+    e: &NewEvent<'a>,
+) -> [Arg<'a>; 10] {
+    [
+        license_id.into(),
+        e.event_type.into(),
+        micros(now).into(),
+        (&actor.0).into(),
+        e.fingerprint.into(),
+        e.old_expires_at.map(micros).into(),
+        e.new_expires_at.map(micros).into(),
+        e.renewal_code_id.into(),
+        e.refusal_reason.into(),
+        e.detail.into(),
+    ]
 }
 
 /// Whether `e` says the connection itself is gone: an I/O or protocol
