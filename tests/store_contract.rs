@@ -694,6 +694,10 @@ async fn concurrent_writes_keep_every_rule(db: &TestDb, s: &SqlStore) {
         }
     }
     assert_eq!(ok, 1);
+    // Each refusal kept its history event, whatever was committed with it.
+    let events = s.list_events(&l.key, None, 1_000).await.unwrap();
+    let count = |kind: &str| events.iter().filter(|e| e.event_type == kind).count();
+    assert_eq!((count("renewed"), count("renewal_refused")), (1, 19));
     assert_eq!(
         s.get_license(&l.key).await.unwrap().expires_at,
         l.expires_at + (t("2028-01-15T12:00:00Z") - t("2027-01-15T12:00:00Z"))

@@ -445,14 +445,4 @@ impl Columns for OwnedRow {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::numbered;
-
-    #[test]
-    fn placeholders_are_numbered_for_sqlite() {
-        assert_eq!(
-            numbered("UPDATE t SET a = $2 WHERE b = $10 AND c = '$'"),
-            "UPDATE t SET a = ?2 WHERE b = ?10 AND c = '$'"
-        );
-    }
-}
+mod tests;

@@ -1,0 +1,187 @@
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use super::{Committed, GroupWriter, numbered};
+use crate::domain::Refusal;
+use crate::store::rows::Columns;
+use crate::store::sql::conn::{Command, Conn, Ending, args, fetch_one};
+use crate::store::sqlite::{Durability, migrate};
+use crate::store::{StoreError, StoreResult};
+
+#[test]
+fn placeholders_are_numbered_for_sqlite() {
+    assert_eq!(
+        numbered("UPDATE t SET a = $2 WHERE b = $10 AND c = '$'"),
+        "UPDATE t SET a = ?2 WHERE b = ?10 AND c = '$'"
+    );
+}
+
+/// How a test write ends.
+#[derive(Clone, Copy)]
+enum End {
+    Commit,
+    /// Refused after writing: its statements roll back.
+    Refuse,
+    /// Refused, keeping what it wrote (as a refused renewal keeps its event).
+    RefuseKeeping,
+    Panic,
+}
+
+/// Writes the setting `name`, holding the writer `hold` first.
+struct Put {
+    name: &'static str,
+    hold: Duration,
+    end: End,
+}
+
+impl Command for Put {
+    type Output = ();
+
+    async fn run<C: Conn>(&self, conn: &mut C) -> StoreResult<Ending<()>> {
+        std::thread::sleep(self.hold);
+        conn.execute(
+            "INSERT INTO settings (name, value) VALUES ($1, $2)",
+            args![self.name, &b"v".to_vec()],
+        )
+        .await?;
+        match self.end {
+            End::Commit => Ok(Ending::Commit(())),
+            End::Refuse => Err(Refusal::LicenseNotFound.into()),
+            End::RefuseKeeping => Ok(Ending::CommitRefusal(Refusal::LicenseNotFound)),
+            End::Panic => panic!("a write that panics"),
+        }
+    }
+}
+
+/// Whether the setting `name` is stored.
+struct Has(&'static str);
+
+impl Command for Has {
+    type Output = bool;
+
+    async fn run<C: Conn>(&self, conn: &mut C) -> StoreResult<Ending<bool>> {
+        let row = fetch_one(
+            conn,
+            "SELECT COUNT(*) FROM settings WHERE name = $1",
+            args![self.0],
+        )
+        .await?;
+        Ok(Ending::Commit(row.int(0)? == 1))
+    }
+}
+
+async fn writer() -> (tempfile::TempDir, GroupWriter) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("w.db");
+    migrate(&path).await.unwrap();
+    let w = GroupWriter::start(&path, Duration::from_secs(2), Durability::Full).unwrap();
+    (dir, w)
+}
+
+/// A write that holds the writer's thread for a while, so that the writes
+/// queued meanwhile share the next batch.
+fn hold() -> Put {
+    Put {
+        name: "hold",
+        hold: Duration::from_millis(300),
+        end: End::Commit,
+    }
+}
+
+fn put(name: &'static str, end: End) -> Put {
+    Put {
+        name,
+        hold: Duration::ZERO,
+        end,
+    }
+}
+
+fn ignored() -> Committed {
+    Box::new(|_| {})
+}
+
+async fn has(w: &GroupWriter, name: &'static str) -> bool {
+    w.run(Has(name), ignored()).await.unwrap()
+}
+
+/// Each refusal in a batch undoes only its own statements, a refusal that
+/// keeps its writes commits them, and the others commit; the cache is told
+/// of each write that committed something.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_in_a_batch_undoes_only_its_own_writes() {
+    let (_dir, w) = writer().await;
+    let told = Arc::new(AtomicUsize::new(0));
+    let counted = || {
+        let told = told.clone();
+        Box::new(move |_refused: bool| {
+            told.fetch_add(1, Ordering::SeqCst);
+        }) as Committed
+    };
+    let later = Duration::from_millis(50);
+    let (first, a, b, c) = tokio::join!(
+        w.run(hold(), counted()),
+        async {
+            tokio::time::sleep(later).await;
+            w.run(put("a", End::Commit), counted()).await
+        },
+        async {
+            tokio::time::sleep(later).await;
+            w.run(put("b", End::Refuse), counted()).await
+        },
+        async {
+            tokio::time::sleep(later).await;
+            w.run(put("c", End::RefuseKeeping), counted()).await
+        },
+    );
+    first.unwrap();
+    a.unwrap();
+    assert!(matches!(b, Err(StoreError::Refused(_))), "{b:?}");
+    assert!(matches!(c, Err(StoreError::Refused(_))), "{c:?}");
+    assert_eq!(
+        (has(&w, "a").await, has(&w, "b").await, has(&w, "c").await),
+        (true, false, true)
+    );
+    assert_eq!(told.load(Ordering::SeqCst), 3, "hold, a and c committed");
+    w.close().await;
+}
+
+/// A write whose caller gave up before its batch began is not written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_whose_caller_left_before_its_batch_is_not_written() {
+    let (_dir, w) = writer().await;
+    let (first, gone) = tokio::join!(w.run(hold(), ignored()), async {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let write = w.run(put("gone", End::Commit), ignored());
+        tokio::time::timeout(Duration::from_millis(20), write).await
+    });
+    first.unwrap();
+    assert!(gone.is_err(), "the caller gave up");
+    assert!(!has(&w, "gone").await);
+    w.close().await;
+}
+
+/// A write that panics fails its batch (nothing of it is kept) and the
+/// writer goes on with the next one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_write_fails_its_batch_and_the_writer_goes_on() {
+    let (_dir, w) = writer().await;
+    let (first, before, boom) = tokio::join!(
+        w.run(hold(), ignored()),
+        async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            w.run(put("before", End::Commit), ignored()).await
+        },
+        async {
+            tokio::time::sleep(Duration::from_millis(80)).await;
+            w.run(put("boom", End::Panic), ignored()).await
+        },
+    );
+    first.unwrap();
+    assert!(matches!(before, Err(StoreError::Internal(_))), "{before:?}");
+    assert!(matches!(boom, Err(StoreError::Internal(_))), "{boom:?}");
+    assert!(!has(&w, "before").await && !has(&w, "boom").await);
+    w.run(put("after", End::Commit), ignored()).await.unwrap();
+    assert!(has(&w, "after").await);
+    w.close().await;
+}
