@@ -121,12 +121,12 @@ impl Changes {
         p.release(now);
     }
 
-    /// Whether the database is down: a fresh connection is refused (by
-    /// the host, or by PostgreSQL shutting down or starting up) within
-    /// [`REACHABLE_WAIT`]. A pool would retry a refused connection until
-    /// its timeout. Anything else (it connects, another error, no answer in
-    /// time: perhaps only this replica is cut off while others write) is
-    /// not taken as down.
+    /// Whether the database is down: a fresh connection is turned away by
+    /// the database's host within [`REACHABLE_WAIT`] (see
+    /// [`refused_by_the_server`]). A pool would retry a refused connection
+    /// until its timeout. Anything else (it connects, another error, no
+    /// answer in time: perhaps only this replica is cut off while others
+    /// write) is not taken as down.
     async fn database_down(&self) -> bool {
         use sqlx::Connection;
         let attempt = tokio::time::timeout(
@@ -139,13 +139,37 @@ impl Changes {
                 let _ = conn.close().await;
                 false
             }
-            Ok(Err(sqlx::Error::Io(e))) => matches!(
-                e.kind(),
-                std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound
-            ),
-            Ok(Err(sqlx::Error::Database(db))) => db.code().as_deref() == Some("57P03"),
-            Ok(Err(_)) | Err(_) => false,
+            Ok(Err(e)) => {
+                let down = refused_by_the_server(&e);
+                tracing::debug!(error = %e, down, "change listener: is the database down?");
+                down
+            }
+            Err(_) => false,
         }
+    }
+}
+
+/// Whether a failed connection attempt was turned away by the database
+/// host itself: nothing listens (refused, no socket), the server closed the
+/// connection during its start-up (reset, aborted, end of file: a server
+/// shutting down or crashing), or it said it is starting, stopping or was
+/// terminated (57P03, 57P01, 57P02).
+fn refused_by_the_server(e: &sqlx::Error) -> bool {
+    use std::io::ErrorKind;
+    match e {
+        sqlx::Error::Io(e) => matches!(
+            e.kind(),
+            ErrorKind::ConnectionRefused
+                | ErrorKind::NotFound
+                | ErrorKind::ConnectionReset
+                | ErrorKind::ConnectionAborted
+                | ErrorKind::UnexpectedEof
+                | ErrorKind::BrokenPipe
+        ),
+        sqlx::Error::Database(db) => {
+            matches!(db.code().as_deref(), Some("57P03" | "57P01" | "57P02"))
+        }
+        _ => false,
     }
 }
 
