@@ -22,9 +22,11 @@ use std::time::{Duration, Instant};
 use sqlx::{AnyConnection, AnyPool};
 use tokio_stream::StreamExt;
 
-use super::loader::{BATCH, Grouper, Loader, load_sqlite, poll_sqlite, product_policy};
+use super::loader::{
+    BATCH, Grouper, Loader, licenses_in, load_sqlite, poll_sqlite, product_policy,
+};
 use super::validation_cache::{LicenseRow, Poll, ProductPolicy, ValidationCache};
-use crate::store::rows::{Dialect, LOAD_SQL, PRODUCTS_SQL, cache_select, pg_xmin};
+use crate::store::rows::{Dialect, LOAD_SQL, PRODUCTS_SQL, pg_xmin};
 use crate::store::sqlite::fast::FastReader;
 use crate::store::{StoreError, StoreResult};
 
@@ -197,9 +199,7 @@ impl Feed {
             let read = tokio::task::spawn_blocking(move || poll_sqlite(&fast, last_id, &pending))
                 .await
                 .map_err(|e| StoreError::Internal(format!("poll task: {e}")))??;
-            cache.apply_products(&poll, read.products);
-            cache.apply(&poll, &read.rows);
-            self.finish_poll(cache, &poll, &read.rows);
+            apply_poll(cache, &poll, read.products, &read.rows);
             *cursor = Cursor::Sqlite {
                 last_id: read.last_id,
             };
@@ -280,26 +280,31 @@ impl Feed {
         // Products after licenses: every product a license row names is in.
         let products = read_products(&mut conn).await?;
         drop(conn);
-        cache.apply_products(&poll, products);
-        cache.apply(&poll, &rows);
-        self.finish_poll(cache, &poll, &rows);
+        apply_poll(cache, &poll, products, &rows);
         *cursor = next;
         Ok(())
     }
+}
 
-    /// Ends a poll that read `rows`: the pending keys it did not find are
-    /// no longer in the database.
-    fn finish_poll(&self, cache: &ValidationCache, poll: &Poll, rows: &[LicenseRow]) {
-        let read: std::collections::HashSet<&str> = rows.iter().map(|r| r.key.as_str()).collect();
-        let missing: Vec<String> = poll
-            .pending
-            .iter()
-            .filter(|k| !read.contains(k.as_str()))
-            .cloned()
-            .collect();
-        cache.drop_pending_missing(poll, &missing);
-        cache.finish_poll(poll);
-    }
+/// Applies what a poll read and ends it: the pending keys it did not find
+/// are no longer in the database.
+fn apply_poll(
+    cache: &ValidationCache,
+    poll: &Poll,
+    products: Vec<ProductPolicy>,
+    rows: &[LicenseRow],
+) {
+    cache.apply_products(poll, products);
+    cache.apply(poll, rows);
+    let read: std::collections::HashSet<&str> = rows.iter().map(|r| r.key.as_str()).collect();
+    let missing: Vec<String> = poll
+        .pending
+        .iter()
+        .filter(|k| !read.contains(k.as_str()))
+        .cloned()
+        .collect();
+    cache.drop_pending_missing(poll, &missing);
+    cache.finish_poll(poll);
 }
 
 enum Bind<'a> {
@@ -317,12 +322,7 @@ async fn read_licenses<'a>(
     if n == 0 {
         return Ok(Vec::new());
     }
-    let placeholders: Vec<String> = (1..=n).map(|i| format!("${i}")).collect();
-    let sql = format!(
-        concat!(cache_select!(), "WHERE {} IN ({}) ORDER BY l.id"),
-        column,
-        placeholders.join(", ")
-    );
+    let sql = licenses_in(column, n);
     let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
     for v in values {
         query = match v {

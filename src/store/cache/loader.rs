@@ -110,6 +110,17 @@ pub(super) fn product_policy(row: &impl Columns) -> StoreResult<ProductPolicy> {
     })
 }
 
+/// The statement reading the cache's rows of the licenses whose `column`
+/// is one of `n` values (`$1`…`$n`, in order: SQLite numbers them so too).
+pub(super) fn licenses_in(column: &str, n: usize) -> String {
+    let placeholders: Vec<String> = (1..=n).map(|i| format!("${i}")).collect();
+    format!(
+        concat!(cache_select!(), "WHERE {} IN ({}) ORDER BY l.id"),
+        column,
+        placeholders.join(", ")
+    )
+}
+
 /// Appends to `rows` the licenses whose `column` is one of `values`.
 fn read_licenses(
     snapshot: &Snapshot,
@@ -117,12 +128,7 @@ fn read_licenses(
     values: &[impl rusqlite::ToSql],
     rows: &mut Vec<LicenseRow>,
 ) -> StoreResult<()> {
-    let placeholders: Vec<String> = (1..=values.len()).map(|i| format!("?{i}")).collect();
-    let sql = format!(
-        concat!(cache_select!(), "WHERE {} IN ({}) ORDER BY l.id"),
-        column,
-        placeholders.join(", ")
-    );
+    let sql = licenses_in(column, values.len());
     let mut group = Grouper::default();
     snapshot.for_each_with(&sql, rusqlite::params_from_iter(values), |row| {
         rows.extend(group.push(row)?);

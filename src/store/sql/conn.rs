@@ -127,12 +127,19 @@ pub(in crate::store) trait Conn: Send {
         first: (&'static str, &[Arg<'_>]),
         then: (&'static str, &[Arg<'_>]),
     ) -> impl Future<Output = StoreResult<u64>> + Send {
-        async move {
-            let changed = self.execute(first.0, first.1).await?;
-            self.execute(then.0, then.1).await?;
-            Ok(changed)
-        }
+        in_turn(self, first, then)
     }
+}
+
+/// [`Conn::execute_pair`] as two statements, one after the other.
+async fn in_turn<C: Conn + ?Sized>(
+    conn: &mut C,
+    first: (&'static str, &[Arg<'_>]),
+    then: (&'static str, &[Arg<'_>]),
+) -> StoreResult<u64> {
+    let changed = conn.execute(first.0, first.1).await?;
+    conn.execute(then.0, then.1).await?;
+    Ok(changed)
 }
 
 /// The row `sql` must return.
@@ -266,9 +273,7 @@ impl Conn for AnyConnection {
         then: (&'static str, &[Arg<'_>]),
     ) -> StoreResult<u64> {
         if self.dialect() == Dialect::Sqlite {
-            let changed = self.execute(first.0, first.1).await?;
-            self.execute(then.0, then.1).await?;
-            return Ok(changed);
+            return in_turn(self, first, then).await;
         }
         // One round trip instead of two.
         let sql = paired(first.0, first.1.len(), then.0);

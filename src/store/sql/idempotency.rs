@@ -3,11 +3,12 @@
 //! payload is refused. Every payload's digest is computed here: the
 //! operation's name, then its fields ([`digest_fields`]).
 
+use chrono::{DateTime, Utc};
+
 use super::conn::{Conn, args, fetch_one};
 use crate::domain::{LicenseKey, Refusal};
 use crate::store::rows::Columns;
 use crate::store::{IssueLicense, IssueRenewalCode, StoreResult, digest_fields, micros};
-use chrono::{DateTime, Utc};
 
 /// One request's idempotency key (if it has one) and what it asks for.
 pub(super) struct Request<'a> {

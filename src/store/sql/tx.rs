@@ -23,12 +23,16 @@ const MAX_ATTEMPTS: u32 = 5;
 /// A write transaction.
 pub(super) type Tx = sqlx::Transaction<'static, sqlx::Any>;
 
-/// Validate reads what `change` names from the database until a poll has
-/// re-read it.
-fn mark(cache: &ValidationCache, change: &Change) {
-    match change {
-        Change::License(key) => cache.mark_changed(key),
-        Change::Products => cache.mark_products_changed(),
+/// This replica's side of a write that may have committed: the event feed
+/// looks for new events (a refusal may have recorded one), and Validate
+/// reads what `change` names (`None`: nothing the cache holds) from the
+/// database until a poll has re-read it.
+fn tell_local(feed: &EventFeed, cache: Option<&ValidationCache>, change: Option<&Change>) {
+    feed.nudge();
+    match (cache, change) {
+        (Some(cache), Some(Change::License(key))) => cache.mark_changed(key),
+        (Some(cache), Some(Change::Products)) => cache.mark_products_changed(),
+        _ => {}
     }
 }
 
@@ -51,10 +55,7 @@ impl Drop for CancelGuard {
         let Some(change) = self.change.take() else {
             return;
         };
-        self.feed.nudge();
-        if let Some(cache) = &self.cache {
-            mark(cache, &change);
-        }
+        tell_local(&self.feed, self.cache.as_deref(), Some(&change));
         if let Some(changes) = &self.changes {
             changes.announce_detached(change);
         }
@@ -82,10 +83,8 @@ impl SqlStore {
             let feed = self.feed.clone();
             let cache = self.cache.clone();
             let committed = move |refused: bool| {
-                feed.nudge();
-                if let (false, Some(cache), Some(change)) = (refused, &cache, &change) {
-                    mark(cache, change);
-                }
+                let change = if refused { None } else { change.as_ref() };
+                tell_local(&feed, cache.as_deref(), change);
             };
             return writer.run(cmd, Box::new(committed)).await;
         }
@@ -112,14 +111,15 @@ impl SqlStore {
     /// committed `change`), before its caller hears back: this replica's
     /// Validate reads the change from the database until a poll re-reads
     /// it, and every other replica is told.
-    pub(super) async fn announce<T>(&self, change: Change, result: &StoreResult<T>) {
-        // Some refusals record an event too (renewal_refused).
-        self.feed.nudge();
-        if matches!(result, Err(StoreError::Refused(_))) {
+    async fn announce<T>(&self, change: Change, result: &StoreResult<T>) {
+        let refused = matches!(result, Err(StoreError::Refused(_)));
+        tell_local(
+            &self.feed,
+            self.cache.as_deref(),
+            (!refused).then_some(&change),
+        );
+        if refused {
             return;
-        }
-        if let Some(cache) = &self.cache {
-            mark(cache, &change);
         }
         if let Some(changes) = &self.changes {
             changes.announce(change).await;

@@ -28,6 +28,9 @@ use crate::store::rows::{
 };
 use crate::store::{StoreError, StoreResult, TokenRecord, ValidationView, sqlite_unavailable};
 
+/// Idle connections kept at most.
+const MAX_IDLE: usize = 8;
+
 /// A small pool of read-only connections.
 pub struct FastReader {
     path: std::path::PathBuf,
@@ -88,17 +91,27 @@ impl FastReader {
     /// `read` on a pooled connection (on the calling thread: for one
     /// short, indexed lookup).
     fn pooled<T>(&self, read: impl FnOnce(&Connection) -> StoreResult<T>) -> StoreResult<T> {
-        let pooled = self.idle.lock().expect("not poisoned").pop();
-        let conn = match pooled {
-            Some(c) => c,
-            None => self.connect()?,
-        };
+        let conn = self.take()?;
         let result = read(&conn);
+        self.give_back(conn);
+        result
+    }
+
+    /// An idle connection, or a new one.
+    fn take(&self) -> StoreResult<Connection> {
+        let pooled = self.idle.lock().expect("not poisoned").pop();
+        match pooled {
+            Some(c) => Ok(c),
+            None => self.connect(),
+        }
+    }
+
+    /// Keeps `conn` for the next call, up to [`MAX_IDLE`].
+    fn give_back(&self, conn: Connection) {
         let mut idle = self.idle.lock().expect("not poisoned");
-        if idle.len() < 8 {
+        if idle.len() < MAX_IDLE {
             idle.push(conn);
         }
-        result
     }
 
     /// The license with key `key`, its product's latest version, and whether
@@ -157,21 +170,14 @@ impl FastReader {
         &self,
         read: impl FnOnce(&Snapshot) -> StoreResult<T>,
     ) -> StoreResult<T> {
-        let pooled = self.idle.lock().expect("not poisoned").pop();
-        let snapshot = Snapshot(match pooled {
-            Some(c) => c,
-            None => self.connect()?,
-        });
+        let snapshot = Snapshot(self.take()?);
         snapshot
             .0
             .execute_batch("BEGIN")
             .map_err(unavailable_or_internal)?;
         let result = read(&snapshot);
         if snapshot.0.execute_batch("COMMIT").is_ok() {
-            let mut idle = self.idle.lock().expect("not poisoned");
-            if idle.len() < 8 {
-                idle.push(snapshot.0);
-            }
+            self.give_back(snapshot.0);
         }
         result
     }

@@ -87,6 +87,7 @@ impl GroupWriter {
         conn.set_prepared_statement_cache_capacity(64);
         let (queue, jobs) = mpsc::channel();
         let native = NativeConn {
+            waited: metrics::Histogram::noop(),
             conn,
             numbered: HashMap::new(),
         };
@@ -159,8 +160,7 @@ impl<K: Command> Job for Queued<K> {
             self.committed = None;
             return;
         }
-        metrics::histogram!("licensd_db_acquire_seconds")
-            .record(self.queued_at.elapsed().as_secs_f64());
+        conn.waited.record(self.queued_at.elapsed().as_secs_f64());
         let cmd = &self.cmd;
         self.outcome = Some(conn.in_savepoint(|conn| now_or_never(cmd.run(conn))));
     }
@@ -212,6 +212,7 @@ fn now_or_never<T>(f: impl Future<Output = StoreResult<T>>) -> StoreResult<T> {
 
 /// The writer thread: a batch at a time until the store closes.
 fn serve(mut conn: NativeConn, queue: mpsc::Receiver<Msg>) {
+    conn.waited = metrics::histogram!("licensd_db_acquire_seconds");
     let batch_sizes = metrics::histogram!("licensd_sqlite_batch_writes");
     let commit_seconds = metrics::histogram!("licensd_sqlite_commit_seconds");
     let mut closing = None;
@@ -248,6 +249,8 @@ fn serve(mut conn: NativeConn, queue: mpsc::Receiver<Msg>) {
 /// The write connection, as a [`Conn`] the commands run on.
 pub(in crate::store) struct NativeConn {
     conn: Connection,
+    /// How long each write waited for its batch (`licensd_db_acquire_seconds`).
+    waited: metrics::Histogram,
     /// Each statement's text with SQLite's numbered placeholders (`?N`
     /// for `$N`: SQLite reads `$1` as a name, numbered by first appearance).
     numbered: HashMap<&'static str, String>,
