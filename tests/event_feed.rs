@@ -37,8 +37,10 @@ fn id_of(cursor: &str) -> i64 {
         .expect("a feed cursor")
 }
 
-/// One round of mixed writes on replica 0; returns the license key.
-async fn mixed_writes(nodes: &Nodes, product: &str) -> String {
+/// One round of mixed writes on replica 0; returns the license key and the
+/// renewal codes it used.
+async fn mixed_writes(nodes: &Nodes, product: &str) -> (String, Vec<String>) {
+    let mut codes = Vec::new();
     let license = issue(nodes, license_req(product, 2, 1)).await;
     let key = license.key;
     let mut activation = nodes.activation(0);
@@ -68,6 +70,7 @@ async fn mixed_writes(nodes: &Nodes, product: &str) -> String {
     };
     for _ in 0..2 {
         let code = issue_code(nodes, code_req(product, 2, 1)).await;
+        codes.push(code.clone());
         activation
             .redeem_renewal_code(redeem(code))
             .await
@@ -75,6 +78,7 @@ async fn mixed_writes(nodes: &Nodes, product: &str) -> String {
     }
     // A code again: a refusal, recorded as an event too.
     let code = issue_code(nodes, code_req(product, 2, 1)).await;
+    codes.push(code.clone());
     activation
         .redeem_renewal_code(redeem(code.clone()))
         .await
@@ -98,7 +102,7 @@ async fn mixed_writes(nodes: &Nodes, product: &str) -> String {
         })
         .await
         .expect("reinstate");
-    key
+    (key, codes)
 }
 
 /// What a consumer received.
@@ -165,24 +169,30 @@ async fn every_event_exactly_once(nodes: Nodes) {
         .map(|_| {
             let nodes = nodes.clone();
             tokio::spawn(async move {
-                let mut keys = Vec::new();
+                let mut rounds = Vec::new();
                 for _ in 0..ROUNDS {
-                    keys.push(mixed_writes(&nodes, "FEED").await);
+                    rounds.push(mixed_writes(&nodes, "FEED").await);
                 }
-                keys
+                rounds
             })
         })
         .collect();
     let mut keys = Vec::new();
+    let mut codes = Vec::new();
     for w in writers {
-        keys.extend(w.await.expect("writer"));
+        for (key, used) in w.await.expect("writer") {
+            keys.push(key);
+            codes.extend(used);
+        }
     }
 
-    // The truth, per license, from each license's own history.
-    let mut truth: BTreeMap<i64, (String, String)> = BTreeMap::new();
+    // The truth, per license, from each license's own history
+    // (ListLicenseEvents), in full.
+    let mut truth: BTreeMap<i64, pb::LicenseEvent> = BTreeMap::new();
     for key in &keys {
         for e in events(&nodes, key).await {
-            truth.insert(e.id, (key.clone(), e.r#type));
+            assert_eq!(&e.license_key, key);
+            truth.insert(e.id, e);
         }
     }
     assert_eq!(truth.len(), keys.len() * 10, "10 events per round");
@@ -203,12 +213,62 @@ async fn every_event_exactly_once(nodes: Nodes) {
     );
     let expected: Vec<i64> = truth.keys().copied().collect();
     assert_eq!(ids, expected, "every event exactly once");
+    // Each streamed event is the one the license's history shows, every
+    // field of it: type, time, actor, fingerprint, old and new expiry,
+    // renewal code id, refusal reason, detail, key, product, cursor.
     for e in &received {
-        let (key, kind) = &truth[&e.id];
-        assert_eq!(&e.license_key, key);
-        assert_eq!(&e.r#type, kind);
+        assert_eq!(e, &truth[&e.id], "the feed and the history differ");
         assert_eq!(e.product, "FEED");
         assert_eq!(id_of(&e.cursor), e.id);
+    }
+    // And the fields compared are filled where they should be (two empty
+    // fields would compare equal too).
+    let of_type = |t: &'static str| received.iter().filter(move |e| e.r#type == t);
+    assert_eq!(of_type("renewed").count(), keys.len() * 3);
+    for e in of_type("renewed") {
+        assert!(!e.renewal_code_id.is_empty(), "{e:?}");
+        assert_eq!(e.fingerprint, "ws-b", "{e:?}");
+        assert!(e.old_expires_at.is_some() && e.new_expires_at.is_some());
+        assert!(
+            e.new_expires_at.as_ref().unwrap().seconds > e.old_expires_at.as_ref().unwrap().seconds
+        );
+    }
+    assert_eq!(of_type("renewal_refused").count(), keys.len());
+    for e in of_type("renewal_refused") {
+        assert!(!e.renewal_code_id.is_empty(), "{e:?}");
+        assert!(!e.refusal_reason.is_empty(), "{e:?}");
+    }
+    assert!(
+        received
+            .iter()
+            .all(|e| !e.actor.is_empty() && e.at.is_some())
+    );
+    assert!(
+        of_type("activated")
+            .chain(of_type("deactivated"))
+            .all(|e| e.fingerprint.starts_with("ws-"))
+    );
+
+    // No renewal code, in any form, in any event (only its public id).
+    assert_eq!(codes.len(), keys.len() * 3);
+    for code in &codes {
+        let parsed = licensd::domain::keys::RenewalCode::parse(code).expect("a code");
+        let normalized = parsed.expose_normalized().to_string();
+        let forms = [
+            parsed.expose_display(),
+            normalized.clone(),
+            // The random part alone.
+            normalized[2..].to_string(),
+        ];
+        for e in &received {
+            let text = format!("{e:?}").to_uppercase();
+            for form in &forms {
+                assert!(
+                    !text.contains(&form.to_uppercase()),
+                    "renewal code {form} in event {e:?}"
+                );
+            }
+        }
     }
     assert!(streams > 4, "the consumer resumed on other replicas");
 
@@ -325,6 +385,41 @@ async fn an_event_committed_late_with_a_lower_id_is_not_skipped() {
         .into_inner();
     let listed: Vec<i64> = page.events.iter().map(|e| e.id).collect();
     assert_eq!(listed, vec![late_id, activated.id]);
+    drop(stream);
+    s.stop().await;
+}
+
+/// The server's own limit on a call (`request_timeout`) bounds a stream
+/// only until its response starts (src/grpc/deadline.rs): a consumer that
+/// watches for longer than that keeps receiving, not DEADLINE_EXCEEDED.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_lives_past_the_servers_request_timeout() {
+    let mut s = TestServer::start_with(licensd::server::Config {
+        request_timeout: Duration::from_secs(1),
+        ..Default::default()
+    })
+    .await;
+    s.product("LONG", "1.0.0").await;
+    let key = s.issue(license_req("LONG", 1, 1)).await.key;
+    let mut stream = s
+        .licenses
+        .watch_events(watch_req(""))
+        .await
+        .expect("watch")
+        .into_inner();
+    assert_eq!(next_event(&mut stream).await.r#type, "issued");
+    // Twice the limit, then a write.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    s.activate(&key, "ws-1").await.expect("activate");
+    let e = next_event(&mut stream).await;
+    assert_eq!(
+        (
+            e.license_key.as_str(),
+            e.r#type.as_str(),
+            e.fingerprint.as_str()
+        ),
+        (key.as_str(), "activated", "ws-1")
+    );
     drop(stream);
     s.stop().await;
 }

@@ -7,6 +7,10 @@
 //! * no full license key (display form, normalised form, either case);
 //! * no renewal code in any form (dashed, normalised, lower case);
 //! * no bearer token or token secret;
+//! * no private signing key (PEM, PKCS#8 DER, the raw seed in base64 or hex),
+//!   neither the first one nor one made by `licensd signing-key rotate`, in
+//!   the server's log, the CLI's output, or any answer (GetSigningKeys'
+//!   key set, certificates);
 //! * but the shortened key (`LicenseKey::redacted()`) does appear, so this test
 //!   fails if logging disappears rather than passing vacuously.
 
@@ -196,6 +200,154 @@ fn token_secret(what: &str, token: &str) -> Secret {
         what: format!("token {what}"),
         forms: vec![token.to_string(), secret],
     }
+}
+
+/// The forms a stored signing key (PKCS#8 DER) could leak in: the PEM
+/// and its body, the DER and the raw 32-byte seed in base64 (standard and
+/// URL-safe, padded or not) and hex, and the seed as a byte list (`{:?}`,
+/// JSON).
+fn signing_key_secret(kid: &str, private_der: &[u8]) -> Secret {
+    use base64::Engine;
+    use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD};
+    use ed25519_dalek::pkcs8::{DecodePrivateKey, EncodePrivateKey};
+    let key = ed25519_dalek::SigningKey::from_pkcs8_der(private_der).expect("a stored PKCS#8 key");
+    let seed = key.to_bytes();
+    let pem = key
+        .to_pkcs8_pem(Default::default())
+        .expect("PEM")
+        .to_string();
+    let body: String = pem
+        .lines()
+        .filter(|l| !l.starts_with("-----"))
+        .collect::<Vec<_>>()
+        .concat();
+    // The PEM's marker too: no private key of any kind belongs in a log.
+    let mut forms = vec![
+        pem.trim_end().to_string(),
+        body,
+        "BEGIN PRIVATE KEY".to_string(),
+    ];
+    for bytes in [&seed[..], private_der] {
+        for engine in [&STANDARD, &STANDARD_NO_PAD, &URL_SAFE, &URL_SAFE_NO_PAD] {
+            forms.push(engine.encode(bytes));
+        }
+        forms.push(hex::encode(bytes));
+        forms.push(hex::encode_upper(bytes));
+    }
+    // The seed's first 30 bytes (40 base64 characters, no padding): what
+    // any base64 that starts with the seed starts with, e.g. an expanded
+    // keypair (seed ‖ public key).
+    forms.push(STANDARD.encode(&seed[..30]));
+    forms.push(URL_SAFE.encode(&seed[..30]));
+    forms.push(format!("{seed:?}"));
+    forms.push(serde_json::to_string(&seed.to_vec()).unwrap());
+    forms.sort();
+    forms.dedup();
+    Secret {
+        what: format!("private signing key {kid}"),
+        forms,
+    }
+}
+
+/// The kid a certificate's JWS header names.
+fn kid_of(jws: &str) -> String {
+    use base64::Engine;
+    let header = jws.split('.').next().unwrap();
+    let header: serde_json::Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(header)
+            .expect("base64url header"),
+    )
+    .expect("JSON header");
+    header["kid"].as_str().expect("kid").to_string()
+}
+
+/// Signing keys at work: GetSigningKeys, certificates from Activate and
+/// Validate, `licensd signing-key rotate` (logging at debug) while the
+/// server runs, and certificates signed with the new key. Returns every
+/// answer as text and the CLI's output lines.
+async fn signing_story(addr: &str, db_url: &str, key: &str) -> (Vec<String>, Vec<String>) {
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .expect("connect");
+    let mut activation = ActivationServiceClient::new(channel);
+    let mut answers = Vec::new();
+    let validate = pb::ValidateRequest {
+        license_key: key.into(),
+        fingerprint: "ws-1".into(),
+        client_version: "2.0.0".into(),
+        certificate_expires_at: None,
+    };
+    let jwks = activation
+        .get_signing_keys(pb::GetSigningKeysRequest {})
+        .await
+        .expect("GetSigningKeys")
+        .into_inner();
+    answers.push(format!("{jwks:?}"));
+    answers.push(jwks.jwks);
+    let v = activation
+        .validate(validate.clone())
+        .await
+        .expect("validate")
+        .into_inner();
+    let first_kid = kid_of(&v.license_certificate);
+    answers.push(format!("{v:?}"));
+
+    let out = Command::new(BIN)
+        .args(["signing-key", "rotate", "--database-url", db_url])
+        .env("RUST_LOG", "debug")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let new_kid = stdout.trim().to_string();
+    assert_ne!(new_kid, first_kid);
+    let cli_lines: Vec<String> = stderr
+        .lines()
+        .chain(stdout.lines())
+        .map(String::from)
+        .collect();
+
+    // The server re-reads its keys every 5 s: wait until it signs with the
+    // new one, so that the new key is the one in use while logging.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let v = activation
+            .validate(validate.clone())
+            .await
+            .expect("validate")
+            .into_inner();
+        answers.push(format!("{v:?}"));
+        if kid_of(&v.license_certificate) == new_kid {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the rotation was never seen");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let a = activation
+        .activate(pb::ActivateRequest {
+            license_key: key.into(),
+            fingerprint: "ws-5".into(),
+            hostname: "host-ws-5".into(),
+            client_version: "2.0.0".into(),
+        })
+        .await
+        .expect("activate after the rotation")
+        .into_inner();
+    assert_eq!(kid_of(&a.license_certificate), new_kid);
+    answers.push(format!("{a:?}"));
+    let jwks = activation
+        .get_signing_keys(pb::GetSigningKeysRequest {})
+        .await
+        .expect("GetSigningKeys")
+        .into_inner();
+    assert!(jwks.jwks.contains(&new_kid) && jwks.jwks.contains(&first_kid));
+    answers.push(format!("{jwks:?}"));
+    answers.push(jwks.jwks);
+    (answers, cli_lines)
 }
 
 fn with_token<T>(msg: T, token: &str) -> tonic::Request<T> {
@@ -491,6 +643,7 @@ async fn secrets_never_appear_in_the_logs() {
     let db_url = format!("sqlite:{}", dir.path().join("licensd.db").display());
     let server = start(&db_url);
     let (secrets, key) = story(&server.addr, &db_url).await;
+    let (answers, cli_lines) = signing_story(&server.addr, &db_url, &key).await;
     let lines = server.stop();
 
     assert!(
@@ -548,6 +701,51 @@ async fn secrets_never_appear_in_the_logs() {
     assert!(
         leaks.is_empty(),
         "secrets leaked into the logs:\n{}",
+        leaks.join("\n")
+    );
+
+    // The private signing keys, as the database holds them: the one made
+    // at the first start and the one `rotate` made.
+    let store = common::TestDb::at(&db_url).open().await;
+    let stored = store.signing_keys().await.expect("signing keys");
+    store.close().await;
+    assert_eq!(stored.len(), 2, "the first key and the rotated-in one");
+    let key_secrets: Vec<Secret> = stored
+        .iter()
+        .map(|k| signing_key_secret(&k.kid, &k.private_der))
+        .collect();
+    for secret in &key_secrets {
+        for form in &secret.forms {
+            for (n, line) in lines.iter().enumerate() {
+                if line.contains(form.as_str()) {
+                    leaks.push(format!(
+                        "{} as {form:?} in stderr line {}: {line}",
+                        secret.what,
+                        n + 1
+                    ));
+                }
+            }
+            for line in &cli_lines {
+                if line.contains(form.as_str()) {
+                    leaks.push(format!(
+                        "{} as {form:?} in `signing-key rotate`'s output: {line}",
+                        secret.what
+                    ));
+                }
+            }
+            for answer in &answers {
+                if answer.contains(form.as_str()) {
+                    leaks.push(format!(
+                        "{} as {form:?} in an answer: {answer}",
+                        secret.what
+                    ));
+                }
+            }
+        }
+    }
+    assert!(
+        leaks.is_empty(),
+        "a private signing key leaked:\n{}",
         leaks.join("\n")
     );
 

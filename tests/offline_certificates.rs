@@ -77,6 +77,19 @@ fn verify(jws: &str, keys: &HashMap<String, Vec<u8>>) -> Result<Value, String> {
     if header["alg"] != "EdDSA" || header["typ"] != "JWT" {
         return Err(format!("header {header}"));
     }
+    // Exactly alg, typ and kid: a product's verifier may refuse a header
+    // with members it does not know (`crit`, `jwk`, `x5u`…), and a key
+    // embedded in the header must never be trusted.
+    let mut members: Vec<&str> = header
+        .as_object()
+        .ok_or_else(|| format!("header {header} is not an object"))?
+        .keys()
+        .map(String::as_str)
+        .collect();
+    members.sort_unstable();
+    if members != ["alg", "kid", "typ"] {
+        return Err(format!("header members {members:?}"));
+    }
     let kid = header["kid"].as_str().ok_or("no kid")?;
     let key = keys.get(kid).ok_or_else(|| format!("unknown kid {kid}"))?;
     let signature = B64.decode(s).map_err(|e| e.to_string())?;
@@ -84,6 +97,24 @@ fn verify(jws: &str, keys: &HashMap<String, Vec<u8>>) -> Result<Value, String> {
         .verify(format!("{h}.{p}").as_bytes(), &signature)
         .map_err(|_| "bad signature".to_string())?;
     serde_json::from_slice(&B64.decode(p).map_err(|e| e.to_string())?).map_err(|e| e.to_string())
+}
+
+/// A server clock the test moves: now plus the offset's seconds.
+fn movable_clock() -> (
+    std::sync::Arc<std::sync::atomic::AtomicI64>,
+    licensd::grpc::Clock,
+) {
+    let offset = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(0));
+    let clock: licensd::grpc::Clock = {
+        let offset = offset.clone();
+        std::sync::Arc::new(move || {
+            licensd::domain::time::truncate_micros(
+                Utc::now()
+                    + chrono::Duration::seconds(offset.load(std::sync::atomic::Ordering::Relaxed)),
+            )
+        })
+    };
+    (offset, clock)
 }
 
 fn secs(t: &Option<prost_types::Timestamp>) -> i64 {
@@ -365,17 +396,10 @@ async fn no_certificate_for_a_license_that_is_not_valid_or_a_product_without_a_l
 
 #[tokio::test]
 async fn an_expired_license_gets_no_certificate() {
-    // The server's clock moves past the license's end.
-    let offset = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(0));
-    let clock: licensd::grpc::Clock = {
-        let offset = offset.clone();
-        std::sync::Arc::new(move || {
-            licensd::domain::time::truncate_micros(
-                Utc::now()
-                    + chrono::Duration::seconds(offset.load(std::sync::atomic::Ordering::Relaxed)),
-            )
-        })
-    };
+    // The server's clock moves past the license's end, then past its grace
+    // month: neither an expired-but-renewable license nor one past its
+    // renewal window may be carried offline.
+    let (offset, clock) = movable_clock();
     let mut s = TestServer::start_with_clock(clock).await;
     product_with_lease(&mut s, "EXPD", None).await;
     let license = s.issue(license_req("EXPD", 1, 1)).await;
@@ -390,6 +414,66 @@ async fn an_expired_license_gets_no_certificate() {
     let v = validate(&mut s, &license.key, "ws-1").await;
     assert_eq!(v.validity, pb::Validity::ExpiredRenewable as i32);
     assert!(v.license_certificate.is_empty());
+
+    // The product's grace period is one calendar month (at most 31 days):
+    // 32 days past the end is past the window.
+    let past_window = secs(&license.expires_at) - Utc::now().timestamp() + 32 * DAY;
+    offset.store(past_window, std::sync::atomic::Ordering::Relaxed);
+    let v = validate(&mut s, &license.key, "ws-1").await;
+    assert_eq!(v.validity, pb::Validity::Expired as i32);
+    assert!(v.license_certificate.is_empty());
+    s.stop().await;
+}
+
+/// PROMO and NFR licenses are carried offline like any other while valid,
+/// the certificate says which kind they are (a product may treat them
+/// differently offline), and they have no grace period: the moment they
+/// end, Validate says EXPIRED and hands out none.
+#[tokio::test]
+async fn promo_and_nfr_certificates_name_their_kind_and_stop_at_expiry() {
+    let (offset, clock) = movable_clock();
+    let mut s = TestServer::start_with_clock(clock).await;
+    product_with_lease(&mut s, "KIND", None).await;
+    let keys = jwks(&mut s).await;
+    let mut issued = Vec::new();
+    for (kind, name) in [
+        (pb::LicenseKind::Promo, "PROMO"),
+        (pb::LicenseKind::Nfr, "NFR"),
+    ] {
+        let mut req = license_req("KIND", 1, 1);
+        req.kind = kind as i32;
+        let license = s.issue(req).await;
+        assert_eq!(license.kind, kind as i32);
+        let a = s.activate(&license.key, "ws-1").await.unwrap();
+        let c = verify(&a.license_certificate, &keys).expect("verifies");
+        assert_eq!(c["kind"], name, "{}", license.key);
+        assert_eq!(c["sub"], license.key.as_str());
+        assert_eq!(c["license_expires_at"], secs(&license.expires_at));
+        let v = validate(&mut s, &license.key, "ws-1").await;
+        assert_eq!(v.validity, pb::Validity::Valid as i32);
+        assert_eq!(
+            verify(&v.license_certificate, &keys).expect("verifies")["kind"],
+            name
+        );
+        issued.push((license, name));
+    }
+
+    // A minute past the later end: no grace period, so EXPIRED at once,
+    // where a STANDARD license would be EXPIRED_RENEWABLE.
+    let end = issued
+        .iter()
+        .map(|(l, _)| secs(&l.expires_at))
+        .max()
+        .unwrap();
+    offset.store(
+        end - Utc::now().timestamp() + 60,
+        std::sync::atomic::Ordering::Relaxed,
+    );
+    for (license, name) in &issued {
+        let v = validate(&mut s, &license.key, "ws-1").await;
+        assert_eq!(v.validity, pb::Validity::Expired as i32, "{name}");
+        assert!(v.license_certificate.is_empty(), "{name}: a certificate");
+    }
     s.stop().await;
 }
 
@@ -727,4 +811,11 @@ async fn replicas_share_keys_and_rotations(nodes: cluster::Nodes) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn postgres_replicas_share_signing_keys_and_all_sign_with_the_new_key_after_a_rotation() {
     cluster::on_postgres(replicas_share_keys_and_rotations).await;
+}
+
+/// The same on one SQLite file shared by three `licensd serve`: the keys
+/// live in the database, whichever backend it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlite_replicas_share_signing_keys_and_all_sign_with_the_new_key_after_a_rotation() {
+    cluster::on_sqlite(replicas_share_keys_and_rotations).await;
 }
