@@ -180,6 +180,10 @@ fn describe() {
         "SQLite: one batch's transaction, from BEGIN to the end of its COMMIT (the disk sync included)."
     );
     describe_counter!(
+        "licensd_sqlite_batch_reruns_total",
+        "SQLite: batches rolled back and run again with a savepoint per write, because a write failed after changing rows."
+    );
+    describe_counter!(
         "licensd_db_retries_total",
         "Write transactions tried again after a deadlock or serialization failure."
     );

@@ -9,8 +9,8 @@
 //!   reads): each statement one round trip, the transaction begun,
 //!   committed and retried by [`SqlStore::write`](super::SqlStore);
 //! * the SQLite writer's native connection (`store::sqlite::writer`), which
-//!   runs many commands in one transaction, each in a SAVEPOINT, and
-//!   commits them together (group commit).
+//!   runs many commands in one transaction (each undone alone if it
+//!   fails) and commits them together (group commit).
 //!
 //! Why a trait over a connection, not a trait of "steps" each backend
 //! implements: the steps (load the license and lock it, take a seat, record

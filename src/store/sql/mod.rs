@@ -8,8 +8,9 @@
 //!
 //! * **SQLite** allows one writer at a time. Every write goes through one
 //!   writer thread's connection (`super::sqlite::writer`), which runs the
-//!   writes queued meanwhile in one `BEGIN IMMEDIATE` transaction, each in
-//!   a savepoint, and commits them together. Reads use separate read-only
+//!   writes queued meanwhile in one `BEGIN IMMEDIATE` transaction (a write
+//!   that fails after writing is undone alone: the batch runs again with a
+//!   savepoint per write), and commits them together. Reads use separate read-only
 //!   connections (WAL mode).
 //! * **PostgreSQL** serves many replicas at once. A write transaction locks
 //!   the rows its decision depends on (`SELECT … FOR UPDATE`: the license,

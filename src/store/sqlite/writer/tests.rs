@@ -23,6 +23,8 @@ enum End {
     Commit,
     /// Refused after writing: its statements roll back.
     Refuse,
+    /// Refused before writing anything.
+    RefuseFirst,
     /// Refused, keeping what it wrote (as a refused renewal keeps its event).
     RefuseKeeping,
     Panic,
@@ -40,6 +42,9 @@ impl Command for Put {
 
     async fn run<C: Conn>(&self, conn: &mut C) -> StoreResult<Ending<()>> {
         std::thread::sleep(self.hold);
+        if let End::RefuseFirst = self.end {
+            return Err(Refusal::LicenseNotFound.into());
+        }
         conn.execute(
             "INSERT INTO settings (name, value) VALUES ($1, $2)",
             args![self.name, &b"v".to_vec()],
@@ -48,6 +53,7 @@ impl Command for Put {
         match self.end {
             End::Commit => Ok(Ending::Commit(())),
             End::Refuse => Err(Refusal::LicenseNotFound.into()),
+            End::RefuseFirst => unreachable!("refused before writing"),
             End::RefuseKeeping => Ok(Ending::CommitRefusal(Refusal::LicenseNotFound)),
             End::Panic => panic!("a write that panics"),
         }
@@ -143,6 +149,41 @@ async fn a_refusal_in_a_batch_undoes_only_its_own_writes() {
         (true, false, true)
     );
     assert_eq!(told.load(Ordering::SeqCst), 3, "hold, a and c committed");
+    // b wrote before it failed: its batch ran again, a savepoint each.
+    assert_eq!(w.reruns(), 1);
+    w.close().await;
+}
+
+/// A refusal decided before its command wrote anything leaves nothing to
+/// undo: the batch commits the others without running again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_before_writing_needs_no_second_run() {
+    let (_dir, w) = writer().await;
+    let later = Duration::from_millis(50);
+    let (first, a, b, c) = tokio::join!(
+        w.run(hold(), ignored()),
+        async {
+            tokio::time::sleep(later).await;
+            w.run(put("a", End::Commit), ignored()).await
+        },
+        async {
+            tokio::time::sleep(later).await;
+            w.run(put("b", End::RefuseFirst), ignored()).await
+        },
+        async {
+            tokio::time::sleep(later).await;
+            w.run(put("c", End::RefuseKeeping), ignored()).await
+        },
+    );
+    first.unwrap();
+    a.unwrap();
+    assert!(matches!(b, Err(StoreError::Refused(_))), "{b:?}");
+    assert!(matches!(c, Err(StoreError::Refused(_))), "{c:?}");
+    assert_eq!(
+        (has(&w, "a").await, has(&w, "b").await, has(&w, "c").await),
+        (true, false, true)
+    );
+    assert_eq!(w.reruns(), 0);
     w.close().await;
 }
 
