@@ -264,19 +264,37 @@ impl Feed {
         let mut rows = Vec::new();
         for ids in licenses.chunks(BATCH) {
             rows.extend(
-                read_licenses(&mut conn, "l.id", ids.iter().map(|id| Bind::Int(*id))).await?,
-            );
-        }
-        for keys in poll.pending.chunks(BATCH) {
-            rows.extend(
                 read_licenses(
                     &mut conn,
+                    self.dialect,
+                    "l.id",
+                    ids.iter().map(|id| Bind::Int(*id)),
+                )
+                .await?,
+            );
+        }
+        // The pending keys not read already: a local write marks its key
+        // and records an event, and what was read by id was read after the
+        // poll began, so after that write committed (each license once).
+        let read: std::collections::HashSet<&str> = rows.iter().map(|r| r.key.as_str()).collect();
+        let unread: Vec<&String> = poll
+            .pending
+            .iter()
+            .filter(|k| !read.contains(k.as_str()))
+            .collect();
+        let mut more = Vec::new();
+        for keys in unread.chunks(BATCH) {
+            more.extend(
+                read_licenses(
+                    &mut conn,
+                    self.dialect,
                     "l.license_key",
                     keys.iter().map(|k| Bind::Text(k)),
                 )
                 .await?,
             );
         }
+        rows.extend(more);
         // Products after licenses: every product a license row names is in.
         let products = read_products(&mut conn).await?;
         drop(conn);
@@ -315,6 +333,7 @@ enum Bind<'a> {
 /// The licenses whose `column` is one of `values`, with their activations.
 async fn read_licenses<'a>(
     conn: &mut AnyConnection,
+    dialect: Dialect,
     column: &str,
     values: impl ExactSizeIterator<Item = Bind<'a>>,
 ) -> StoreResult<Vec<LicenseRow>> {
@@ -322,7 +341,7 @@ async fn read_licenses<'a>(
     if n == 0 {
         return Ok(Vec::new());
     }
-    let sql = licenses_in(column, n);
+    let sql = licenses_in(column, n, dialect);
     let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
     for v in values {
         query = match v {

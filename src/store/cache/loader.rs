@@ -5,8 +5,8 @@
 use super::validation_cache::{LicenseRow, Poll, ProductPolicy, ValidationCache};
 use crate::domain::{Edition, LicenseKind, LicenseStatus};
 use crate::store::rows::{
-    Columns, LAST_EVENT_SQL, LOAD_SQL, PRODUCTS_SQL, cache_col, cache_select, enum_of,
-    latest_version, policy_col,
+    Columns, Dialect, LAST_EVENT_SQL, LOAD_SQL, PRODUCTS_SQL, cache_col, cache_select,
+    cache_select_few_pg, enum_of, latest_version, policy_col,
 };
 use crate::store::sqlite::fast::{FastReader, Snapshot};
 use crate::store::{StoreError, StoreResult};
@@ -112,11 +112,14 @@ pub(super) fn product_policy(row: &impl Columns) -> StoreResult<ProductPolicy> {
 
 /// The statement reading the cache's rows of the licenses whose `column`
 /// is one of `n` values (`$1`…`$n`, in order: SQLite numbers them so too).
-pub(super) fn licenses_in(column: &str, n: usize) -> String {
+pub(super) fn licenses_in(column: &str, n: usize, dialect: Dialect) -> String {
     let placeholders: Vec<String> = (1..=n).map(|i| format!("${i}")).collect();
+    let select = match dialect {
+        Dialect::Sqlite => cache_select!(),
+        Dialect::Postgres => cache_select_few_pg!(),
+    };
     format!(
-        concat!(cache_select!(), "WHERE {} IN ({}) ORDER BY l.id"),
-        column,
+        "{select}WHERE {column} IN ({}) ORDER BY l.id",
         placeholders.join(", ")
     )
 }
@@ -128,7 +131,7 @@ fn read_licenses(
     values: &[impl rusqlite::ToSql],
     rows: &mut Vec<LicenseRow>,
 ) -> StoreResult<()> {
-    let sql = licenses_in(column, values.len());
+    let sql = licenses_in(column, values.len(), Dialect::Sqlite);
     let mut group = Grouper::default();
     snapshot.for_each_with(&sql, rusqlite::params_from_iter(values), |row| {
         rows.extend(group.push(row)?);

@@ -35,6 +35,10 @@ fn extra_columns_follow_the_license_select() {
 #[test]
 fn column_positions_match_the_cache_selects() {
     assert_eq!(selected(super::LOAD_SQL), super::cache_col::NAMES);
+    assert_eq!(
+        selected(super::cache_select_few_pg!()),
+        super::cache_col::NAMES
+    );
     assert_eq!(selected(super::PRODUCTS_SQL), super::policy_col::NAMES);
 }
 
