@@ -655,20 +655,7 @@ async fn secrets_never_appear_in_the_logs() {
         "RUST_LOG=debug took effect"
     );
 
-    let mut leaks = Vec::new();
-    for secret in &secrets {
-        for form in &secret.forms {
-            for (n, line) in lines.iter().enumerate() {
-                if line.contains(form.as_str()) {
-                    leaks.push(format!(
-                        "{} as {form:?} in stderr line {}: {line}",
-                        secret.what,
-                        n + 1
-                    ));
-                }
-            }
-        }
-    }
+    let mut leaks = leaks_in(&secrets, &lines, "stderr");
     // Also whatever other separators or case a line may use: compare with
     // the log folded to upper case without separators.
     let folded: Vec<String> = lines
@@ -714,35 +701,13 @@ async fn secrets_never_appear_in_the_logs() {
         .iter()
         .map(|k| signing_key_secret(&k.kid, &k.private_der))
         .collect();
-    for secret in &key_secrets {
-        for form in &secret.forms {
-            for (n, line) in lines.iter().enumerate() {
-                if line.contains(form.as_str()) {
-                    leaks.push(format!(
-                        "{} as {form:?} in stderr line {}: {line}",
-                        secret.what,
-                        n + 1
-                    ));
-                }
-            }
-            for line in &cli_lines {
-                if line.contains(form.as_str()) {
-                    leaks.push(format!(
-                        "{} as {form:?} in `signing-key rotate`'s output: {line}",
-                        secret.what
-                    ));
-                }
-            }
-            for answer in &answers {
-                if answer.contains(form.as_str()) {
-                    leaks.push(format!(
-                        "{} as {form:?} in an answer: {answer}",
-                        secret.what
-                    ));
-                }
-            }
-        }
-    }
+    leaks.extend(leaks_in(&key_secrets, &lines, "stderr"));
+    leaks.extend(leaks_in(
+        &key_secrets,
+        &cli_lines,
+        "`signing-key rotate`'s output",
+    ));
+    leaks.extend(leaks_in(&key_secrets, &answers, "an answer"));
     assert!(
         leaks.is_empty(),
         "a private signing key leaked:\n{}",
@@ -755,4 +720,23 @@ async fn secrets_never_appear_in_the_logs() {
         "the shortened key {redacted:?} never appears in the logs: logging went missing?\n{}",
         lines.join("\n")
     );
+}
+
+/// Each form of each secret found in `texts` (`place` names them).
+fn leaks_in(secrets: &[Secret], texts: &[String], place: &str) -> Vec<String> {
+    let mut leaks = Vec::new();
+    for secret in secrets {
+        for form in &secret.forms {
+            for (n, text) in texts.iter().enumerate() {
+                if text.contains(form.as_str()) {
+                    leaks.push(format!(
+                        "{} as {form:?} in {place} line {}: {text}",
+                        secret.what,
+                        n + 1
+                    ));
+                }
+            }
+        }
+    }
+    leaks
 }

@@ -111,12 +111,11 @@ async fn has(w: &GroupWriter, name: &'static str) -> bool {
     w.run(Has(name), ignored()).await.unwrap()
 }
 
-/// Each refusal in a batch undoes only its own statements, a refusal that
-/// keeps its writes commits them, and the others commit; the cache is told
-/// of each write that committed something.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_refusal_in_a_batch_undoes_only_its_own_writes() {
-    let (_dir, w) = writer().await;
+/// Runs one batch of three writes (queued while [`hold`] holds the
+/// writer): "a" commits, "b" is refused as `b_end` says, "c" is refused
+/// keeping its write. Checks every answer and what is stored; returns how
+/// many writes the cache was told of.
+async fn refusals_in_a_batch(w: &GroupWriter, b_end: End) -> usize {
     let told = Arc::new(AtomicUsize::new(0));
     let counted = || {
         let told = told.clone();
@@ -124,19 +123,19 @@ async fn a_refusal_in_a_batch_undoes_only_its_own_writes() {
             told.fetch_add(1, Ordering::SeqCst);
         }) as Committed
     };
-    let later = Duration::from_millis(50);
+    let later = || tokio::time::sleep(Duration::from_millis(50));
     let (first, a, b, c) = tokio::join!(
         w.run(hold(), counted()),
         async {
-            tokio::time::sleep(later).await;
+            later().await;
             w.run(put("a", End::Commit), counted()).await
         },
         async {
-            tokio::time::sleep(later).await;
-            w.run(put("b", End::Refuse), counted()).await
+            later().await;
+            w.run(put("b", b_end), counted()).await
         },
         async {
-            tokio::time::sleep(later).await;
+            later().await;
             w.run(put("c", End::RefuseKeeping), counted()).await
         },
     );
@@ -145,10 +144,20 @@ async fn a_refusal_in_a_batch_undoes_only_its_own_writes() {
     assert!(matches!(b, Err(StoreError::Refused(_))), "{b:?}");
     assert!(matches!(c, Err(StoreError::Refused(_))), "{c:?}");
     assert_eq!(
-        (has(&w, "a").await, has(&w, "b").await, has(&w, "c").await),
+        (has(w, "a").await, has(w, "b").await, has(w, "c").await),
         (true, false, true)
     );
-    assert_eq!(told.load(Ordering::SeqCst), 3, "hold, a and c committed");
+    told.load(Ordering::SeqCst)
+}
+
+/// Each refusal in a batch undoes only its own statements, a refusal that
+/// keeps its writes commits them, and the others commit; the cache is told
+/// of each write that committed something.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_in_a_batch_undoes_only_its_own_writes() {
+    let (_dir, w) = writer().await;
+    let told = refusals_in_a_batch(&w, End::Refuse).await;
+    assert_eq!(told, 3, "hold, a and c committed");
     // b wrote before it failed: its batch ran again, a savepoint each.
     assert_eq!(w.reruns(), 1);
     w.close().await;
@@ -159,30 +168,8 @@ async fn a_refusal_in_a_batch_undoes_only_its_own_writes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refusal_before_writing_needs_no_second_run() {
     let (_dir, w) = writer().await;
-    let later = Duration::from_millis(50);
-    let (first, a, b, c) = tokio::join!(
-        w.run(hold(), ignored()),
-        async {
-            tokio::time::sleep(later).await;
-            w.run(put("a", End::Commit), ignored()).await
-        },
-        async {
-            tokio::time::sleep(later).await;
-            w.run(put("b", End::RefuseFirst), ignored()).await
-        },
-        async {
-            tokio::time::sleep(later).await;
-            w.run(put("c", End::RefuseKeeping), ignored()).await
-        },
-    );
-    first.unwrap();
-    a.unwrap();
-    assert!(matches!(b, Err(StoreError::Refused(_))), "{b:?}");
-    assert!(matches!(c, Err(StoreError::Refused(_))), "{c:?}");
-    assert_eq!(
-        (has(&w, "a").await, has(&w, "b").await, has(&w, "c").await),
-        (true, false, true)
-    );
+    let told = refusals_in_a_batch(&w, End::RefuseFirst).await;
+    assert_eq!(told, 3, "hold, a and c committed");
     assert_eq!(w.reruns(), 0);
     w.close().await;
 }
