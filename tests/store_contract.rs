@@ -1117,6 +1117,78 @@ async fn postgres_cache_applies_an_event_that_commits_after_a_later_one() {
     db.drop_db().await;
 }
 
+/// PostgreSQL: a write that waited for a license's row lock decides on what
+/// the transaction it waited for left, not on what it saw before the wait.
+/// Here the holder released workstation A's seat and gave one to B; an
+/// activation of A that waited must take a seat again (not answer "already
+/// activated" from the rows read before the wait) and list B's. (One
+/// statement that locked and joined at once would fail this: a statement
+/// that waited re-reads the locked row, not the rows it joined.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_write_that_waited_for_the_lock_sees_what_the_holder_changed() {
+    use std::time::Duration;
+    let Some(db) = TestDb::postgres().await else {
+        return;
+    };
+    let s = db.open().await;
+    product(&s, "ACME", "").await;
+    let l = s
+        .issue_license(&issue_cmd("waited", 3), &actor(), t(NOW))
+        .await
+        .unwrap();
+    s.activate(&l.key, "ws-a", "h-a", "1.0", &actor(), t(NOW))
+        .await
+        .unwrap();
+    let key = l.key.normalized().to_string();
+    let mut holder = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    for (sql, bound) in [
+        ("BEGIN", false),
+        (
+            "SELECT id FROM licenses WHERE license_key = $1 FOR UPDATE",
+            true,
+        ),
+        (
+            "DELETE FROM activations WHERE fingerprint = 'ws-a' \
+             AND license_id = (SELECT id FROM licenses WHERE license_key = $1)",
+            true,
+        ),
+        (
+            "INSERT INTO activations (license_id, fingerprint, hostname, client_version, activated_at) \
+             SELECT id, 'ws-b', 'h-b', '1.0', 0 FROM licenses WHERE license_key = $1",
+            true,
+        ),
+    ] {
+        let q = sqlx::query(sql);
+        let q = if bound { q.bind(&key) } else { q };
+        q.execute(&mut holder).await.unwrap();
+    }
+    let later = t("2026-01-16T12:00:00Z");
+    let who = actor();
+    let (activated, ()) = tokio::join!(
+        s.activate(&l.key, "ws-a", "h-a2", "1.0", &who, later),
+        async {
+            // Long enough for the activation to be waiting on the lock.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            sqlx::query("COMMIT").execute(&mut holder).await.unwrap();
+        }
+    );
+    let (license, activation) = activated.unwrap();
+    assert_eq!(
+        (activation.hostname.as_str(), activation.activated_at),
+        ("h-a2", later),
+        "a new seat for ws-a, not the released one"
+    );
+    let mut seats: Vec<&str> = license
+        .activations
+        .iter()
+        .map(|a| a.fingerprint.as_str())
+        .collect();
+    seats.sort();
+    assert_eq!((seats, license.seats_used), (vec!["ws-a", "ws-b"], 2));
+    s.close().await;
+    db.drop_db().await;
+}
+
 /// PostgreSQL: a change made through another replica reaches the cache by
 /// `LISTEN/NOTIFY`, long before its next poll; a flood of notifications
 /// naming unknown keys, malformed ones or a forged sender changes nothing the
