@@ -179,6 +179,11 @@ fn describe() {
         Unit::Seconds,
         "SQLite: one batch's transaction, from BEGIN to the end of its COMMIT (the disk sync included)."
     );
+    describe_histogram!(
+        "licensd_sqlite_checkpoint_seconds",
+        Unit::Seconds,
+        "SQLite: one checkpoint of the WAL into the database file (on its own thread, every 100 ms while there are writes)."
+    );
     describe_counter!(
         "licensd_sqlite_batch_reruns_total",
         "SQLite: batches rolled back and run again with a savepoint per write, because a write failed after changing rows."

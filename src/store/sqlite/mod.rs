@@ -3,6 +3,7 @@
 //! commits them in groups ([`writer`]), Validate's reads through native
 //! read-only connections ([`fast`]), the rest through a small sqlx pool.
 
+mod checkpoint;
 pub(super) mod fast;
 pub(super) mod writer;
 

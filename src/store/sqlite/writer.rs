@@ -26,22 +26,20 @@
 //! have committed is answered with the error (UNAVAILABLE for a full or
 //! read-only disk); none of them is in the database.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, mpsc};
+use std::sync::{Arc, Mutex, mpsc};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
-use rusqlite::types::Value;
 use rusqlite::{Connection, OpenFlags};
 use tokio::sync::oneshot;
 
 use super::Durability;
+use super::checkpoint::{self, Checkpointer};
 use super::fast::unavailable_or_internal;
-use crate::store::rows::{Columns, Dialect, corrupt};
-use crate::store::sql::conn::{Arg, Command, Conn, Ending};
+use crate::store::sql::conn::{Command, Ending};
 use crate::store::{StoreError, StoreResult};
 
 /// The most commands one transaction commits.
@@ -63,6 +61,8 @@ pub(in crate::store) struct GroupWriter {
     /// Batches run a second time (see [`Isolation`]).
     #[cfg_attr(not(test), allow(dead_code))]
     rerun_count: Arc<AtomicU64>,
+    /// The WAL's checkpoints, beside the writes; stopped by `close`.
+    checkpointer: Mutex<Option<Checkpointer>>,
 }
 
 enum Msg {
@@ -88,25 +88,32 @@ impl GroupWriter {
             .map_err(unavailable_or_internal)?;
         conn.execute_batch(&format!(
             "PRAGMA foreign_keys = ON; PRAGMA synchronous = {}; PRAGMA temp_store = MEMORY; \
-             PRAGMA cache_size = -{WRITER_CACHE_KIB};",
-            synchronous.pragma()
+             PRAGMA cache_size = -{WRITER_CACHE_KIB}; PRAGMA wal_autocheckpoint = {}; \
+             PRAGMA journal_size_limit = {};",
+            synchronous.pragma(),
+            checkpoint::BACKSTOP_PAGES,
+            checkpoint::WAL_SIZE_LIMIT,
         ))
         .map_err(unavailable_or_internal)?;
         conn.set_prepared_statement_cache_capacity(64);
         let (queue, jobs) = mpsc::channel();
         let rerun_count = Arc::new(AtomicU64::new(0));
-        let native = NativeConn {
+        let writer = Writer {
+            conn: NativeConn::new(conn),
             waited: metrics::Histogram::noop(),
-            conn,
-            numbered: HashMap::new(),
             reruns: metrics::Counter::noop(),
             rerun_count: rerun_count.clone(),
         };
         std::thread::Builder::new()
             .name("licensd-sqlite-writer".into())
-            .spawn(move || serve(native, jobs))
+            .spawn(move || serve(writer, jobs))
             .map_err(|e| StoreError::Internal(format!("starting the SQLite writer: {e}")))?;
-        Ok(GroupWriter { queue, rerun_count })
+        let checkpointer = Checkpointer::start(path, busy_timeout, synchronous)?;
+        Ok(GroupWriter {
+            queue,
+            rerun_count,
+            checkpointer: Mutex::new(Some(checkpointer)),
+        })
     }
 
     /// Runs `cmd` in the next batch; `committed` is called once it
@@ -145,6 +152,14 @@ impl GroupWriter {
         if self.queue.send(Msg::Close(ack)).is_ok() {
             let _ = done.await;
         }
+        let taken = match self.checkpointer.lock() {
+            Ok(mut c) => c.take(),
+            Err(poisoned) => poisoned.into_inner().take(),
+        };
+        if let Some(checkpointer) = taken {
+            // Joins its thread (at most one checkpoint long).
+            let _ = tokio::task::spawn_blocking(move || checkpointer.stop()).await;
+        }
     }
 }
 
@@ -178,7 +193,7 @@ enum Ran {
 /// A queued command, type-erased for the queue.
 trait Job: Send {
     /// Runs the command in the open transaction.
-    fn run(&mut self, conn: &mut NativeConn, isolation: Isolation) -> Ran;
+    fn run(&mut self, writer: &mut Writer, isolation: Isolation) -> Ran;
     /// Answers the caller once the batch ended (`commit`: how).
     fn finish(self: Box<Self>, commit: &Result<(), StoreError>);
 }
@@ -192,7 +207,7 @@ struct Queued<K: Command> {
 }
 
 impl<K: Command> Job for Queued<K> {
-    fn run(&mut self, conn: &mut NativeConn, isolation: Isolation) -> Ran {
+    fn run(&mut self, writer: &mut Writer, isolation: Isolation) -> Ran {
         if self.reply.is_closed() {
             // Its caller gave up (a deadline, a client gone) before the
             // write began: it is not written, as the caller was told.
@@ -201,9 +216,9 @@ impl<K: Command> Job for Queued<K> {
             return Ran::Kept;
         }
         if self.outcome.is_none() {
-            conn.waited.record(self.queued_at.elapsed().as_secs_f64());
+            writer.waited.record(self.queued_at.elapsed().as_secs_f64());
         }
-        let cmd = &self.cmd;
+        let (cmd, conn) = (&self.cmd, &mut writer.conn);
         let outcome = match isolation {
             Isolation::Savepoints => conn.in_savepoint(|conn| now_or_never(cmd.run(conn))),
             Isolation::Shared => {
@@ -269,9 +284,9 @@ fn now_or_never<T>(f: impl Future<Output = StoreResult<T>>) -> StoreResult<T> {
 }
 
 /// The writer thread: a batch at a time until the store closes.
-fn serve(mut conn: NativeConn, queue: mpsc::Receiver<Msg>) {
-    conn.waited = metrics::histogram!("licensd_db_acquire_seconds");
-    conn.reruns = metrics::counter!("licensd_sqlite_batch_reruns_total");
+fn serve(mut writer: Writer, queue: mpsc::Receiver<Msg>) {
+    writer.waited = metrics::histogram!("licensd_db_acquire_seconds");
+    writer.reruns = metrics::counter!("licensd_sqlite_batch_reruns_total");
     let batch_sizes = metrics::histogram!("licensd_sqlite_batch_writes");
     let commit_seconds = metrics::histogram!("licensd_sqlite_commit_seconds");
     let mut closing = None;
@@ -293,41 +308,30 @@ fn serve(mut conn: NativeConn, queue: mpsc::Receiver<Msg>) {
         }
         batch_sizes.record(jobs.len() as f64);
         let started = Instant::now();
-        let commit = conn.batch(&mut jobs);
+        let commit = writer.batch(&mut jobs);
         commit_seconds.record(started.elapsed().as_secs_f64());
         for job in jobs {
             job.finish(&commit);
         }
     }
-    drop(conn);
+    drop(writer);
     if let Some(ack) = closing {
         let _ = ack.send(());
     }
 }
 
-/// The write connection, as a [`Conn`] the commands run on.
-pub(in crate::store) struct NativeConn {
-    conn: Connection,
+/// The writer thread's state: its connection and what it counts.
+struct Writer {
+    conn: NativeConn,
     /// How long each write waited for its batch (`licensd_db_acquire_seconds`).
     waited: metrics::Histogram,
-    /// Each statement's text with SQLite's numbered placeholders (`?N`
-    /// for `$N`: SQLite reads `$1` as a name, numbered by first appearance).
-    numbered: HashMap<&'static str, String>,
     /// Batches run again with savepoints (a command failed after
     /// writing): `licensd_sqlite_batch_reruns_total`, and a count tests read.
     reruns: metrics::Counter,
     rerun_count: Arc<AtomicU64>,
 }
 
-impl NativeConn {
-    fn plain(&self, sql: &str) -> StoreResult<()> {
-        self.conn
-            .prepare_cached(sql)
-            .and_then(|mut s| s.raw_execute())
-            .map(drop)
-            .map_err(unavailable_or_internal)
-    }
-
+impl Writer {
     /// One transaction for `jobs`; how it ended. The commands run
     /// straight in it; if one of them failed after writing, the
     /// transaction is rolled back and the batch runs again, each command in
@@ -354,7 +358,7 @@ impl NativeConn {
         jobs: &mut [Box<dyn Job>],
         isolation: Isolation,
     ) -> Result<Ran, StoreError> {
-        let result = self.plain("BEGIN IMMEDIATE").and_then(|()| {
+        let result = self.conn.plain("BEGIN IMMEDIATE").and_then(|()| {
             for job in jobs.iter_mut() {
                 let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     job.run(self, isolation)
@@ -364,7 +368,7 @@ impl NativeConn {
                     Ok(Ran::Tangled) => return Ok(Ran::Tangled),
                     Ok(Ran::Kept) => {}
                 }
-                if self.conn.is_autocommit() {
+                if self.conn.conn.is_autocommit() {
                     // SQLite rolled the whole transaction back itself (a
                     // disk error): the commands before this one are gone too.
                     return Err(StoreError::Unavailable(
@@ -372,171 +376,17 @@ impl NativeConn {
                     ));
                 }
             }
-            self.plain("COMMIT").map(|()| Ran::Kept)
+            self.conn.plain("COMMIT").map(|()| Ran::Kept)
         });
-        if !matches!(result, Ok(Ran::Kept)) && !self.conn.is_autocommit() {
-            let _ = self.plain("ROLLBACK");
+        if !matches!(result, Ok(Ran::Kept)) && !self.conn.conn.is_autocommit() {
+            let _ = self.conn.plain("ROLLBACK");
         }
         result
-    }
-
-    /// `f`'s statements, kept if it succeeds and undone if it fails.
-    fn in_savepoint<T>(
-        &mut self,
-        f: impl FnOnce(&mut Self) -> StoreResult<Ending<T>>,
-    ) -> StoreResult<Ending<T>> {
-        self.plain("SAVEPOINT write")?;
-        let outcome = f(self);
-        let end = match outcome {
-            Ok(_) => self.plain("RELEASE write"),
-            Err(_) => self
-                .plain("ROLLBACK TO write")
-                .and_then(|()| self.plain("RELEASE write")),
-        };
-        end?;
-        outcome
-    }
-
-    fn prepared(&mut self, sql: &'static str) -> StoreResult<rusqlite::CachedStatement<'_>> {
-        let text = self.numbered.entry(sql).or_insert_with(|| numbered(sql));
-        self.conn
-            .prepare_cached(text)
-            .map_err(unavailable_or_internal)
-    }
-
-    fn bound(
-        &mut self,
-        sql: &'static str,
-        args: &[Arg<'_>],
-    ) -> StoreResult<rusqlite::CachedStatement<'_>> {
-        let mut stmt = self.prepared(sql)?;
-        if stmt.parameter_count() != args.len() {
-            return Err(StoreError::Internal(format!(
-                "{} arguments for {} placeholders: {sql}",
-                args.len(),
-                stmt.parameter_count()
-            )));
-        }
-        for (i, arg) in args.iter().enumerate() {
-            let bound = match *arg {
-                Arg::Int(v) => stmt.raw_bind_parameter(i + 1, v),
-                Arg::Text(v) => stmt.raw_bind_parameter(i + 1, v),
-                Arg::Blob(v) => stmt.raw_bind_parameter(i + 1, v),
-            };
-            bound.map_err(unavailable_or_internal)?;
-        }
-        Ok(stmt)
-    }
-
-    fn rows(
-        &mut self,
-        sql: &'static str,
-        args: &[Arg<'_>],
-        limit: usize,
-    ) -> StoreResult<Vec<OwnedRow>> {
-        let mut stmt = self.bound(sql, args)?;
-        let width = stmt.column_count();
-        let mut rows = stmt.raw_query();
-        let mut out = Vec::new();
-        while out.len() < limit {
-            let Some(row) = rows.next().map_err(unavailable_or_internal)? else {
-                break;
-            };
-            let values = (0..width)
-                .map(|i| row.get::<_, Value>(i))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(unavailable_or_internal)?;
-            out.push(OwnedRow(values));
-        }
-        Ok(out)
-    }
-}
-
-impl Conn for NativeConn {
-    type Row = OwnedRow;
-
-    fn dialect(&self) -> Dialect {
-        Dialect::Sqlite
-    }
-
-    async fn execute(&mut self, sql: &'static str, args: &[Arg<'_>]) -> StoreResult<u64> {
-        let mut stmt = self.bound(sql, args)?;
-        let changed = stmt.raw_execute().map_err(unavailable_or_internal)?;
-        Ok(changed as u64)
-    }
-
-    async fn fetch_all(
-        &mut self,
-        sql: &'static str,
-        args: &[Arg<'_>],
-    ) -> StoreResult<Vec<OwnedRow>> {
-        self.rows(sql, args, usize::MAX)
-    }
-
-    async fn fetch_optional(
-        &mut self,
-        sql: &'static str,
-        args: &[Arg<'_>],
-    ) -> StoreResult<Option<OwnedRow>> {
-        Ok(self.rows(sql, args, 1)?.pop())
-    }
-}
-
-/// `sql` with `?N` for each `$N`.
-fn numbered(sql: &str) -> String {
-    let mut out = String::with_capacity(sql.len());
-    let mut chars = sql.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c == '$' && chars.peek().is_some_and(char::is_ascii_digit) {
-            out.push('?');
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
-/// A row read off the writer's connection.
-pub(in crate::store) struct OwnedRow(Vec<Value>);
-
-impl OwnedRow {
-    fn at(&self, at: usize) -> StoreResult<&Value> {
-        self.0
-            .get(at)
-            .ok_or_else(|| StoreError::Internal(format!("no column {at}")))
-    }
-}
-
-impl Columns for OwnedRow {
-    fn text(&self, at: usize) -> StoreResult<String> {
-        self.opt_text(at)?
-            .ok_or_else(|| corrupt("NULL in column", at))
-    }
-    fn int(&self, at: usize) -> StoreResult<i64> {
-        self.opt_int(at)?
-            .ok_or_else(|| corrupt("NULL in column", at))
-    }
-    fn opt_int(&self, at: usize) -> StoreResult<Option<i64>> {
-        match self.at(at)? {
-            Value::Integer(v) => Ok(Some(*v)),
-            Value::Null => Ok(None),
-            other => Err(corrupt("type in integer column", format!("{other:?}"))),
-        }
-    }
-    fn opt_text(&self, at: usize) -> StoreResult<Option<String>> {
-        match self.at(at)? {
-            Value::Text(v) => Ok(Some(v.clone())),
-            Value::Null => Ok(None),
-            other => Err(corrupt("type in text column", format!("{other:?}"))),
-        }
-    }
-    fn blob(&self, at: usize) -> StoreResult<Vec<u8>> {
-        match self.at(at)? {
-            Value::Blob(v) => Ok(v.clone()),
-            other => Err(corrupt("type in blob column", format!("{other:?}"))),
-        }
     }
 }
 
 #[cfg(test)]
 mod tests;
+
+mod native;
+use native::NativeConn;
