@@ -30,10 +30,9 @@ use std::sync::mpsc::{self, RecvTimeoutError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use rusqlite::{Connection, OpenFlags};
+use rusqlite::Connection;
 
-use super::Durability;
-use super::fast::unavailable_or_internal;
+use super::{Durability, open_native};
 use crate::store::{StoreError, StoreResult};
 
 /// How often the WAL is checkpointed.
@@ -59,20 +58,13 @@ impl Checkpointer {
         busy_timeout: Duration,
         synchronous: Durability,
     ) -> StoreResult<Self> {
-        let conn = Connection::open_with_flags(
-            path,
-            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )
-        .map_err(unavailable_or_internal)?;
-        conn.busy_timeout(busy_timeout)
-            .map_err(unavailable_or_internal)?;
         // The sync of the database file a checkpoint ends with follows
         // the store's durability, as the writer's commits do.
-        conn.execute_batch(&format!(
+        let pragmas = format!(
             "PRAGMA synchronous = {}; PRAGMA wal_autocheckpoint = 0;",
             synchronous.pragma()
-        ))
-        .map_err(unavailable_or_internal)?;
+        );
+        let conn = open_native(path, busy_timeout, &pragmas)?;
         let (stop, stopped) = mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("licensd-sqlite-checkpoint".into())

@@ -130,6 +130,27 @@ fn connection_pragmas(busy_ms: u128, synchronous: Durability) -> String {
     )
 }
 
+/// A native read-write connection to the (migrated) database at `path`,
+/// waiting up to `busy_timeout` for another connection's lock, with the
+/// settings in `pragmas`.
+fn open_native(
+    path: &Path,
+    busy_timeout: Duration,
+    pragmas: &str,
+) -> StoreResult<rusqlite::Connection> {
+    use rusqlite::OpenFlags;
+    let conn = rusqlite::Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(fast::unavailable_or_internal)?;
+    conn.busy_timeout(busy_timeout)
+        .map_err(fast::unavailable_or_internal)?;
+    conn.execute_batch(pragmas)
+        .map_err(fast::unavailable_or_internal)?;
+    Ok(conn)
+}
+
 /// Opens (creating and migrating if needed) the database at `path`.
 pub async fn open(path: &Path, opts: SqliteOptions) -> StoreResult<SqlStore> {
     sqlx::any::install_default_drivers();

@@ -33,12 +33,10 @@ use std::sync::{Arc, Mutex, mpsc};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
-use rusqlite::{Connection, OpenFlags};
 use tokio::sync::oneshot;
 
-use super::Durability;
 use super::checkpoint::{self, Checkpointer};
-use super::fast::unavailable_or_internal;
+use super::{Durability, open_native};
 use crate::store::sql::conn::{Command, Ending};
 use crate::store::{StoreError, StoreResult};
 
@@ -79,22 +77,15 @@ impl GroupWriter {
         busy_timeout: Duration,
         synchronous: Durability,
     ) -> StoreResult<Self> {
-        let conn = Connection::open_with_flags(
-            path,
-            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )
-        .map_err(unavailable_or_internal)?;
-        conn.busy_timeout(busy_timeout)
-            .map_err(unavailable_or_internal)?;
-        conn.execute_batch(&format!(
+        let pragmas = format!(
             "PRAGMA foreign_keys = ON; PRAGMA synchronous = {}; PRAGMA temp_store = MEMORY; \
              PRAGMA cache_size = -{WRITER_CACHE_KIB}; PRAGMA wal_autocheckpoint = {}; \
              PRAGMA journal_size_limit = {};",
             synchronous.pragma(),
             checkpoint::BACKSTOP_PAGES,
             checkpoint::WAL_SIZE_LIMIT,
-        ))
-        .map_err(unavailable_or_internal)?;
+        );
+        let conn = open_native(path, busy_timeout, &pragmas)?;
         conn.set_prepared_statement_cache_capacity(64);
         let (queue, jobs) = mpsc::channel();
         let rerun_count = Arc::new(AtomicU64::new(0));
