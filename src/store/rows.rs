@@ -463,7 +463,7 @@ pub(super) const LICENSE_WITH_ACTIVATIONS: &str = concat!(
 
 mod feeds;
 pub(super) use feeds::{
-    EVENT_SELECT, LAST_EVENT_SQL, LOAD_SQL, PRODUCTS_SQL, cache_col, cache_select,
+    EVENT_SELECT, LAST_EVENT_SQL, LOAD_SQL, PRODUCTS_SQL, cache_col, cache_columns, cache_select,
     cache_select_few_pg, event_from_row, pg_xmin, policy_col,
 };
 

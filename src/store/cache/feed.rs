@@ -23,7 +23,7 @@ use sqlx::{AnyConnection, AnyPool};
 use tokio_stream::StreamExt;
 
 use super::loader::{
-    BATCH, Grouper, Loader, licenses_in, load_sqlite, poll_sqlite, product_policy,
+    BATCH, Grouper, Loader, licenses_in, load_sqlite, not_read, poll_sqlite, product_policy,
 };
 use super::validation_cache::{LicenseRow, Poll, ProductPolicy, ValidationCache};
 use crate::store::rows::{Dialect, LOAD_SQL, PRODUCTS_SQL, pg_xmin};
@@ -276,14 +276,8 @@ impl Feed {
         // The pending keys not read already: a local write marks its key
         // and records an event, and what was read by id was read after the
         // poll began, so after that write committed (each license once).
-        let read: std::collections::HashSet<&str> = rows.iter().map(|r| r.key.as_str()).collect();
-        let unread: Vec<&String> = poll
-            .pending
-            .iter()
-            .filter(|k| !read.contains(k.as_str()))
-            .collect();
         let mut more = Vec::new();
-        for keys in unread.chunks(BATCH) {
+        for keys in not_read(&poll.pending, &rows).chunks(BATCH) {
             more.extend(
                 read_licenses(
                     &mut conn,
@@ -314,13 +308,7 @@ fn apply_poll(
 ) {
     cache.apply_products(poll, products);
     cache.apply(poll, rows);
-    let read: std::collections::HashSet<&str> = rows.iter().map(|r| r.key.as_str()).collect();
-    let missing: Vec<String> = poll
-        .pending
-        .iter()
-        .filter(|k| !read.contains(k.as_str()))
-        .cloned()
-        .collect();
+    let missing: Vec<String> = not_read(&poll.pending, rows).into_iter().cloned().collect();
     cache.drop_pending_missing(poll, &missing);
     cache.finish_poll(poll);
 }

@@ -52,13 +52,8 @@ pub(super) fn poll_sqlite(
         for chunk in ids.chunks(BATCH) {
             read_licenses(snapshot, "l.id", chunk, &mut rows)?;
         }
-        let read: std::collections::HashSet<&str> = rows.iter().map(|r| r.key.as_str()).collect();
-        let unread: Vec<&String> = pending
-            .iter()
-            .filter(|k| !read.contains(k.as_str()))
-            .collect();
         let mut more = Vec::new();
-        for chunk in unread.chunks(BATCH) {
+        for chunk in not_read(pending, &rows).chunks(BATCH) {
             read_licenses(snapshot, "l.license_key", chunk, &mut more)?;
         }
         rows.extend(more);
@@ -108,6 +103,15 @@ pub(super) fn product_policy(row: &impl Columns) -> StoreResult<ProductPolicy> {
         latest_version: latest_version(&row.text(policy_col::LATEST_VERSION)?)?,
         offline_lease_days: row.int(policy_col::OFFLINE_LEASE_DAYS)? as u32,
     })
+}
+
+/// The keys among `pending` that none of `rows` is the license of.
+pub(super) fn not_read<'a>(pending: &'a [String], rows: &[LicenseRow]) -> Vec<&'a String> {
+    let read: std::collections::HashSet<&str> = rows.iter().map(|r| r.key.as_str()).collect();
+    pending
+        .iter()
+        .filter(|k| !read.contains(k.as_str()))
+        .collect()
 }
 
 /// The statement reading the cache's rows of the licenses whose `column`

@@ -8,12 +8,23 @@ use super::corrupt;
 use crate::domain::LicenseKey;
 use crate::store::{LicenseEvent, StoreResult, from_micros};
 
+/// The columns of a license row of the cache, in [`cache_col`]'s order.
+macro_rules! cache_columns {
+    () => {
+        "SELECT l.id, l.license_key, l.product_code, l.edition, l.kind, l.status, l.expires_at, l.seats, \
+         l.seats_used, a.fingerprint "
+    };
+}
+pub(in crate::store) use cache_columns;
+
 /// What a license row of the cache is read from: one statement, so
 /// `seats_used` and the activations listed come from one snapshot.
 macro_rules! cache_select {
     () => {
-        "SELECT l.id, l.license_key, l.product_code, l.edition, l.kind, l.status, l.expires_at, l.seats, \
-         l.seats_used, a.fingerprint FROM licenses l LEFT JOIN activations a ON a.license_id = l.id "
+        concat!(
+            $crate::store::rows::cache_columns!(),
+            "FROM licenses l LEFT JOIN activations a ON a.license_id = l.id "
+        )
     };
 }
 pub(in crate::store) use cache_select;
@@ -26,9 +37,11 @@ pub(in crate::store) use cache_select;
 /// and always loops over the index.
 macro_rules! cache_select_few_pg {
     () => {
-        "SELECT l.id, l.license_key, l.product_code, l.edition, l.kind, l.status, l.expires_at, l.seats, \
-         l.seats_used, a.fingerprint FROM licenses l LEFT JOIN LATERAL \
-         (SELECT fingerprint FROM activations WHERE license_id = l.id OFFSET 0) a ON true "
+        concat!(
+            $crate::store::rows::cache_columns!(),
+            "FROM licenses l LEFT JOIN LATERAL \
+             (SELECT fingerprint FROM activations WHERE license_id = l.id OFFSET 0) a ON true "
+        )
     };
 }
 pub(in crate::store) use cache_select_few_pg;

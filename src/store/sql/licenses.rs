@@ -123,11 +123,11 @@ impl Command for ChangeStatus {
         let (key, now) = (&self.key, self.now);
         let op = self.action.event_type();
         let request = Request::change_status(self.request_id.as_deref(), op, key, &self.reason);
-        if request.claim(conn, key.normalized(), now).await?.is_some() {
-            let license = require_license(conn, key, Lock::ForUpdate).await?.1;
+        let replayed = request.claim(conn, key.normalized(), now).await?.is_some();
+        let (id, mut license) = require_license(conn, key, Lock::ForUpdate).await?;
+        if replayed {
             return Ok(Ending::Commit(license));
         }
-        let (id, mut license) = require_license(conn, key, Lock::ForUpdate).await?;
         if let Some(status) = rules::change_status(&license, self.action)? {
             let update = (
                 "UPDATE licenses SET status = $1 WHERE id = $2",

@@ -210,23 +210,19 @@ impl<K: Command> Job for Queued<K> {
             writer.waited.record(self.queued_at.elapsed().as_secs_f64());
         }
         let (cmd, conn) = (&self.cmd, &mut writer.conn);
+        // Every row a statement inserts, updates or deletes (a trigger's
+        // too) counts; a statement that failed was undone by SQLite and
+        // counts nothing.
+        let before = conn.conn.total_changes();
         let outcome = match isolation {
             Isolation::Savepoints => conn.in_savepoint(|conn| now_or_never(cmd.run(conn))),
-            Isolation::Shared => {
-                // Every row a statement inserts, updates or deletes (a
-                // trigger's too) counts; a statement that failed was undone
-                // by SQLite and counts nothing.
-                let before = conn.conn.total_changes();
-                let outcome = now_or_never(cmd.run(conn));
-                if outcome.is_err() && conn.conn.total_changes() != before {
-                    self.outcome = Some(outcome);
-                    return Ran::Tangled;
-                }
-                outcome
-            }
+            Isolation::Shared => now_or_never(cmd.run(conn)),
         };
+        let tangled = isolation == Isolation::Shared
+            && outcome.is_err()
+            && conn.conn.total_changes() != before;
         self.outcome = Some(outcome);
-        Ran::Kept
+        if tangled { Ran::Tangled } else { Ran::Kept }
     }
 
     fn finish(self: Box<Self>, commit: &Result<(), StoreError>) {
@@ -328,18 +324,12 @@ impl Writer {
     /// transaction is rolled back and the batch runs again, each command in
     /// its savepoint (every command's answer is then the second run's).
     fn batch(&mut self, jobs: &mut [Box<dyn Job>]) -> Result<(), StoreError> {
-        match self.attempt(jobs, Isolation::Shared) {
-            Ok(Ran::Kept) => Ok(()),
-            Ok(Ran::Tangled) => {
-                self.reruns.increment(1);
-                self.rerun_count.fetch_add(1, Ordering::Relaxed);
-                match self.attempt(jobs, Isolation::Savepoints) {
-                    Ok(_) => Ok(()),
-                    Err(e) => Err(e),
-                }
-            }
-            Err(e) => Err(e),
+        if self.attempt(jobs, Isolation::Shared)? == Ran::Kept {
+            return Ok(());
         }
+        self.reruns.increment(1);
+        self.rerun_count.fetch_add(1, Ordering::Relaxed);
+        self.attempt(jobs, Isolation::Savepoints).map(drop)
     }
 
     /// `jobs` in one transaction, committed unless a command is
