@@ -471,6 +471,81 @@ async fn licenses_are_filtered_and_paged_by_expiry(db: &TestDb, s: &SqlStore) {
     assert_eq!(s.list_licenses(&both, None, 10).await.unwrap().len(), 1);
 }
 
+/// Every combination of ListLicenses' filters, paged two at a time, lists
+/// exactly the licenses a plain filter of the whole listing keeps, in the
+/// same order: the statement is chosen by which filters are set, and its
+/// bounds merge the cursor with the expiry window.
+async fn every_combination_of_listing_filters_lists_what_it_should(db: &TestDb, s: &SqlStore) {
+    let _ = db;
+    product(s, "ACME", "").await;
+    product(s, "BETA", "").await;
+    for i in 0..14 {
+        let mut cmd = issue_cmd(&format!("r-{i}"), 1);
+        if i % 3 == 0 {
+            cmd.product = ProductCode::parse("BETA").unwrap();
+        }
+        cmd.customer_ref = format!("c-{}", i % 2);
+        cmd.order_ref = format!("o-{}", i % 4);
+        // Several licenses share an expiry, so the cursor's id decides.
+        cmd.starts_at = Some(t(&format!("2025-{:02}-01T00:00:00Z", 1 + i % 5)));
+        s.issue_license(&cmd, &actor(), t(NOW)).await.unwrap();
+    }
+    let everything = s
+        .list_licenses(&LicenseFilter::default(), None, 100)
+        .await
+        .unwrap();
+    assert_eq!(everything.len(), 14);
+    let edge = |month: u32| t(&format!("2026-{month:02}-01T00:00:00Z"));
+    let mut combinations = 0;
+    for mask in 0u32..32 {
+        let filter = LicenseFilter {
+            product: (mask & 1 != 0).then(acme),
+            customer_ref: (mask & 2 != 0).then(|| "c-1".to_string()),
+            order_ref: (mask & 4 != 0).then(|| "o-3".to_string()),
+            // Exactly on an expiry: `expires_after` includes it,
+            // `expires_before` does not.
+            expires_after: (mask & 8 != 0).then(|| edge(2)),
+            expires_before: (mask & 16 != 0).then(|| edge(5)),
+        };
+        let wanted: Vec<&LicenseKey> = everything
+            .iter()
+            .map(|(l, _)| l)
+            .filter(|l| filter.product.as_ref().is_none_or(|p| l.product == *p))
+            .filter(|l| {
+                filter
+                    .customer_ref
+                    .as_ref()
+                    .is_none_or(|c| l.customer_ref == *c)
+            })
+            .filter(|l| filter.order_ref.as_ref().is_none_or(|o| l.order_ref == *o))
+            .filter(|l| filter.expires_after.is_none_or(|t| l.expires_at >= t))
+            .filter(|l| filter.expires_before.is_none_or(|t| l.expires_at < t))
+            .map(|l| &l.key)
+            .collect();
+        let mut listed = Vec::new();
+        let mut cursor = None;
+        loop {
+            let page = s.list_licenses(&filter, cursor, 2).await.unwrap();
+            listed.extend(page.iter().map(|(l, _)| l.key.clone()));
+            assert!(
+                listed.len() <= wanted.len(),
+                "filter {filter:?} lists too much: {listed:?}"
+            );
+            match page.last() {
+                Some((_, c)) if page.len() == 2 => cursor = Some(*c),
+                _ => break,
+            }
+        }
+        let listed: Vec<&LicenseKey> = listed.iter().collect();
+        assert_eq!(listed, wanted, "filter {filter:?}");
+        combinations += usize::from(!wanted.is_empty());
+    }
+    assert!(
+        combinations >= 24,
+        "most combinations list something: {combinations}"
+    );
+}
+
 async fn validation_view_reports_the_fingerprint_binding(db: &TestDb, s: &SqlStore) {
     let _ = db;
     product(s, "ACME", "2.0").await;
@@ -920,6 +995,7 @@ contract!(
     r4_a_code_renews_once_and_refusals_are_recorded,
     r11_status_changes_and_voids,
     licenses_are_filtered_and_paged_by_expiry,
+    every_combination_of_listing_filters_lists_what_it_should,
     validation_view_reports_the_fingerprint_binding,
     the_validation_cache_answers_exactly_as_the_database,
     a_cache_whose_polls_fail_leaves_validate_to_the_database,

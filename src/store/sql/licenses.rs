@@ -179,27 +179,30 @@ impl SqlStore {
         after: Option<LicenseCursor>,
         limit: u32,
     ) -> StoreResult<Vec<(License, LicenseCursor)>> {
-        let (after_exp, after_id) = after
-            .map(|c| (c.expires_at_micros, c.id))
-            .unwrap_or((i64::MIN, i64::MIN));
-        let rows = sqlx::query(concat!(
-            license_select!(),
-            license_from!(),
-            "WHERE ($1 IS NULL OR l.product_code = $1) AND ($2 IS NULL OR l.customer_ref = $2) \
-             AND ($3 IS NULL OR l.order_ref = $3) AND ($4 IS NULL OR l.expires_at >= $4) \
-             AND ($5 IS NULL OR l.expires_at < $5) AND (l.expires_at, l.id) > ($6, $7) \
-             ORDER BY l.expires_at, l.id LIMIT $8"
-        ))
-        .bind(filter.product.as_ref().map(|p| p.as_str()))
-        .bind(filter.customer_ref.as_deref())
-        .bind(filter.order_ref.as_deref())
-        .bind(filter.expires_after.map(micros))
-        .bind(filter.expires_before.map(micros))
-        .bind(after_exp)
-        .bind(after_id)
-        .bind(i64::from(limit))
-        .fetch_all(&self.readers)
-        .await?;
+        // The listing runs from the later of the cursor and `expires_after`
+        // (`(expires_at, id) > (t, i64::MIN)` is `expires_at >= t`) up to the
+        // last microsecond before `expires_before`: both are ranges of the
+        // index the statement walks, so it reads only the rows it returns.
+        let after = after.map_or((i64::MIN, i64::MIN), |c| (c.expires_at_micros, c.id));
+        let from = filter
+            .expires_after
+            .map_or(after, |t| after.max((micros(t), i64::MIN)));
+        let Some(until) = filter
+            .expires_before
+            .map_or(Some(i64::MAX), |t| micros(t).checked_sub(1))
+        else {
+            return Ok(Vec::new());
+        };
+        let rows = sqlx::query(list_sql(filter))
+            .bind(filter.product.as_ref().map(|p| p.as_str()))
+            .bind(filter.customer_ref.as_deref())
+            .bind(filter.order_ref.as_deref())
+            .bind(from.0)
+            .bind(from.1)
+            .bind(until)
+            .bind(i64::from(limit))
+            .fetch_all(&self.readers)
+            .await?;
         rows.iter()
             .map(|row| {
                 let (id, license) = license_from_row(row)?;
@@ -280,5 +283,110 @@ impl SqlStore {
         };
         crate::store::metered::record("validation_lookup", started, &view);
         view
+    }
+}
+
+/// ListLicenses' statement, `filter`'s equalities written out: SQLite plans
+/// a statement once whatever its parameters, so `($2 IS NULL OR
+/// l.customer_ref = $2)` could use no index on customer_ref and walked
+/// every license in expiry order to find one customer's few. A filter that
+/// is set is a plain equality, one that is not the constant `$n IS NULL`
+/// (every parameter is still used). When a customer or an order narrows
+/// the listing, the product's equality is written so that no index serves
+/// it (`|| ''`) and the narrower index is walked. `$4`–`$7`: the lower
+/// bound (expiry, id) exclusive, the last expiry included, the page size.
+fn list_sql(filter: &LicenseFilter) -> &'static str {
+    macro_rules! list {
+        ($product:literal, $customer:literal, $order:literal) => {
+            concat!(
+                license_select!(),
+                license_from!(),
+                "WHERE ",
+                $product,
+                " AND ",
+                $customer,
+                " AND ",
+                $order,
+                " AND (l.expires_at, l.id) > ($4, $5) AND l.expires_at <= $6 \
+                 ORDER BY l.expires_at, l.id LIMIT $7"
+            )
+        };
+    }
+    match (
+        filter.product.is_some(),
+        filter.customer_ref.is_some(),
+        filter.order_ref.is_some(),
+    ) {
+        (false, false, false) => list!("$1 IS NULL", "$2 IS NULL", "$3 IS NULL"),
+        (true, false, false) => list!("l.product_code = $1", "$2 IS NULL", "$3 IS NULL"),
+        (false, true, false) => list!("$1 IS NULL", "l.customer_ref = $2", "$3 IS NULL"),
+        (false, false, true) => list!("$1 IS NULL", "$2 IS NULL", "l.order_ref = $3"),
+        (false, true, true) => list!("$1 IS NULL", "l.customer_ref = $2", "l.order_ref = $3"),
+        (true, true, false) => list!(
+            "l.product_code || '' = $1",
+            "l.customer_ref = $2",
+            "$3 IS NULL"
+        ),
+        (true, false, true) => list!(
+            "l.product_code || '' = $1",
+            "$2 IS NULL",
+            "l.order_ref = $3"
+        ),
+        (true, true, true) => list!(
+            "l.product_code || '' = $1",
+            "l.customer_ref = $2",
+            "l.order_ref = $3"
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::list_sql;
+    use crate::domain::ProductCode;
+    use crate::store::LicenseFilter;
+
+    /// SQLite's plan of each listing statement walks the index of its
+    /// narrowest filter, within the bounds, in the listing's order: no
+    /// scan of every license and no sort.
+    #[tokio::test]
+    async fn each_listing_walks_the_index_of_its_narrowest_filter() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("plan.db");
+        crate::store::sqlite::migrate(&path).await.unwrap();
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        for mask in 0u8..8 {
+            let filter = LicenseFilter {
+                product: (mask & 1 != 0).then(|| ProductCode::parse("ACME").unwrap()),
+                customer_ref: (mask & 2 != 0).then(|| "c".to_string()),
+                order_ref: (mask & 4 != 0).then(|| "o".to_string()),
+                ..Default::default()
+            };
+            let plan: Vec<String> = conn
+                .prepare(&format!("EXPLAIN QUERY PLAN {}", list_sql(&filter)))
+                .unwrap()
+                .query_map([rusqlite::types::Null; 7], |row| row.get::<_, String>(3))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap();
+            let walks = plan
+                .iter()
+                .find(|step| step.contains(" l USING"))
+                .unwrap_or_else(|| panic!("{filter:?}: {plan:?}"));
+            let index = match mask {
+                0 => "licenses_expiry (expires_at>? AND expires_at<?)",
+                1 => "licenses_product (product_code=? AND expires_at>? AND expires_at<?)",
+                2 | 3 => "licenses_customer (customer_ref=? AND expires_at>? AND expires_at<?)",
+                _ => "licenses_order (order_ref=? AND expires_at>? AND expires_at<?)",
+            };
+            assert!(
+                walks.starts_with("SEARCH l USING") && walks.ends_with(index),
+                "{filter:?}: {plan:?}"
+            );
+            assert!(
+                !plan.iter().any(|s| s.contains("TEMP B-TREE")),
+                "{filter:?}: {plan:?}"
+            );
+        }
     }
 }
