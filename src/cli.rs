@@ -434,7 +434,7 @@ fn inspect_certificate(cert: &str, jwks: Option<&std::path::Path>) -> Result<(),
 
 async fn signing_key(cmd: SigningKeyCommand) -> Result<(), BoxError> {
     use crate::signing::{KeyState, new_key};
-    use crate::store::signing_keys::Retired;
+    use crate::store::sql::signing_keys::Retired;
     let db = match &cmd {
         SigningKeyCommand::List { db }
         | SigningKeyCommand::Rotate { db }

@@ -15,6 +15,8 @@ use licensd::domain::{
     CodeState, Edition, LicenseKey, LicenseKind, LicenseStatus, Product, ProductCode, Refusal,
     RenewalCode, Version,
 };
+use licensd::signing::{KeyState, StoredKey, new_key};
+use licensd::store::sql::signing_keys::Retired;
 use licensd::store::{
     Actor, IssueLicense, IssueRenewalCode, LicenseFilter, Redeem, SqlStore, Store, StoreError,
 };
@@ -546,6 +548,55 @@ async fn every_combination_of_listing_filters_lists_what_it_should(db: &TestDb, 
     );
 }
 
+/// However many replicas store a first signing key at once, one key is
+/// active; a rotation keeps exactly one active; only a published key
+/// retires.
+async fn one_signing_key_is_active_whoever_stores_one(db: &TestDb, s: &SqlStore) {
+    let _ = db;
+    let now = t(NOW);
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let s = s.clone();
+            tokio::spawn(async move { s.ensure_signing_key(&new_key(now)).await })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap().unwrap();
+    }
+    let active = |keys: &[StoredKey]| -> Vec<String> {
+        keys.iter()
+            .filter(|k| k.state == KeyState::Active)
+            .map(|k| k.kid.clone())
+            .collect()
+    };
+    let keys = s.signing_keys().await.unwrap();
+    assert_eq!((keys.len(), active(&keys).len()), (1, 1), "{keys:?}");
+    let first = keys[0].kid.clone();
+    s.ensure_signing_key(&new_key(now)).await.unwrap();
+    assert_eq!(
+        s.signing_keys().await.unwrap().len(),
+        1,
+        "a key is active already"
+    );
+
+    let next = new_key(now);
+    s.rotate_signing_key(&next).await.unwrap();
+    let keys = s.signing_keys().await.unwrap();
+    assert_eq!(active(&keys), std::slice::from_ref(&next.kid));
+    let old = keys.iter().find(|k| k.kid == first).unwrap();
+    assert_eq!(old.state, KeyState::Published);
+
+    let retire = |kid: String| async move { s.retire_signing_key(&kid, now).await.unwrap() };
+    assert_eq!(retire(next.kid.clone()).await, Retired::IsActive);
+    assert_eq!(retire(first.clone()).await, Retired::Now);
+    assert_eq!(retire(first.clone()).await, Retired::Already);
+    assert_eq!(retire("no-such-key".into()).await, Retired::NotFound);
+    let keys = s.signing_keys().await.unwrap();
+    let old = keys.iter().find(|k| k.kid == first).unwrap();
+    assert_eq!((old.state, old.retired_at), (KeyState::Retired, Some(now)));
+    assert_eq!(active(&keys), [next.kid]);
+}
+
 async fn validation_view_reports_the_fingerprint_binding(db: &TestDb, s: &SqlStore) {
     let _ = db;
     product(s, "ACME", "2.0").await;
@@ -996,6 +1047,7 @@ contract!(
     r11_status_changes_and_voids,
     licenses_are_filtered_and_paged_by_expiry,
     every_combination_of_listing_filters_lists_what_it_should,
+    one_signing_key_is_active_whoever_stores_one,
     validation_view_reports_the_fingerprint_binding,
     the_validation_cache_answers_exactly_as_the_database,
     a_cache_whose_polls_fail_leaves_validate_to_the_database,

@@ -14,7 +14,6 @@ pub mod event_feed;
 pub mod metered;
 pub mod postgres;
 mod rows;
-pub mod signing_keys;
 pub mod sql;
 pub mod sqlite;
 

@@ -18,8 +18,7 @@ use chrono::{DateTime, Utc};
 use sqlx::Row;
 use sqlx::any::AnyRow;
 
-use super::{StoreError, StoreResult, TokenRecord, ValidationView, from_micros};
-use crate::domain::auth::Role;
+use super::{StoreError, StoreResult, ValidationView, from_micros};
 use crate::domain::product::ProductSpec;
 use crate::domain::{
     CodeState, Edition, License, LicenseKey, LicenseKind, LicenseStatus, Product, ProductCode,
@@ -338,48 +337,6 @@ pub(super) mod vcol {
     ];
 }
 
-/// An API token's columns, in the order [`token_col`] reads them.
-macro_rules! token_select {
-    () => {
-        "SELECT id, name, role, secret_hash, created_at, revoked_at FROM api_tokens "
-    };
-}
-pub(super) use token_select;
-
-/// Positions of `token_select!`'s columns.
-pub(super) mod token_col {
-    pub const ID: usize = 0;
-    pub const NAME: usize = 1;
-    pub const ROLE: usize = 2;
-    pub const SECRET_HASH: usize = 3;
-    pub const CREATED_AT: usize = 4;
-    pub const REVOKED_AT: usize = 5;
-    /// Every column's name, by position.
-    #[cfg(test)]
-    pub const NAMES: [&str; 6] = [
-        "id",
-        "name",
-        "role",
-        "secret_hash",
-        "created_at",
-        "revoked_at",
-    ];
-}
-
-/// A token from the columns of `token_select!` (any backend).
-pub(super) fn token_from_row(row: &impl Columns) -> StoreResult<TokenRecord> {
-    use token_col as c;
-    let role = row.text(c::ROLE)?;
-    Ok(TokenRecord {
-        id: row.text(c::ID)?,
-        name: row.text(c::NAME)?,
-        role: Role::parse(&role).ok_or_else(|| corrupt("role", &role))?,
-        secret_hash: row.blob(c::SECRET_HASH)?,
-        created_at: from_micros(row.int(c::CREATED_AT)?)?,
-        revoked_at: row.opt_int(c::REVOKED_AT)?.map(from_micros).transpose()?,
-    })
-}
-
 macro_rules! code_select {
     () => {
         "SELECT c.id, c.product_code, c.edition, c.seats, c.term_years, c.state, c.issued_at, \
@@ -461,6 +418,12 @@ pub(super) const LICENSE_WITH_ACTIVATIONS: &str = concat!(
      WHERE l.license_key = $1 ORDER BY a.activated_at, a.fingerprint"
 );
 
+mod credentials;
+#[cfg(test)]
+use credentials::token_col;
+pub(super) use credentials::{
+    key_col, signing_key_from_row, signing_key_select, token_from_row, token_select,
+};
 mod feeds;
 pub(super) use feeds::{
     EVENT_SELECT, LAST_EVENT_SQL, LOAD_SQL, PRODUCTS_SQL, cache_col, cache_columns, cache_select,

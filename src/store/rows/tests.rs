@@ -46,5 +46,9 @@ fn column_positions_match_the_cache_selects() {
 fn column_positions_match_the_product_and_code_selects() {
     assert_eq!(selected(product_select!()), super::product_col::NAMES);
     assert_eq!(selected(code_select!()), super::code_col::NAMES);
-    assert_eq!(selected(token_select!()), super::token_col::NAMES);
+    assert_eq!(selected(super::token_select!()), super::token_col::NAMES);
+    assert_eq!(
+        selected(super::signing_key_select!()),
+        super::key_col::NAMES
+    );
 }

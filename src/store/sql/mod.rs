@@ -30,6 +30,7 @@ mod licenses;
 mod load;
 mod renewal;
 mod seats;
+pub mod signing_keys;
 mod tx;
 
 use std::sync::Arc;
@@ -38,8 +39,6 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sqlx::{AnyPool, Row};
-
-pub(super) use tx::is_unique_violation;
 
 use super::cache::validation_cache::ValidationCache;
 use super::change_notify::Changes;

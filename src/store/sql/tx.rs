@@ -274,8 +274,3 @@ fn is_connection_lost(e: &sqlx::Error) -> bool {
         _ => false,
     }
 }
-
-/// Whether `e` is a unique constraint's refusal.
-pub(in crate::store) fn is_unique_violation(e: &sqlx::Error) -> bool {
-    matches!(e, sqlx::Error::Database(db) if db.is_unique_violation())
-}
