@@ -99,7 +99,7 @@ pub async fn open(url: &str, opts: PostgresOptions) -> StoreResult<SqlStore> {
         )
         .await?;
     let changes = super::change_notify::Changes::new(url, opts.statement_timeout)?;
-    Ok(SqlStore::new(pool.clone(), pool, Dialect::Postgres)
+    Ok(SqlStore::new(pool.clone(), pool, Dialect::Postgres, None)
         .await?
         .with_changes(changes))
 }

@@ -38,8 +38,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use sqlx::{AnyPool, Row};
+use sqlx::AnyPool;
 
+use self::conn::{Command, Conn, Ending, args, fetch_one};
 use super::cache::validation_cache::ValidationCache;
 use super::change_notify::Changes;
 use super::event_feed::{EventFeed, EventFilter, FeedPage, FeedWatch};
@@ -92,27 +93,30 @@ pub struct PoolStats {
 }
 
 impl SqlStore {
-    /// A store over pools the backend module opened and migrated.
+    /// A store over pools the backend module opened and migrated, and on
+    /// SQLite the thread that commits its writes (`native`).
     pub(super) async fn new(
         writer: AnyPool,
         readers: AnyPool,
         dialect: Dialect,
+        native: Option<super::sqlite::writer::GroupWriter>,
     ) -> StoreResult<Self> {
-        let code_secret = load_or_create_secret(&writer).await?;
         let feed = EventFeed::start(readers.clone(), dialect);
-        Ok(SqlStore {
+        let mut store = SqlStore {
             feed,
             writer,
             readers,
-            code_secret,
+            code_secret: Vec::new(),
             dialect,
             fast_reads: None,
-            native: None,
+            native: native.map(Arc::new),
             cache: None,
             changes: None,
             cache_hits: metrics::Counter::noop(),
             cache_fallbacks: metrics::Counter::noop(),
-        })
+        };
+        store.code_secret = store.write(None, CodeSecret::fresh()).await?;
+        Ok(store)
     }
 
     /// Announces every committed change to the other replicas, and (with a
@@ -159,10 +163,17 @@ impl SqlStore {
             idle: pool.num_idle(),
             max: pool.options().get_max_connections(),
         };
-        [
-            stats("writer", &self.writer),
-            stats("readers", &self.readers),
-        ]
+        let writer = match &self.native {
+            // SQLite: the writer thread's one connection.
+            Some(native) => PoolStats {
+                name: "writer",
+                size: 1,
+                idle: usize::from(!native.busy()),
+                max: 1,
+            },
+            None => stats("writer", &self.writer),
+        };
+        [writer, stats("readers", &self.readers)]
     }
 
     /// PostgreSQL: how many other replicas a write waits for now.
@@ -179,12 +190,6 @@ impl SqlStore {
     /// Serves Validate's lookups through `reader` (SQLite).
     pub(super) fn with_fast_reads(mut self, reader: super::sqlite::fast::FastReader) -> Self {
         self.fast_reads = Some(std::sync::Arc::new(reader));
-        self
-    }
-
-    /// Runs the rule writes through `writer` (SQLite).
-    pub(super) fn with_group_writer(mut self, writer: super::sqlite::writer::GroupWriter) -> Self {
-        self.native = Some(Arc::new(writer));
         self
     }
 
@@ -251,19 +256,36 @@ impl conn::Command for ReadSynchronous {
 }
 
 /// The secret renewal codes are derived from (see [`derive_renewal_code`]),
-/// created once per database.
-async fn load_or_create_secret(pool: &AnyPool) -> StoreResult<Vec<u8>> {
-    use rand::Rng;
-    let mut fresh = [0u8; 32];
-    rand::rng().fill_bytes(&mut fresh);
-    sqlx::query("INSERT INTO settings (name, value) VALUES ('code_secret', $1) ON CONFLICT (name) DO NOTHING")
-        .bind(&fresh[..])
-        .execute(pool)
+/// created once per database: this one, if the database has none yet.
+struct CodeSecret([u8; 32]);
+
+impl CodeSecret {
+    fn fresh() -> Self {
+        use rand::Rng;
+        let mut fresh = [0u8; 32];
+        rand::rng().fill_bytes(&mut fresh);
+        CodeSecret(fresh)
+    }
+}
+
+impl Command for CodeSecret {
+    type Output = Vec<u8>;
+
+    async fn run<C: Conn>(&self, conn: &mut C) -> StoreResult<Ending<Vec<u8>>> {
+        conn.execute(
+            "INSERT INTO settings (name, value) VALUES ('code_secret', $1) \
+             ON CONFLICT (name) DO NOTHING",
+            args![&self.0[..]],
+        )
         .await?;
-    let row = sqlx::query("SELECT value FROM settings WHERE name = 'code_secret'")
-        .fetch_one(pool)
+        let row = fetch_one(
+            conn,
+            "SELECT value FROM settings WHERE name = 'code_secret'",
+            args![],
+        )
         .await?;
-    Ok(row.try_get::<Vec<u8>, _>(0)?)
+        Ok(Ending::Commit(row.blob(0)?))
+    }
 }
 
 /// Each call is answered in the file of its concern (`catalog`, `licenses`,

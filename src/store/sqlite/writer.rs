@@ -28,7 +28,7 @@
 
 use std::future::Future;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
@@ -59,6 +59,9 @@ pub(in crate::store) struct GroupWriter {
     /// Batches run a second time (see [`Isolation`]).
     #[cfg_attr(not(test), allow(dead_code))]
     rerun_count: Arc<AtomicU64>,
+    /// Whether the thread is running a batch now (the `writer` pool's one
+    /// connection in use, for the pool metrics).
+    busy: Arc<AtomicBool>,
     /// The WAL's checkpoints, beside the writes; stopped by `close`.
     checkpointer: Mutex<Option<Checkpointer>>,
 }
@@ -89,6 +92,7 @@ impl GroupWriter {
         conn.set_prepared_statement_cache_capacity(64);
         let (queue, jobs) = mpsc::channel();
         let rerun_count = Arc::new(AtomicU64::new(0));
+        let busy = Arc::new(AtomicBool::new(false));
         let writer = Writer {
             conn: NativeConn::new(conn),
             waited: metrics::Histogram::noop(),
@@ -97,12 +101,16 @@ impl GroupWriter {
         };
         std::thread::Builder::new()
             .name("licensd-sqlite-writer".into())
-            .spawn(move || serve(writer, jobs))
+            .spawn({
+                let busy = busy.clone();
+                move || serve(writer, jobs, &busy)
+            })
             .map_err(|e| StoreError::Internal(format!("starting the SQLite writer: {e}")))?;
         let checkpointer = Checkpointer::start(path, busy_timeout, synchronous)?;
         Ok(GroupWriter {
             queue,
             rerun_count,
+            busy,
             checkpointer: Mutex::new(Some(checkpointer)),
         })
     }
@@ -128,6 +136,11 @@ impl GroupWriter {
             .send(Msg::Job(Box::new(job)))
             .map_err(|_| closed())?;
         answer.await.map_err(|_| closed())?
+    }
+
+    /// Whether a batch is running now.
+    pub(in crate::store) fn busy(&self) -> bool {
+        self.busy.load(Ordering::Relaxed)
     }
 
     /// How many batches ran a second time, with savepoints.
@@ -271,7 +284,7 @@ fn now_or_never<T>(f: impl Future<Output = StoreResult<T>>) -> StoreResult<T> {
 }
 
 /// The writer thread: a batch at a time until the store closes.
-fn serve(mut writer: Writer, queue: mpsc::Receiver<Msg>) {
+fn serve(mut writer: Writer, queue: mpsc::Receiver<Msg>, busy: &AtomicBool) {
     writer.waited = metrics::histogram!("licensd_db_acquire_seconds");
     writer.reruns = metrics::counter!("licensd_sqlite_batch_reruns_total");
     let batch_sizes = metrics::histogram!("licensd_sqlite_batch_writes");
@@ -294,9 +307,11 @@ fn serve(mut writer: Writer, queue: mpsc::Receiver<Msg>) {
             continue;
         }
         batch_sizes.record(jobs.len() as f64);
+        busy.store(true, Ordering::Relaxed);
         let started = Instant::now();
         let commit = writer.batch(&mut jobs);
         commit_seconds.record(started.elapsed().as_secs_f64());
+        busy.store(false, Ordering::Relaxed);
         for job in jobs {
             job.finish(&commit);
         }
