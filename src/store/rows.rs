@@ -73,10 +73,22 @@ fn terms_from_text(s: &str) -> StoreResult<Vec<u32>> {
 
 /// A product's columns, in the order [`product_col`] reads them (a macro,
 /// so `concat!` can build `'static` query strings from it).
+/// The columns [`product_from_row`] reads, of products `p`.
+macro_rules! product_columns {
+    () => {
+        "p.code, p.display_name, p.latest_version, p.personal_terms, p.business_terms, \
+         p.grace_period_months, p.renewal_basis, p.offline_lease_days"
+    };
+}
+pub(super) use product_columns;
+
 macro_rules! product_select {
     () => {
-        "SELECT code, display_name, latest_version, personal_terms, business_terms, grace_period_months, \
-         renewal_basis, offline_lease_days FROM products "
+        concat!(
+            "SELECT ",
+            $crate::store::rows::product_columns!(),
+            " FROM products p "
+        )
     };
 }
 pub(super) use product_select;
@@ -230,6 +242,28 @@ impl Columns for AnyRow {
     }
 }
 
+/// The columns of a row from a position on, as a row of their own (the
+/// second record of a row that holds two).
+pub(super) struct After<'r, R>(pub &'r R, pub usize);
+
+impl<R: Columns> Columns for After<'_, R> {
+    fn text(&self, at: usize) -> StoreResult<String> {
+        self.0.text(self.1 + at)
+    }
+    fn int(&self, at: usize) -> StoreResult<i64> {
+        self.0.int(self.1 + at)
+    }
+    fn opt_int(&self, at: usize) -> StoreResult<Option<i64>> {
+        self.0.opt_int(self.1 + at)
+    }
+    fn opt_text(&self, at: usize) -> StoreResult<Option<String>> {
+        self.0.opt_text(self.1 + at)
+    }
+    fn blob(&self, at: usize) -> StoreResult<Vec<u8>> {
+        self.0.blob(self.1 + at)
+    }
+}
+
 pub(super) fn enum_of<T>(
     row: &impl Columns,
     at: usize,
@@ -337,14 +371,53 @@ pub(super) mod vcol {
     ];
 }
 
+/// The columns [`code_from_row`] reads.
+macro_rules! code_columns {
+    () => {
+        "c.id, c.product_code, c.edition, c.seats, c.term_years, c.state, c.issued_at, \
+         c.redeemed_at, l.license_key AS redeemed_license_key, c.voided_at, c.void_reason, c.order_ref, \
+         c.reseller"
+    };
+}
+pub(super) use code_columns;
+
+/// `FROM` a code `c` and the license `l` it renewed, if any.
+macro_rules! code_from {
+    () => {
+        " FROM renewal_codes c LEFT JOIN licenses l ON l.id = c.redeemed_license_id "
+    };
+}
+pub(super) use code_from;
+
 macro_rules! code_select {
     () => {
-        "SELECT c.id, c.product_code, c.edition, c.seats, c.term_years, c.state, c.issued_at, \
-         c.redeemed_at, l.license_key AS redeemed_license_key, c.voided_at, c.void_reason, c.order_ref, \
-         c.reseller FROM renewal_codes c LEFT JOIN licenses l ON l.id = c.redeemed_license_id "
+        concat!(
+            "SELECT ",
+            $crate::store::rows::code_columns!(),
+            $crate::store::rows::code_from!()
+        )
     };
 }
 pub(super) use code_select;
+
+/// A code and its product in one row: [`code_col`]'s columns, then
+/// [`product_col`]'s from [`CODE_PRODUCT_AT`] on.
+macro_rules! code_and_product_select {
+    () => {
+        concat!(
+            "SELECT ",
+            $crate::store::rows::code_columns!(),
+            ", ",
+            $crate::store::rows::product_columns!(),
+            $crate::store::rows::code_from!(),
+            "JOIN products p ON p.code = c.product_code "
+        )
+    };
+}
+pub(super) use code_and_product_select;
+
+/// Where the product's columns start in `code_and_product_select!`.
+pub(super) const CODE_PRODUCT_AT: usize = 13;
 
 /// Positions of `code_select!`'s columns.
 pub(super) mod code_col {

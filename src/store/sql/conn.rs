@@ -81,6 +81,10 @@ impl<'a> From<&'a Vec<u8>> for Arg<'a> {
     }
 }
 
+/// One statement and its arguments, as a step of
+/// [`Conn::execute_chain`] or [`Conn::insert_then`].
+pub(in crate::store) type Step<'s, 'a> = (&'static str, &'s [Arg<'a>]);
+
 /// The arguments of one statement: `args![a, b, c]`.
 macro_rules! args {
     ($($v:expr),* $(,)?) => {
@@ -119,27 +123,54 @@ pub(in crate::store) trait Conn: Send {
         args: &[Arg<'_>],
     ) -> impl Future<Output = StoreResult<Option<Self::Row>>> + Send;
 
-    /// Runs `first`, then `then` (neither reading what the other writes),
-    /// in as few round trips as the backend allows; how many rows `first`
+    /// Runs `steps` in order (none reading what another writes), in as
+    /// few round trips as the backend allows; how many rows the first
     /// changed. Used for a change and the history event that records it.
-    fn execute_pair(
+    fn execute_chain(
         &mut self,
-        first: (&'static str, &[Arg<'_>]),
-        then: (&'static str, &[Arg<'_>]),
+        steps: &[Step<'_, '_>],
     ) -> impl Future<Output = StoreResult<u64>> + Send {
-        in_turn(self, first, then)
+        in_turn(self, steps)
+    }
+
+    /// Runs `insert` (an INSERT … `RETURNING id`), then `then`, whose `$1`
+    /// is that id and whose `args` are its `$2`, `$3`, …: in one round trip
+    /// on PostgreSQL. The new row's id. Used for a new license and the
+    /// history event that records it.
+    fn insert_then(
+        &mut self,
+        insert: Step<'_, '_>,
+        then: Step<'_, '_>,
+    ) -> impl Future<Output = StoreResult<i64>> + Send {
+        insert_in_turn(self, insert, then)
     }
 }
 
-/// [`Conn::execute_pair`] as two statements, one after the other.
-async fn in_turn<C: Conn + ?Sized>(
+/// [`Conn::insert_then`] as one statement after the other.
+async fn insert_in_turn<C: Conn + ?Sized>(
     conn: &mut C,
-    first: (&'static str, &[Arg<'_>]),
-    then: (&'static str, &[Arg<'_>]),
-) -> StoreResult<u64> {
-    let changed = conn.execute(first.0, first.1).await?;
-    conn.execute(then.0, then.1).await?;
-    Ok(changed)
+    insert: Step<'_, '_>,
+    then: Step<'_, '_>,
+) -> StoreResult<i64> {
+    let id = conn
+        .fetch_optional(insert.0, insert.1)
+        .await?
+        .ok_or_else(|| StoreError::Internal(format!("no row from {}", insert.0)))?
+        .int(0)?;
+    let mut args = vec![Arg::from(id)];
+    args.extend_from_slice(then.1);
+    conn.execute(then.0, &args).await?;
+    Ok(id)
+}
+
+/// [`Conn::execute_chain`] as one statement after the other.
+async fn in_turn<C: Conn + ?Sized>(conn: &mut C, steps: &[Step<'_, '_>]) -> StoreResult<u64> {
+    let mut first = None;
+    for (sql, args) in steps {
+        let changed = conn.execute(sql, args).await?;
+        first.get_or_insert(changed);
+    }
+    Ok(first.unwrap_or(0))
 }
 
 /// The row `sql` must return.
@@ -202,38 +233,76 @@ fn query<'q>(
     q
 }
 
-/// PostgreSQL's one statement for [`Conn::execute_pair`]: both as
-/// data-modifying `WITH` queries (each runs once, on the same snapshot),
-/// `then`'s placeholders numbered after `first`'s. Built once per pair.
-fn paired(first: &'static str, first_args: usize, then: &'static str) -> &'static str {
+/// PostgreSQL's one statement for [`Conn::execute_chain`]: each step a
+/// data-modifying `WITH` query (each runs once, on the same snapshot), each
+/// step's placeholders numbered after those of the steps before it. Built
+/// once per chain.
+fn chained(steps: &[Step<'_, '_>]) -> &'static str {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    static CHAINS: OnceLock<Mutex<HashMap<Vec<usize>, &'static str>>> = OnceLock::new();
+    let id: Vec<usize> = steps.iter().map(|(sql, _)| sql.as_ptr() as usize).collect();
+    let mut chains = CHAINS
+        .get_or_init(Default::default)
+        .lock()
+        .expect("not poisoned");
+    chains.entry(id).or_insert_with(|| {
+        let mut sql = String::from("WITH ");
+        let mut before = 0;
+        for (i, (step, args)) in steps.iter().enumerate() {
+            if i > 0 {
+                sql.push_str(", ");
+            }
+            sql.push_str(&format!(
+                "w{} AS ({} RETURNING 1)",
+                i + 1,
+                shifted(step, before)
+            ));
+            before += args.len();
+        }
+        sql.push_str(" SELECT count(*) FROM w1");
+        Box::leak(sql.into_boxed_str())
+    })
+}
+
+/// PostgreSQL's one statement for [`Conn::insert_then`]: the insert as a
+/// data-modifying `WITH` query, `then`'s `$1` the id it returned and its
+/// other placeholders numbered after the insert's. Built once per pair.
+fn inserted_then(insert: &'static str, insert_args: usize, then: &'static str) -> &'static str {
     use std::collections::HashMap;
     use std::sync::{Mutex, OnceLock};
     static PAIRS: OnceLock<Mutex<HashMap<(usize, usize), &'static str>>> = OnceLock::new();
-    let id = (first.as_ptr() as usize, then.as_ptr() as usize);
+    let id = (insert.as_ptr() as usize, then.as_ptr() as usize);
     let mut pairs = PAIRS
         .get_or_init(Default::default)
         .lock()
         .expect("not poisoned");
     pairs.entry(id).or_insert_with(|| {
-        let sql = format!(
-            "WITH w1 AS ({first} RETURNING 1), w2 AS ({} RETURNING 1) SELECT count(*) FROM w1",
-            shifted(then, first_args)
-        );
+        let then = renumbered(then, |n| match n {
+            1 => "(SELECT id FROM w1)".to_string(),
+            n => format!("${}", n - 1 + insert_args),
+        });
+        let sql = format!("WITH w1 AS ({insert}) {then} RETURNING (SELECT id FROM w1)");
         Box::leak(sql.into_boxed_str())
     })
 }
 
 /// `sql` with each `$N` numbered `$(N + by)`.
 fn shifted(sql: &str, by: usize) -> String {
+    renumbered(sql, |n| format!("${}", n + by))
+}
+
+/// `sql` with each placeholder `$N` replaced by `to(N)`.
+fn renumbered(sql: &str, to: impl Fn(usize) -> String) -> String {
     let mut out = String::with_capacity(sql.len() + 8);
     let mut rest = sql;
     while let Some(at) = rest.find('$') {
-        out.push_str(&rest[..=at]);
+        out.push_str(&rest[..at]);
         rest = &rest[at + 1..];
         let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
         match rest[..digits].parse::<usize>() {
-            Ok(n) => out.push_str(&(n + by).to_string()),
-            Err(_) => out.push_str(&rest[..digits]),
+            Ok(n) => out.push_str(&to(n)),
+            Err(_) => out.push('$'),
         }
         rest = &rest[digits..];
     }
@@ -267,31 +336,50 @@ impl Conn for AnyConnection {
         Ok(query(sql, args).fetch_optional(self).await?)
     }
 
-    async fn execute_pair(
-        &mut self,
-        first: (&'static str, &[Arg<'_>]),
-        then: (&'static str, &[Arg<'_>]),
-    ) -> StoreResult<u64> {
-        if self.dialect() == Dialect::Sqlite {
-            return in_turn(self, first, then).await;
+    async fn execute_chain(&mut self, steps: &[Step<'_, '_>]) -> StoreResult<u64> {
+        if self.dialect() == Dialect::Sqlite || steps.len() < 2 {
+            return in_turn(self, steps).await;
         }
-        // One round trip instead of two.
-        let sql = paired(first.0, first.1.len(), then.0);
-        let args: Vec<Arg<'_>> = first.1.iter().chain(then.1).copied().collect();
+        // One round trip instead of one per step.
+        let sql = chained(steps);
+        let args: Vec<Arg<'_>> = steps.iter().flat_map(|(_, a)| a.iter().copied()).collect();
         let row = query(sql, &args).fetch_one(self).await?;
         Ok(row.int(0)? as u64)
+    }
+
+    async fn insert_then(&mut self, insert: Step<'_, '_>, then: Step<'_, '_>) -> StoreResult<i64> {
+        if self.dialect() == Dialect::Sqlite {
+            return insert_in_turn(self, insert, then).await;
+        }
+        // One round trip instead of two.
+        let sql = inserted_then(insert.0, insert.1.len(), then.0);
+        let args: Vec<Arg<'_>> = insert.1.iter().chain(then.1).copied().collect();
+        query(sql, &args).fetch_one(self).await?.int(0)
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::shifted;
+    use super::{inserted_then, shifted};
 
     #[test]
     fn placeholders_shift_past_the_first_statement() {
         assert_eq!(
             shifted("INSERT INTO t (a, b) VALUES ($1, $10)", 5),
             "INSERT INTO t (a, b) VALUES ($6, $15)"
+        );
+        assert_eq!(shifted("SELECT '$' || $2", 1), "SELECT '$' || $3");
+    }
+
+    #[test]
+    fn a_statement_after_an_insert_reads_its_id_as_its_first_placeholder() {
+        let insert = "INSERT INTO t (a, b) VALUES ($1, $2) RETURNING id";
+        let then = "INSERT INTO u (t_id, c, d) VALUES ($1, $2, $3)";
+        assert_eq!(
+            inserted_then(insert, 2, then),
+            "WITH w1 AS (INSERT INTO t (a, b) VALUES ($1, $2) RETURNING id) \
+             INSERT INTO u (t_id, c, d) VALUES ((SELECT id FROM w1), $3, $4) \
+             RETURNING (SELECT id FROM w1)"
         );
     }
 }

@@ -6,16 +6,15 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 
 use super::SqlStore;
-use super::conn::{Command, Conn, Ending, args, fetch_one};
+use super::conn::{Command, Conn, Ending, Step, args};
 use super::idempotency::Request;
 use super::load::{Lock, require_license, require_product};
-use super::tx::{NewEvent, change_recorded, record_event};
+use super::tx::{NewEvent, change_recorded, insert_recorded};
 use crate::domain::rules::{self, StatusAction};
 use crate::domain::{License, LicenseKey, LicenseStatus, Refusal};
 use crate::store::change_notify::Change;
 use crate::store::rows::{
-    Columns, VALIDATION_SQL, corrupt, license_from, license_from_row, license_select,
-    validation_from_row,
+    VALIDATION_SQL, corrupt, license_from, license_from_row, license_select, validation_from_row,
 };
 use crate::store::validation_cache::Answer;
 use crate::store::{
@@ -53,8 +52,7 @@ impl Command for Issue {
             now,
         )?;
         let key = &self.key;
-        let row = fetch_one(
-            conn,
+        let insert: Step = (
             "INSERT INTO licenses (license_key, product_code, edition, kind, seats, term_years, status, starts_at, \
              expires_at, order_ref, customer_ref, reseller, created_at) \
              VALUES ($1, $2, $3, $4, $5, $6, 'ACTIVE', $7, $8, $9, $10, $11, $12) RETURNING id",
@@ -72,15 +70,13 @@ impl Command for Issue {
                 &cmd.reseller,
                 micros(now),
             ],
-        )
-        .await?;
-        let license_id = row.int(0)?;
+        );
         let event = NewEvent {
             event_type: "issued",
             new_expires_at: Some(plan.expires_at),
             ..Default::default()
         };
-        record_event(conn, license_id, &self.actor, now, event).await?;
+        insert_recorded(conn, insert, &self.actor, now, event).await?;
         // Exactly what was written, as a read would return it.
         Ok(Ending::Commit(License {
             key: key.clone(),
@@ -129,7 +125,7 @@ impl Command for ChangeStatus {
             return Ok(Ending::Commit(license));
         }
         if let Some(status) = rules::change_status(&license, self.action)? {
-            let update = (
+            let update: Step = (
                 "UPDATE licenses SET status = $1 WHERE id = $2",
                 args![status.as_str(), id],
             );
@@ -138,7 +134,7 @@ impl Command for ChangeStatus {
                 detail: &self.reason,
                 ..Default::default()
             };
-            change_recorded(conn, update.0, update.1, id, &self.actor, now, event).await?;
+            change_recorded(conn, &[update], id, &self.actor, now, event).await?;
             license.status = status;
         }
         // As loaded (the row is locked) with the new status.

@@ -6,8 +6,8 @@ use crate::domain::{
     Activation, License, LicenseKey, Product, ProductCode, Refusal, RenewalCodeRecord,
 };
 use crate::store::rows::{
-    Columns, Dialect, LICENSE_WITH_ACTIVATIONS, code_from_row, code_select, col, license_from_row,
-    product_from_row, product_select,
+    After, CODE_PRODUCT_AT, Columns, Dialect, LICENSE_WITH_ACTIVATIONS, code_and_product_select,
+    code_from_row, code_select, col, license_from_row, product_from_row, product_select,
 };
 use crate::store::{StoreError, StoreResult, from_micros};
 
@@ -104,6 +104,27 @@ pub(super) async fn load_code_by_hash<C: Conn>(
     };
     let row = conn.fetch_optional(sql, args![hash]).await?;
     row.as_ref().map(code_from_row).transpose()
+}
+
+/// The code with hash `hash` and its product, in one statement.
+pub(super) async fn load_code_and_product_by_hash<C: Conn>(
+    conn: &mut C,
+    hash: &[u8],
+    lock: Lock,
+) -> StoreResult<Option<(RenewalCodeRecord, Product)>> {
+    let sql = if lock.rows(conn) {
+        concat!(
+            code_and_product_select!(),
+            "WHERE c.code_hash = $1 FOR UPDATE OF c"
+        )
+    } else {
+        concat!(code_and_product_select!(), "WHERE c.code_hash = $1")
+    };
+    let Some(row) = conn.fetch_optional(sql, args![hash]).await? else {
+        return Ok(None);
+    };
+    let product = product_from_row(&After(&row, CODE_PRODUCT_AT))?;
+    Ok(Some((code_from_row(&row)?, product)))
 }
 
 pub(super) async fn load_code_by_id<C: Conn>(

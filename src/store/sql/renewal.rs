@@ -4,9 +4,12 @@
 use chrono::{DateTime, Utc};
 
 use super::SqlStore;
-use super::conn::{Command, Conn, Ending, args};
+use super::conn::{Command, Conn, Ending, Step, args};
 use super::idempotency::Request;
-use super::load::{Lock, load_code_by_hash, load_code_by_id, require_license, require_product};
+use super::load::{
+    Lock, load_code_and_product_by_hash, load_code_by_hash, load_code_by_id, require_license,
+    require_product,
+};
 use super::tx::{NewEvent, change_recorded, record_event};
 use crate::domain::error::RefusalClass;
 use crate::domain::rules;
@@ -104,10 +107,12 @@ impl Command for RedeemCode {
         let (cmd, actor, now) = (&self.cmd, &self.actor, self.now);
         let (license_id, mut license) =
             require_license(conn, &cmd.license_key, Lock::ForUpdate).await?;
-        let code = load_code_by_hash(conn, &code_hash(&cmd.code), Lock::ForUpdate)
-            .await?
-            .ok_or(StoreError::Refused(Refusal::RenewalCodeNotFound))?;
-        let product = require_product(conn, &license.product, Lock::No).await?;
+        // The code's product: the rule uses it only once it found the code
+        // of the license's product.
+        let (code, product) =
+            load_code_and_product_by_hash(conn, &code_hash(&cmd.code), Lock::ForUpdate)
+                .await?
+                .ok_or(StoreError::Refused(Refusal::RenewalCodeNotFound))?;
         let decided = rules::redeem(
             &license,
             &code,
@@ -135,17 +140,14 @@ impl Command for RedeemCode {
             Err(refusal) => return Err(refusal.into()),
         };
         // Conditional update: the code moves from UNREDEEMED exactly once.
-        let updated = conn
-            .execute(
-                "UPDATE renewal_codes SET state = 'REDEEMED', redeemed_at = $1, redeemed_license_id = $2 \
-                 WHERE id = $3 AND state = 'UNREDEEMED'",
-                args![micros(now), license_id, &code.id],
-            )
-            .await?;
-        if updated != 1 {
-            return Err(Refusal::RenewalCodeAlreadyRedeemed { redeemed_at: None }.into());
-        }
-        let extend = (
+        // It goes with the extension and the event (one round trip on
+        // PostgreSQL); should it change no row, all three are undone.
+        let redeem: Step = (
+            "UPDATE renewal_codes SET state = 'REDEEMED', redeemed_at = $1, redeemed_license_id = $2 \
+             WHERE id = $3 AND state = 'UNREDEEMED'",
+            args![micros(now), license_id, &code.id],
+        );
+        let extend: Step = (
             "UPDATE licenses SET expires_at = $1, renewal_count = renewal_count + 1 WHERE id = $2",
             args![micros(decision.new_expires_at), license_id],
         );
@@ -157,7 +159,11 @@ impl Command for RedeemCode {
             renewal_code_id: Some(&code.id),
             ..Default::default()
         };
-        change_recorded(conn, extend.0, extend.1, license_id, actor, now, event).await?;
+        let redeemed =
+            change_recorded(conn, &[redeem, extend], license_id, actor, now, event).await?;
+        if redeemed != 1 {
+            return Err(Refusal::RenewalCodeAlreadyRedeemed { redeemed_at: None }.into());
+        }
         // As loaded (the row is locked) with what was just written.
         license.expires_at = stored(decision.new_expires_at);
         license.renewal_count += 1;

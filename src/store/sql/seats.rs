@@ -4,7 +4,7 @@
 use chrono::{DateTime, Utc};
 
 use super::SqlStore;
-use super::conn::{Command, Conn, Ending, args};
+use super::conn::{Command, Conn, Ending, Step, args};
 use super::load::{Lock, require_license};
 use super::tx::{NewEvent, change_recorded};
 use crate::domain::rules::{self, ActivateDecision};
@@ -39,7 +39,7 @@ impl Command for Activate {
                 Ok(Ending::Commit((license, activation)))
             }
             ActivateDecision::TakeSeat => {
-                let insert = (
+                let insert: Step = (
                     "INSERT INTO activations (license_id, fingerprint, hostname, client_version, activated_at) \
                      VALUES ($1, $2, $3, $4, $5)",
                     args![
@@ -56,7 +56,7 @@ impl Command for Activate {
                     detail: &self.hostname,
                     ..Default::default()
                 };
-                change_recorded(conn, insert.0, insert.1, id, &self.actor, self.now, event).await?;
+                change_recorded(conn, &[insert], id, &self.actor, self.now, event).await?;
                 // The answer is the license as loaded plus this seat: the
                 // row was locked, and the trigger counts exactly this insert.
                 let activation = Activation {
@@ -87,7 +87,7 @@ impl Command for Deactivate {
         let (id, mut license) = require_license(conn, &self.key, Lock::ForUpdate).await?;
         let fingerprint = self.fingerprint.as_str();
         rules::deactivate(&license, fingerprint)?;
-        let delete = (
+        let delete: Step = (
             "DELETE FROM activations WHERE license_id = $1 AND fingerprint = $2",
             args![id, fingerprint],
         );
@@ -96,7 +96,7 @@ impl Command for Deactivate {
             fingerprint,
             ..Default::default()
         };
-        change_recorded(conn, delete.0, delete.1, id, &self.actor, self.now, event).await?;
+        change_recorded(conn, &[delete], id, &self.actor, self.now, event).await?;
         // As loaded (the row was locked) minus this seat.
         license.seats_used -= 1;
         license.activations.retain(|a| a.fingerprint != fingerprint);

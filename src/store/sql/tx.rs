@@ -10,7 +10,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 
 use super::SqlStore;
-use super::conn::{Arg, Command, Conn};
+use super::conn::{Arg, Command, Conn, Step};
 use crate::store::change_notify::{Change, Changes};
 use crate::store::error::session_ended;
 use crate::store::event_feed::EventFeed;
@@ -229,20 +229,34 @@ pub(super) async fn record_event<C: Conn>(
     Ok(())
 }
 
-/// Runs `change` and appends the event `e` that records it, as one pair
-/// (one round trip on PostgreSQL); how many rows `change` changed.
+/// Runs `changes` and appends the event `e` that records them, in one
+/// round trip on PostgreSQL; how many rows the first change changed.
 pub(super) async fn change_recorded<C: Conn>(
     conn: &mut C,
-    change: &'static str,
-    change_args: &[Arg<'_>],
+    changes: &[Step<'_, '_>],
     license_id: i64,
     actor: &Actor,
     now: DateTime<Utc>,
     e: NewEvent<'_>,
 ) -> StoreResult<u64> {
     let event = event_args(license_id, actor, now, &e);
-    conn.execute_pair((change, change_args), (EVENT_INSERT, &event))
-        .await
+    let mut steps = changes.to_vec();
+    steps.push((EVENT_INSERT, &event));
+    conn.execute_chain(&steps).await
+}
+
+/// Runs `insert` (a new license, `RETURNING id`) and appends the event `e`
+/// that records it, in one round trip on PostgreSQL; the license's id.
+pub(super) async fn insert_recorded<C: Conn>(
+    conn: &mut C,
+    insert: Step<'_, '_>,
+    actor: &Actor,
+    now: DateTime<Utc>,
+    e: NewEvent<'_>,
+) -> StoreResult<i64> {
+    // The event's license id (its `$1`) is the one the insert returns.
+    let event = event_args(0, actor, now, &e);
+    conn.insert_then(insert, (EVENT_INSERT, &event[1..])).await
 }
 
 fn event_args<'a>(
