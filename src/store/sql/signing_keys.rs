@@ -6,7 +6,7 @@
 use chrono::{DateTime, Utc};
 
 use super::SqlStore;
-use super::conn::{Command, Conn, Ending, args};
+use super::conn::{Arg, Command, Conn, Ending, args};
 use crate::signing::{KeyState, StoredKey};
 use crate::store::rows::{Columns, key_col, signing_key_from_row, signing_key_select};
 use crate::store::{StoreResult, micros};
@@ -33,18 +33,12 @@ impl Command for Ensure {
     type Output = ();
 
     async fn run<C: Conn>(&self, conn: &mut C) -> StoreResult<Ending<()>> {
-        let key = &self.0;
         conn.execute(
             "INSERT INTO signing_keys (kid, private_der, public_key, state, created_at) \
              SELECT $1, $2, $3, 'active', $4 \
              WHERE NOT EXISTS (SELECT 1 FROM signing_keys WHERE state = 'active') \
              ON CONFLICT DO NOTHING",
-            args![
-                &key.kid,
-                &key.private_der,
-                &key.public_key,
-                micros(key.created_at)
-            ],
+            &active_key_args(&self.0),
         )
         .await?;
         Ok(Ending::Commit(()))
@@ -58,7 +52,6 @@ impl Command for Rotate {
     type Output = ();
 
     async fn run<C: Conn>(&self, conn: &mut C) -> StoreResult<Ending<()>> {
-        let key = &self.0;
         conn.execute(
             "UPDATE signing_keys SET state = 'published' WHERE state = 'active'",
             args![],
@@ -67,16 +60,22 @@ impl Command for Rotate {
         conn.execute(
             "INSERT INTO signing_keys (kid, private_der, public_key, state, created_at) \
              VALUES ($1, $2, $3, 'active', $4)",
-            args![
-                &key.kid,
-                &key.private_der,
-                &key.public_key,
-                micros(key.created_at)
-            ],
+            &active_key_args(&self.0),
         )
         .await?;
         Ok(Ending::Commit(()))
     }
+}
+
+/// The arguments of an active key's insert: kid, private and public key,
+/// creation time.
+fn active_key_args(key: &StoredKey) -> [Arg<'_>; 4] {
+    [
+        (&key.kid).into(),
+        (&key.private_der).into(),
+        (&key.public_key).into(),
+        micros(key.created_at).into(),
+    ]
 }
 
 /// Stops publishing a key, unless it is the active one.
