@@ -14,15 +14,14 @@
 
 use std::sync::Arc;
 
-use chrono::{DateTime, Utc};
 use sqlx::Row;
 use sqlx::any::AnyRow;
 
 use super::{StoreError, StoreResult, ValidationView, from_micros};
 use crate::domain::product::ProductSpec;
 use crate::domain::{
-    CodeState, Edition, License, LicenseKey, LicenseKind, LicenseStatus, Product, ProductCode,
-    RenewalBasis, RenewalCodeRecord, Standing, Version,
+    Edition, License, LicenseKey, LicenseKind, LicenseStatus, Product, ProductCode, RenewalBasis,
+    Standing, Version,
 };
 
 /// The SQL a backend speaks differently.
@@ -371,115 +370,6 @@ pub(super) mod vcol {
     ];
 }
 
-/// The columns [`code_from_row`] reads.
-macro_rules! code_columns {
-    () => {
-        "c.id, c.product_code, c.edition, c.seats, c.term_years, c.state, c.issued_at, \
-         c.redeemed_at, l.license_key AS redeemed_license_key, c.voided_at, c.void_reason, c.order_ref, \
-         c.reseller"
-    };
-}
-pub(super) use code_columns;
-
-/// `FROM` a code `c` and the license `l` it renewed, if any.
-macro_rules! code_from {
-    () => {
-        " FROM renewal_codes c LEFT JOIN licenses l ON l.id = c.redeemed_license_id "
-    };
-}
-pub(super) use code_from;
-
-macro_rules! code_select {
-    () => {
-        concat!(
-            "SELECT ",
-            $crate::store::rows::code_columns!(),
-            $crate::store::rows::code_from!()
-        )
-    };
-}
-pub(super) use code_select;
-
-/// A code and its product in one row: [`code_col`]'s columns, then
-/// [`product_col`]'s from [`CODE_PRODUCT_AT`] on.
-macro_rules! code_and_product_select {
-    () => {
-        concat!(
-            "SELECT ",
-            $crate::store::rows::code_columns!(),
-            ", ",
-            $crate::store::rows::product_columns!(),
-            $crate::store::rows::code_from!(),
-            "JOIN products p ON p.code = c.product_code "
-        )
-    };
-}
-pub(super) use code_and_product_select;
-
-/// Where the product's columns start in `code_and_product_select!`.
-pub(super) const CODE_PRODUCT_AT: usize = 13;
-
-/// Positions of `code_select!`'s columns.
-pub(super) mod code_col {
-    pub const ID: usize = 0;
-    pub const PRODUCT_CODE: usize = 1;
-    pub const EDITION: usize = 2;
-    pub const SEATS: usize = 3;
-    pub const TERM_YEARS: usize = 4;
-    pub const STATE: usize = 5;
-    pub const ISSUED_AT: usize = 6;
-    pub const REDEEMED_AT: usize = 7;
-    pub const REDEEMED_LICENSE_KEY: usize = 8;
-    pub const VOIDED_AT: usize = 9;
-    pub const VOID_REASON: usize = 10;
-    pub const ORDER_REF: usize = 11;
-    pub const RESELLER: usize = 12;
-    /// Every column's name, by position.
-    #[cfg(test)]
-    pub const NAMES: [&str; 13] = [
-        "id",
-        "product_code",
-        "edition",
-        "seats",
-        "term_years",
-        "state",
-        "issued_at",
-        "redeemed_at",
-        "redeemed_license_key",
-        "voided_at",
-        "void_reason",
-        "order_ref",
-        "reseller",
-    ];
-}
-
-/// A renewal code from the columns of `code_select!` (any backend).
-pub(super) fn code_from_row(row: &impl Columns) -> StoreResult<RenewalCodeRecord> {
-    use code_col as c;
-    let product = row.text(c::PRODUCT_CODE)?;
-    let opt_time = |at: usize| -> StoreResult<Option<DateTime<Utc>>> {
-        row.opt_int(at)?.map(from_micros).transpose()
-    };
-    Ok(RenewalCodeRecord {
-        id: row.text(c::ID)?,
-        product: ProductCode::parse(&product).map_err(|_| corrupt("product code", &product))?,
-        edition: enum_of(row, c::EDITION, Edition::from_str_opt)?,
-        seats: row.int(c::SEATS)? as u32,
-        term_years: row.int(c::TERM_YEARS)? as u32,
-        state: enum_of(row, c::STATE, CodeState::from_str_opt)?,
-        issued_at: from_micros(row.int(c::ISSUED_AT)?)?,
-        redeemed_at: opt_time(c::REDEEMED_AT)?,
-        redeemed_license_key: row
-            .opt_text(c::REDEEMED_LICENSE_KEY)?
-            .map(|k| LicenseKey::parse(&k).map_err(|_| corrupt("license key", "<redacted>")))
-            .transpose()?,
-        voided_at: opt_time(c::VOIDED_AT)?,
-        void_reason: row.text(c::VOID_REASON)?,
-        order_ref: row.text(c::ORDER_REF)?,
-        reseller: row.text(c::RESELLER)?,
-    })
-}
-
 /// The license with its product's policy and its activations, in one
 /// statement (one row per activation, or one row without): one snapshot, so
 /// seats_used always matches the activations listed.
@@ -491,6 +381,12 @@ pub(super) const LICENSE_WITH_ACTIVATIONS: &str = concat!(
      WHERE l.license_key = $1 ORDER BY a.activated_at, a.fingerprint"
 );
 
+mod codes;
+#[cfg(test)]
+use codes::code_col;
+pub(super) use codes::{
+    CODE_PRODUCT_AT, code_and_product_select, code_columns, code_from, code_from_row, code_select,
+};
 mod credentials;
 #[cfg(test)]
 use credentials::token_col;

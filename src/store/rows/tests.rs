@@ -45,7 +45,7 @@ fn column_positions_match_the_cache_selects() {
 #[test]
 fn column_positions_match_the_product_and_code_selects() {
     assert_eq!(selected(product_select!()), super::product_col::NAMES);
-    assert_eq!(selected(code_select!()), super::code_col::NAMES);
+    assert_eq!(selected(super::code_select!()), super::code_col::NAMES);
     let both = selected(super::code_and_product_select!());
     let at = super::CODE_PRODUCT_AT;
     assert_eq!(at, super::code_col::NAMES.len());
