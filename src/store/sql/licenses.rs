@@ -24,11 +24,11 @@ use crate::store::{
 
 /// IssueLicense, with the key it will have (drawn before the transaction,
 /// so that the change is known before it commits).
-struct Issue {
-    cmd: IssueLicense,
-    key: LicenseKey,
-    actor: Actor,
-    now: DateTime<Utc>,
+pub(super) struct Issue {
+    pub cmd: IssueLicense,
+    pub key: LicenseKey,
+    pub actor: Actor,
+    pub now: DateTime<Utc>,
 }
 
 impl Command for Issue {

@@ -33,6 +33,9 @@ mod seats;
 pub mod signing_keys;
 mod tx;
 
+#[cfg(test)]
+mod tests;
+
 use std::sync::Arc;
 use std::time::Duration;
 

@@ -94,10 +94,10 @@ impl Command for VoidCode {
 }
 
 /// RedeemRenewalCode.
-struct RedeemCode {
-    cmd: Redeem,
-    actor: Actor,
-    now: DateTime<Utc>,
+pub(super) struct RedeemCode {
+    pub cmd: Redeem,
+    pub actor: Actor,
+    pub now: DateTime<Utc>,
 }
 
 impl Command for RedeemCode {

@@ -1,0 +1,218 @@
+//! How many statements each write sends to PostgreSQL inside its
+//! transaction, each one a round trip: a new one should be a decision, not
+//! an accident. Needs `LICENSD_TEST_POSTGRES_URL` (set by `.ci/run`);
+//! without it the test says so and passes, except in CI.
+
+use chrono::{DateTime, Utc};
+use sqlx::any::AnyRow;
+use sqlx::{AnyConnection, Connection};
+
+use super::SqlStore;
+use super::conn::{Arg, Command, Conn, Ending, Step};
+use super::licenses::Issue;
+use super::renewal::RedeemCode;
+use super::seats::{Activate, Deactivate};
+use crate::domain::product::ProductSpec;
+use crate::domain::{Edition, LicenseKey, LicenseKind, Product, ProductCode, Version};
+use crate::store::postgres::{self, PostgresOptions};
+use crate::store::rows::Dialect;
+use crate::store::{Actor, IssueLicense, IssueRenewalCode, Redeem, StoreResult};
+
+/// A connection that counts the statements sent through it.
+struct Counting<'c> {
+    inner: &'c mut AnyConnection,
+    sent: usize,
+}
+
+impl Conn for Counting<'_> {
+    type Row = AnyRow;
+
+    fn dialect(&self) -> Dialect {
+        self.inner.dialect()
+    }
+
+    async fn execute(&mut self, sql: &'static str, args: &[Arg<'_>]) -> StoreResult<u64> {
+        self.sent += 1;
+        self.inner.execute(sql, args).await
+    }
+
+    async fn fetch_all(&mut self, sql: &'static str, args: &[Arg<'_>]) -> StoreResult<Vec<AnyRow>> {
+        self.sent += 1;
+        self.inner.fetch_all(sql, args).await
+    }
+
+    async fn fetch_optional(
+        &mut self,
+        sql: &'static str,
+        args: &[Arg<'_>],
+    ) -> StoreResult<Option<AnyRow>> {
+        self.sent += 1;
+        self.inner.fetch_optional(sql, args).await
+    }
+
+    async fn execute_chain(&mut self, steps: &[Step<'_, '_>]) -> StoreResult<u64> {
+        self.sent += 1;
+        self.inner.execute_chain(steps).await
+    }
+
+    async fn insert_then(&mut self, insert: Step<'_, '_>, then: Step<'_, '_>) -> StoreResult<i64> {
+        self.sent += 1;
+        self.inner.insert_then(insert, then).await
+    }
+}
+
+/// Runs `cmd` in a transaction of its own and commits it; how many
+/// statements it sent between BEGIN and COMMIT.
+async fn sent_by<K: Command>(store: &SqlStore, cmd: K) -> usize {
+    let mut conn = store.writer.acquire().await.unwrap();
+    let mut tx = conn.begin().await.unwrap();
+    let mut counting = Counting {
+        inner: &mut tx,
+        sent: 0,
+    };
+    let ending = cmd.run(&mut counting).await.unwrap();
+    let sent = counting.sent;
+    assert!(matches!(ending, Ending::Commit(_)), "the write committed");
+    tx.commit().await.unwrap();
+    sent
+}
+
+fn at() -> DateTime<Utc> {
+    "2026-06-01T00:00:00Z".parse().unwrap()
+}
+
+fn acme() -> ProductCode {
+    ProductCode::parse("ACME").unwrap()
+}
+
+fn actor() -> Actor {
+    Actor("billing".into())
+}
+
+fn issue_cmd(request_id: &str) -> IssueLicense {
+    IssueLicense {
+        request_id: request_id.into(),
+        product: acme(),
+        edition: Edition::Business,
+        kind: LicenseKind::Standard,
+        seats: 2,
+        term_years: 1,
+        starts_at: None,
+        order_ref: "o-1".into(),
+        customer_ref: "c-1".into(),
+        reseller: String::new(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_postgres_write_sends_its_known_number_of_statements() {
+    let Some(admin) = std::env::var("LICENSD_TEST_POSTGRES_URL")
+        .ok()
+        .filter(|u| !u.is_empty())
+    else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "LICENSD_TEST_POSTGRES_URL must be set in CI"
+        );
+        // Straight to stderr: libtest would hide an `eprintln!`.
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stderr(),
+            "\n*** SKIPPED (PostgreSQL backend): set \
+             LICENSD_TEST_POSTGRES_URL=postgres://postgres@127.0.0.1:5432/postgres to count \
+             PostgreSQL's statements per write ***\n"
+        );
+        return;
+    };
+    let name = format!(
+        "licensd_rt_{}_{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    );
+    let mut admin_conn = sqlx::PgConnection::connect(&admin).await.unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&mut admin_conn)
+        .await
+        .unwrap();
+    let (base, query) = admin.split_once('?').unwrap_or((&admin, ""));
+    let (server, _) = base.rsplit_once('/').unwrap();
+    let url = if query.is_empty() {
+        format!("{server}/{name}")
+    } else {
+        format!("{server}/{name}?{query}")
+    };
+    let store = postgres::open(&url, PostgresOptions::default())
+        .await
+        .unwrap();
+
+    let product = Product::new(acme(), ProductSpec::default()).unwrap();
+    store.create_product(&product, at()).await.unwrap();
+    let license = store
+        .issue_license(&issue_cmd("seed"), &actor(), at())
+        .await
+        .unwrap();
+    store
+        .activate(&license.key, "ws-1", "host", "", &actor(), at())
+        .await
+        .unwrap();
+    let code_cmd = IssueRenewalCode {
+        request_id: "code".into(),
+        product: acme(),
+        edition: Edition::Business,
+        seats: 2,
+        term_years: 1,
+        order_ref: String::new(),
+        reseller: String::new(),
+    };
+    let (_, code) = store
+        .issue_renewal_code(&code_cmd, &actor(), at())
+        .await
+        .unwrap();
+
+    // Lock, load, the seat with its event.
+    let activate = Activate {
+        key: license.key.clone(),
+        fingerprint: "ws-2".into(),
+        hostname: "host".into(),
+        client_version: String::new(),
+        actor: actor(),
+        now: at(),
+    };
+    assert_eq!(sent_by(&store, activate).await, 3, "Activate");
+    let deactivate = Deactivate {
+        key: license.key.clone(),
+        fingerprint: "ws-2".into(),
+        actor: actor(),
+        now: at(),
+    };
+    assert_eq!(sent_by(&store, deactivate).await, 3, "Deactivate");
+    // Lock, load the license, load the code with its product, the code's
+    // claim with the extension and the event.
+    let redeem = RedeemCode {
+        cmd: Redeem {
+            license_key: license.key.clone(),
+            code,
+            fingerprint: "ws-1".into(),
+            client_version: Version::parse("1.0").unwrap(),
+        },
+        actor: actor(),
+        now: at(),
+    };
+    assert_eq!(sent_by(&store, redeem).await, 4, "RedeemRenewalCode");
+    // Claim the request id, load the product, the license with its event.
+    let issue = Issue {
+        cmd: issue_cmd("counted"),
+        key: LicenseKey::generate(&acme(), LicenseKind::Standard),
+        actor: actor(),
+        now: at(),
+    };
+    assert_eq!(sent_by(&store, issue).await, 3, "IssueLicense");
+
+    store.close().await;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "DROP DATABASE {name} WITH (FORCE)"
+    )))
+    .execute(&mut admin_conn)
+    .await
+    .unwrap();
+}
