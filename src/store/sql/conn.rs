@@ -152,11 +152,7 @@ async fn insert_in_turn<C: Conn + ?Sized>(
     insert: Step<'_, '_>,
     then: Step<'_, '_>,
 ) -> StoreResult<i64> {
-    let id = conn
-        .fetch_optional(insert.0, insert.1)
-        .await?
-        .ok_or_else(|| StoreError::Internal(format!("no row from {}", insert.0)))?
-        .int(0)?;
+    let id = fetch_one(conn, insert.0, insert.1).await?.int(0)?;
     let mut args = vec![Arg::from(id)];
     args.extend_from_slice(then.1);
     conn.execute(then.0, &args).await?;
@@ -174,7 +170,7 @@ async fn in_turn<C: Conn + ?Sized>(conn: &mut C, steps: &[Step<'_, '_>]) -> Stor
 }
 
 /// The row `sql` must return.
-pub(in crate::store) async fn fetch_one<C: Conn>(
+pub(in crate::store) async fn fetch_one<C: Conn + ?Sized>(
     conn: &mut C,
     sql: &'static str,
     args: &[Arg<'_>],
@@ -235,18 +231,9 @@ fn query<'q>(
 
 /// PostgreSQL's one statement for [`Conn::execute_chain`]: each step a
 /// data-modifying `WITH` query (each runs once, on the same snapshot), each
-/// step's placeholders numbered after those of the steps before it. Built
-/// once per chain.
+/// step's placeholders numbered after those of the steps before it.
 fn chained(steps: &[Step<'_, '_>]) -> &'static str {
-    use std::collections::HashMap;
-    use std::sync::{Mutex, OnceLock};
-    static CHAINS: OnceLock<Mutex<HashMap<Vec<usize>, &'static str>>> = OnceLock::new();
-    let id: Vec<usize> = steps.iter().map(|(sql, _)| sql.as_ptr() as usize).collect();
-    let mut chains = CHAINS
-        .get_or_init(Default::default)
-        .lock()
-        .expect("not poisoned");
-    chains.entry(id).or_insert_with(|| {
+    built_once(Built::Chain, steps.iter().map(|(sql, _)| *sql), || {
         let mut sql = String::from("WITH ");
         let mut before = 0;
         for (i, (step, args)) in steps.iter().enumerate() {
@@ -261,30 +248,54 @@ fn chained(steps: &[Step<'_, '_>]) -> &'static str {
             before += args.len();
         }
         sql.push_str(" SELECT count(*) FROM w1");
-        Box::leak(sql.into_boxed_str())
+        sql
     })
 }
 
 /// PostgreSQL's one statement for [`Conn::insert_then`]: the insert as a
 /// data-modifying `WITH` query, `then`'s `$1` the id it returned and its
-/// other placeholders numbered after the insert's. Built once per pair.
+/// other placeholders numbered after the insert's.
 fn inserted_then(insert: &'static str, insert_args: usize, then: &'static str) -> &'static str {
-    use std::collections::HashMap;
-    use std::sync::{Mutex, OnceLock};
-    static PAIRS: OnceLock<Mutex<HashMap<(usize, usize), &'static str>>> = OnceLock::new();
-    let id = (insert.as_ptr() as usize, then.as_ptr() as usize);
-    let mut pairs = PAIRS
-        .get_or_init(Default::default)
-        .lock()
-        .expect("not poisoned");
-    pairs.entry(id).or_insert_with(|| {
+    built_once(Built::InsertThen, [insert, then], || {
         let then = renumbered(then, |n| match n {
             1 => "(SELECT id FROM w1)".to_string(),
             n => format!("${}", n - 1 + insert_args),
         });
-        let sql = format!("WITH w1 AS ({insert}) {then} RETURNING (SELECT id FROM w1)");
-        Box::leak(sql.into_boxed_str())
+        format!("WITH w1 AS ({insert}) {then} RETURNING (SELECT id FROM w1)")
     })
+}
+
+/// Which combined statement [`built_once`] holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Built {
+    Chain,
+    InsertThen,
+}
+
+/// The statement `build` makes of the static texts `parts` (as `kind`),
+/// built the first time and kept for the process (the parts are static,
+/// so their addresses name them; a statement's argument count is fixed by
+/// its text).
+fn built_once(
+    kind: Built,
+    parts: impl IntoIterator<Item = &'static str>,
+    build: impl FnOnce() -> String,
+) -> &'static str {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    type Statements = HashMap<(Built, Vec<usize>), &'static str>;
+    static BUILT: OnceLock<Mutex<Statements>> = OnceLock::new();
+    let key = (
+        kind,
+        parts.into_iter().map(|p| p.as_ptr() as usize).collect(),
+    );
+    let mut built = BUILT
+        .get_or_init(Default::default)
+        .lock()
+        .expect("not poisoned");
+    built
+        .entry(key)
+        .or_insert_with(|| Box::leak(build().into_boxed_str()))
 }
 
 /// `sql` with each `$N` numbered `$(N + by)`.
