@@ -74,7 +74,8 @@ struct ServeArgs {
     listen: String,
     #[command(flatten)]
     db: Database,
-    /// PostgreSQL connections per replica.
+    /// PostgreSQL connections per replica: half for the writes, half for
+    /// the reads.
     #[arg(long, env = "LICENSD_DB_MAX_CONNECTIONS", default_value_t = 16)]
     db_max_connections: u32,
     /// Longest a call waits for the database (a connection, a lock, an

@@ -168,7 +168,7 @@ fn describe() {
     describe_histogram!(
         "licensd_db_acquire_seconds",
         Unit::Seconds,
-        "Time a write waited for a pooled connection and its BEGIN (SQLite: for its batch to begin)."
+        "Time a write waited for a pooled connection (SQLite: for its batch to begin)."
     );
     describe_histogram!(
         "licensd_sqlite_batch_writes",

@@ -49,26 +49,64 @@ impl From<sqlx::Error> for StoreError {
             | sqlx::Error::WorkerCrashed => StoreError::Unavailable(e.to_string()),
             sqlx::Error::Database(db) => {
                 let code = db.code().unwrap_or_default();
-                match code.as_ref() {
-                    // PostgreSQL: serialization_failure, deadlock_detected.
-                    "40001" | "40P01" => StoreError::Retryable(e.to_string()),
-                    // PostgreSQL: too_many_connections, cannot_connect_now,
-                    // statement or lock timeout / cancelled (57014, 55P03:
-                    // the server gave up waiting within `--database-timeout-ms`),
-                    // or the session is gone.
-                    "53300" | "57P03" | "57014" | "55P03" => StoreError::Unavailable(e.to_string()),
-                    c if session_ended(c) => StoreError::Unavailable(e.to_string()),
-                    // SQLite reports its (extended) result code in decimal.
-                    _ if db
-                        .try_downcast_ref::<sqlx::sqlite::SqliteError>()
-                        .is_some_and(|_| code.parse().is_ok_and(sqlite_unavailable)) =>
-                    {
-                        StoreError::Unavailable(e.to_string())
-                    }
-                    _ => StoreError::Internal(e.to_string()),
+                if let Some(kind) = of_sqlstate(&code) {
+                    return kind(e.to_string());
                 }
+                // SQLite reports its (extended) result code in decimal.
+                if db
+                    .try_downcast_ref::<sqlx::sqlite::SqliteError>()
+                    .is_some_and(|_| code.parse().is_ok_and(sqlite_unavailable))
+                {
+                    return StoreError::Unavailable(e.to_string());
+                }
+                StoreError::Internal(e.to_string())
             }
             _ => StoreError::Internal(e.to_string()),
+        }
+    }
+}
+
+/// What PostgreSQL's SQLSTATE `code` makes of an error, when it is not a
+/// bug: a conflict to retry, or the database unable to serve the call now.
+fn of_sqlstate(code: &str) -> Option<fn(String) -> StoreError> {
+    match code {
+        // serialization_failure, deadlock_detected.
+        "40001" | "40P01" => Some(StoreError::Retryable),
+        // too_many_connections, cannot_connect_now, statement or lock
+        // timeout / cancelled (57014, 55P03: the server gave up waiting
+        // within `--database-timeout-ms`), or the session is gone.
+        "53300" | "57P03" | "57014" | "55P03" => Some(StoreError::Unavailable),
+        c if session_ended(c) => Some(StoreError::Unavailable),
+        _ => None,
+    }
+}
+
+/// PostgreSQL's own write path (tokio-postgres): the same SQLSTATEs as
+/// through sqlx; without one, a connection that failed or closed is
+/// unavailable, and anything else (a value that did not convert) a bug.
+impl From<tokio_postgres::Error> for StoreError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        if let Some(kind) = e.code().and_then(|c| of_sqlstate(c.code())) {
+            return kind(e.to_string());
+        }
+        let io = std::error::Error::source(&e).is_some_and(|s| s.is::<std::io::Error>());
+        if e.code().is_none() && (e.is_closed() || io || connecting(&e.to_string())) {
+            return StoreError::Unavailable(e.to_string());
+        }
+        StoreError::Internal(e.to_string())
+    }
+}
+
+/// tokio-postgres's words for failing to connect, or to hear back in time.
+fn connecting(message: &str) -> bool {
+    message.starts_with("error connecting") || message.starts_with("timeout")
+}
+
+impl From<deadpool_postgres::PoolError> for StoreError {
+    fn from(e: deadpool_postgres::PoolError) -> Self {
+        match e {
+            deadpool_postgres::PoolError::Backend(e) => e.into(),
+            other => StoreError::Unavailable(format!("no PostgreSQL connection: {other}")),
         }
     }
 }

@@ -9,12 +9,17 @@ use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{Connection, Executor};
 
+use super::sql::Writer;
 use super::{Dialect, SqlStore, StoreError, StoreResult};
+
+mod writer;
+pub(super) use writer::PgWriter;
 
 /// Tuning of the PostgreSQL store.
 #[derive(Debug, Clone)]
 pub struct PostgresOptions {
-    /// Connections per replica.
+    /// Connections per replica: half for the writes, half for the reads
+    /// (at least one each).
     pub max_connections: u32,
     /// How long a call waits for a connection (a free one, or a new one:
     /// connecting is retried until then) before UNAVAILABLE.
@@ -59,23 +64,22 @@ pub async fn migrate(url: &str) -> StoreResult<()> {
     Ok(())
 }
 
-/// Connects to (and migrates) the database at `url`.
+/// Connects to (and migrates) the database at `url`: `max_connections`
+/// split between the writes and the reads, half each (at least one each).
 pub async fn open(url: &str, opts: PostgresOptions) -> StoreResult<SqlStore> {
     sqlx::any::install_default_drivers();
     migrate(url).await?;
     let statement_timeout = opts.statement_timeout.as_millis();
     let lock_timeout = opts.lock_timeout.as_millis().max(1);
-    let pool = AnyPoolOptions::new()
-        .max_connections(opts.max_connections.max(1))
+    let max = opts.max_connections.max(1);
+    let (writes, reads) = (max - max / 2, (max / 2).max(1));
+    let readers = AnyPoolOptions::new()
+        .max_connections(reads)
         .min_connections(1)
         .acquire_timeout(opts.acquire_timeout)
-        // A ping before every checkout is a network round trip per call
-        // (churn: 2,293 -> ~2,600 writes/s without it). Only connections
-        // that sat idle for a while are pinged, so a pool left idle across
-        // a database restart hands out no dead connection. sqlx also pings
-        // every connection when it is returned and drops one that fails;
-        // and a write whose BEGIN meets a dead connection anyway is retried
-        // on another (`SqlStore::begin_write`).
+        // A ping before every checkout is a network round trip per call.
+        // Only connections that sat idle for a while are pinged, so a pool
+        // left idle across a database restart hands out no dead connection.
         .test_before_acquire(false)
         .before_acquire(|conn, meta| {
             Box::pin(async move {
@@ -98,8 +102,18 @@ pub async fn open(url: &str, opts: PostgresOptions) -> StoreResult<SqlStore> {
             AnyConnectOptions::from_str(url).map_err(|e| StoreError::Unavailable(e.to_string()))?,
         )
         .await?;
+    let mut config = tokio_postgres::Config::from_str(url)
+        .map_err(|e| StoreError::Unavailable(format!("{url}: {e}")))?;
+    config
+        .options(format!(
+            "-c statement_timeout={statement_timeout} -c lock_timeout={lock_timeout}"
+        ))
+        .connect_timeout(opts.acquire_timeout);
+    let writer = PgWriter::new(config, writes as usize, opts.acquire_timeout)?;
     let changes = super::change_notify::Changes::new(url, opts.statement_timeout)?;
-    Ok(SqlStore::new(pool.clone(), pool, Dialect::Postgres, None)
-        .await?
-        .with_changes(changes))
+    Ok(
+        SqlStore::new(Writer::Postgres(writer.into()), readers, Dialect::Postgres)
+            .await?
+            .with_changes(changes),
+    )
 }

@@ -34,13 +34,6 @@ pub enum Dialect {
 }
 
 impl Dialect {
-    pub(super) fn begin(self) -> &'static str {
-        match self {
-            Dialect::Sqlite => "BEGIN IMMEDIATE",
-            Dialect::Postgres => "BEGIN",
-        }
-    }
-
     /// A read-only transaction that sees one snapshot for all its statements.
     pub(super) fn begin_read(self) -> &'static str {
         match self {
@@ -239,6 +232,46 @@ impl Columns for AnyRow {
     fn blob(&self, at: usize) -> StoreResult<Vec<u8>> {
         Ok(self.try_get(at)?)
     }
+}
+
+/// PostgreSQL's own write path (tokio-postgres), which decodes a column
+/// only as its exact type: an INTEGER column is read as an `i32`.
+impl Columns for tokio_postgres::Row {
+    fn text(&self, at: usize) -> StoreResult<String> {
+        self.try_get(at).map_err(decode)
+    }
+    fn int(&self, at: usize) -> StoreResult<i64> {
+        self.opt_int(at)?
+            .ok_or_else(|| StoreError::Internal(format!("column {at} is NULL")))
+    }
+    fn opt_int(&self, at: usize) -> StoreResult<Option<i64>> {
+        use tokio_postgres::types::Type;
+        let column = self
+            .columns()
+            .get(at)
+            .ok_or_else(|| StoreError::Internal(format!("no column {at}")))?;
+        Ok(match *column.type_() {
+            Type::INT2 => self
+                .try_get::<_, Option<i16>>(at)
+                .map_err(decode)?
+                .map(i64::from),
+            Type::INT4 => self
+                .try_get::<_, Option<i32>>(at)
+                .map_err(decode)?
+                .map(i64::from),
+            _ => self.try_get(at).map_err(decode)?,
+        })
+    }
+    fn opt_text(&self, at: usize) -> StoreResult<Option<String>> {
+        self.try_get(at).map_err(decode)
+    }
+    fn blob(&self, at: usize) -> StoreResult<Vec<u8>> {
+        self.try_get(at).map_err(decode)
+    }
+}
+
+fn decode(e: tokio_postgres::Error) -> StoreError {
+    StoreError::Internal(format!("reading a column: {e}"))
 }
 
 /// The columns of a row from a position on, as a row of their own (the

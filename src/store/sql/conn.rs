@@ -123,6 +123,24 @@ pub(in crate::store) trait Conn: Send {
         args: &[Arg<'_>],
     ) -> impl Future<Output = StoreResult<Option<Self::Row>>> + Send;
 
+    /// Runs `lock` (a `SELECT … FOR UPDATE` of one row) and, when it found
+    /// its row, `load`: `load`'s rows, or `None`. PostgreSQL's write path
+    /// sends both at once (one round trip); the server still runs `load`
+    /// only once `lock` holds its lock, so `load` reads what the lock's
+    /// previous holder committed.
+    fn fetch_all_locked(
+        &mut self,
+        lock: Step<'_, '_>,
+        load: Step<'_, '_>,
+    ) -> impl Future<Output = StoreResult<Option<Vec<Self::Row>>>> + Send {
+        async move {
+            if self.fetch_optional(lock.0, lock.1).await?.is_none() {
+                return Ok(None);
+            }
+            Ok(Some(self.fetch_all(load.0, load.1).await?))
+        }
+    }
+
     /// Runs `steps` in order (none reading what another writes), in as
     /// few round trips as the backend allows; how many rows the first
     /// changed. Used for a change and the history event that records it.
@@ -232,7 +250,7 @@ fn query<'q>(
 /// PostgreSQL's one statement for [`Conn::execute_chain`]: each step a
 /// data-modifying `WITH` query (each runs once, on the same snapshot), each
 /// step's placeholders numbered after those of the steps before it.
-fn chained(steps: &[Step<'_, '_>]) -> &'static str {
+pub(in crate::store) fn chained(steps: &[Step<'_, '_>]) -> &'static str {
     built_once(Built::Chain, steps.iter().map(|(sql, _)| *sql), || {
         let mut sql = String::from("WITH ");
         let mut before = 0;
@@ -255,7 +273,11 @@ fn chained(steps: &[Step<'_, '_>]) -> &'static str {
 /// PostgreSQL's one statement for [`Conn::insert_then`]: the insert as a
 /// data-modifying `WITH` query, `then`'s `$1` the id it returned and its
 /// other placeholders numbered after the insert's.
-fn inserted_then(insert: &'static str, insert_args: usize, then: &'static str) -> &'static str {
+pub(in crate::store) fn inserted_then(
+    insert: &'static str,
+    insert_args: usize,
+    then: &'static str,
+) -> &'static str {
     built_once(Built::InsertThen, [insert, then], || {
         let then = renumbered(then, |n| match n {
             1 => "(SELECT id FROM w1)".to_string(),

@@ -1,7 +1,7 @@
 //! The rows a write (or a read) loads, with the lock the write needs:
 //! shared by the files of every concern, on any [`Conn`].
 
-use super::conn::{Conn, args, fetch_one};
+use super::conn::{Conn, Step, args, fetch_one};
 use crate::domain::{
     Activation, License, LicenseKey, Product, ProductCode, Refusal, RenewalCodeRecord,
 };
@@ -32,24 +32,23 @@ async fn load_license<C: Conn>(
     key: &LicenseKey,
     lock: Lock,
 ) -> StoreResult<Option<(i64, License)>> {
-    if lock.rows(conn) {
+    let load: Step = (LICENSE_WITH_ACTIVATIONS, args![key.normalized()]);
+    let rows = if lock.rows(conn) {
         // Lock first, then read in a second statement: under READ COMMITTED
         // a statement that waited for the lock re-reads the locked row but
         // not the rows it joined, so one statement could pair a fresh
         // seats_used with a stale list of activations.
-        let locked = conn
-            .fetch_optional(
-                "SELECT id FROM licenses WHERE license_key = $1 FOR UPDATE",
-                args![key.normalized()],
-            )
-            .await?;
-        if locked.is_none() {
-            return Ok(None);
+        let lock: Step = (
+            "SELECT id FROM licenses WHERE license_key = $1 FOR UPDATE",
+            args![key.normalized()],
+        );
+        match conn.fetch_all_locked(lock, load).await? {
+            Some(rows) => rows,
+            None => return Ok(None),
         }
-    }
-    let rows = conn
-        .fetch_all(LICENSE_WITH_ACTIVATIONS, args![key.normalized()])
-        .await?;
+    } else {
+        conn.fetch_all(load.0, load.1).await?
+    };
     let Some(first) = rows.first() else {
         return Ok(None);
     };

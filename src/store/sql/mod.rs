@@ -62,12 +62,11 @@ use crate::domain::{
 /// A store over SQLite or PostgreSQL.
 #[derive(Clone)]
 pub struct SqlStore {
-    pub(super) writer: AnyPool,
+    /// Where the rules' writes run.
+    writer: Writer,
     pub(super) readers: AnyPool,
     code_secret: Vec<u8>,
     dialect: Dialect,
-    /// SQLite only: the writes, committed in groups by one thread.
-    native: Option<Arc<super::sqlite::writer::GroupWriter>>,
     /// SQLite only: Validate's lookups without sqlx's per-query overhead.
     fast_reads: Option<std::sync::Arc<super::sqlite::fast::FastReader>>,
     /// Validate's answers from memory, if switched on.
@@ -80,6 +79,15 @@ pub struct SqlStore {
     /// handles, registered with the cache).
     cache_hits: metrics::Counter,
     cache_fallbacks: metrics::Counter,
+}
+
+/// Where a backend's writes run: both run the same [`conn::Command`]s.
+#[derive(Clone)]
+pub(in crate::store) enum Writer {
+    /// SQLite: one thread commits the writes in groups.
+    Sqlite(Arc<super::sqlite::writer::GroupWriter>),
+    /// PostgreSQL: a pool of connections that pipeline.
+    Postgres(Arc<super::postgres::PgWriter>),
 }
 
 /// One pool's size (metrics).
@@ -96,13 +104,12 @@ pub struct PoolStats {
 }
 
 impl SqlStore {
-    /// A store over pools the backend module opened and migrated, and on
-    /// SQLite the thread that commits its writes (`native`).
+    /// A store over the writer and the read pool the backend module opened
+    /// (on a migrated database).
     pub(super) async fn new(
-        writer: AnyPool,
+        writer: Writer,
         readers: AnyPool,
         dialect: Dialect,
-        native: Option<super::sqlite::writer::GroupWriter>,
     ) -> StoreResult<Self> {
         let feed = EventFeed::start(readers.clone(), dialect);
         let mut store = SqlStore {
@@ -112,7 +119,6 @@ impl SqlStore {
             code_secret: Vec::new(),
             dialect,
             fast_reads: None,
-            native: native.map(Arc::new),
             cache: None,
             changes: None,
             cache_hits: metrics::Counter::noop(),
@@ -166,15 +172,23 @@ impl SqlStore {
             idle: pool.num_idle(),
             max: pool.options().get_max_connections(),
         };
-        let writer = match &self.native {
+        let writer = match &self.writer {
             // SQLite: the writer thread's one connection.
-            Some(native) => PoolStats {
+            Writer::Sqlite(native) => PoolStats {
                 name: "writer",
                 size: 1,
                 idle: usize::from(!native.busy()),
                 max: 1,
             },
-            None => stats("writer", &self.writer),
+            Writer::Postgres(pool) => {
+                let (size, idle, max) = pool.stats();
+                PoolStats {
+                    name: "writer",
+                    size,
+                    idle,
+                    max,
+                }
+            }
         };
         [writer, stats("readers", &self.readers)]
     }
@@ -225,7 +239,7 @@ impl SqlStore {
             }
             Dialect::Postgres => {
                 let on: String = sqlx::query_scalar("SHOW synchronous_commit")
-                    .fetch_one(&self.writer)
+                    .fetch_one(&self.readers)
                     .await?;
                 format!("synchronous_commit={on}")
             }
@@ -235,14 +249,14 @@ impl SqlStore {
     /// Closes the pools (SQLite checkpoints its WAL).
     pub async fn close(&self) {
         self.feed.close();
-        if let Some(native) = &self.native {
-            native.close().await;
+        match &self.writer {
+            Writer::Sqlite(native) => native.close().await,
+            Writer::Postgres(pool) => pool.close(),
         }
         if let Some(changes) = &self.changes {
             changes.close().await;
         }
         self.readers.close().await;
-        self.writer.close().await;
     }
 }
 

@@ -1,19 +1,19 @@
 //! How many statements each write sends to PostgreSQL inside its
-//! transaction, each one a round trip: a new one should be a decision, not
-//! an accident. Needs `LICENSD_TEST_POSTGRES_URL` (set by `.ci/run`);
+//! transaction, and in how many round trips: a new one should be a
+//! decision, not an accident. Needs `LICENSD_TEST_POSTGRES_URL` (set by `.ci/run`);
 //! without it the test says so and passes, except in CI.
 
 use chrono::{DateTime, Utc};
 use sqlx::any::AnyRow;
 use sqlx::{AnyConnection, Connection};
 
-use super::SqlStore;
 use super::conn::{Arg, Command, Conn, Ending, Step};
 use super::licenses::Issue;
 use super::renewal::RedeemCode;
 use super::seats::{Activate, Deactivate};
+use super::{SqlStore, Writer};
 use crate::domain::product::ProductSpec;
-use crate::domain::{Edition, LicenseKey, LicenseKind, Product, ProductCode, Version};
+use crate::domain::{Edition, LicenseKey, LicenseKind, Product, ProductCode, RenewalCode, Version};
 use crate::store::postgres::{self, PostgresOptions};
 use crate::store::rows::Dialect;
 use crate::store::{Actor, IssueLicense, IssueRenewalCode, Redeem, StoreResult};
@@ -64,7 +64,7 @@ impl Conn for Counting<'_> {
 /// Runs `cmd` in a transaction of its own and commits it; how many
 /// statements it sent between BEGIN and COMMIT.
 async fn sent_by<K: Command>(store: &SqlStore, cmd: K) -> usize {
-    let mut conn = store.writer.acquire().await.unwrap();
+    let mut conn = store.readers.acquire().await.unwrap();
     let mut tx = conn.begin().await.unwrap();
     let mut counting = Counting {
         inner: &mut tx,
@@ -155,8 +155,8 @@ async fn each_postgres_write_sends_its_known_number_of_statements() {
         .activate(&license.key, "ws-1", "host", "", &actor(), at())
         .await
         .unwrap();
-    let code_cmd = IssueRenewalCode {
-        request_id: "code".into(),
+    let code_cmd = |request_id: &str| IssueRenewalCode {
+        request_id: request_id.into(),
         product: acme(),
         edition: Edition::Business,
         seats: 2,
@@ -165,48 +165,66 @@ async fn each_postgres_write_sends_its_known_number_of_statements() {
         reseller: String::new(),
     };
     let (_, code) = store
-        .issue_renewal_code(&code_cmd, &actor(), at())
+        .issue_renewal_code(&code_cmd("code"), &actor(), at())
         .await
         .unwrap();
-
-    // Lock, load, the seat with its event.
-    let activate = Activate {
+    let (_, second_code) = store
+        .issue_renewal_code(&code_cmd("second code"), &actor(), at())
+        .await
+        .unwrap();
+    let activate = |fingerprint: &str| Activate {
         key: license.key.clone(),
-        fingerprint: "ws-2".into(),
+        fingerprint: fingerprint.into(),
         hostname: "host".into(),
         client_version: String::new(),
         actor: actor(),
         now: at(),
     };
-    assert_eq!(sent_by(&store, activate).await, 3, "Activate");
-    let deactivate = Deactivate {
+    let deactivate = |fingerprint: &str| Deactivate {
         key: license.key.clone(),
-        fingerprint: "ws-2".into(),
+        fingerprint: fingerprint.into(),
         actor: actor(),
         now: at(),
     };
-    assert_eq!(sent_by(&store, deactivate).await, 3, "Deactivate");
-    // Lock, load the license, load the code with its product, the code's
-    // claim with the extension and the event.
-    let redeem = RedeemCode {
+    let redeem = |code: &RenewalCode| RedeemCode {
         cmd: Redeem {
             license_key: license.key.clone(),
-            code,
+            code: code.clone(),
             fingerprint: "ws-1".into(),
             client_version: Version::parse("1.0").unwrap(),
         },
         actor: actor(),
         now: at(),
     };
-    assert_eq!(sent_by(&store, redeem).await, 4, "RedeemRenewalCode");
-    // Claim the request id, load the product, the license with its event.
-    let issue = Issue {
-        cmd: issue_cmd("counted"),
+    let issue = |request_id: &str| Issue {
+        cmd: issue_cmd(request_id),
         key: LicenseKey::generate(&acme(), LicenseKind::Standard),
         actor: actor(),
         now: at(),
     };
-    assert_eq!(sent_by(&store, issue).await, 3, "IssueLicense");
+
+    // Lock, load, the seat with its event.
+    assert_eq!(sent_by(&store, activate("ws-2")).await, 3, "Activate");
+    assert_eq!(sent_by(&store, deactivate("ws-2")).await, 3, "Deactivate");
+    // Lock, load the license, load the code with its product, the code's
+    // claim with the extension and the event.
+    assert_eq!(sent_by(&store, redeem(&code)).await, 4, "RedeemRenewalCode");
+    // Claim the request id, load the product, the license with its event.
+    assert_eq!(sent_by(&store, issue("counted")).await, 3, "IssueLicense");
+
+    // The round trips on PostgreSQL's write path, COMMIT included: BEGIN
+    // goes out with the first statement, a lock with the load after it.
+    let Writer::Postgres(pg) = &store.writer else {
+        panic!("PostgreSQL's own writer");
+    };
+    assert_eq!(pg.round_trips(&activate("ws-3")).await, 3, "Activate");
+    assert_eq!(pg.round_trips(&deactivate("ws-3")).await, 3, "Deactivate");
+    assert_eq!(
+        pg.round_trips(&redeem(&second_code)).await,
+        4,
+        "RedeemRenewalCode"
+    );
+    assert_eq!(pg.round_trips(&issue("tripped")).await, 4, "IssueLicense");
 
     store.close().await;
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!(

@@ -9,19 +9,15 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
-use super::SqlStore;
 use super::conn::{Arg, Command, Conn, Step};
+use super::{SqlStore, Writer};
 use crate::store::change_notify::{Change, Changes};
-use crate::store::error::session_ended;
 use crate::store::event_feed::EventFeed;
 use crate::store::validation_cache::ValidationCache;
 use crate::store::{Actor, StoreError, StoreResult, micros};
 
 /// How many times a write is retried after a deadlock or serialisation failure.
 const MAX_ATTEMPTS: u32 = 5;
-
-/// A write transaction.
-pub(super) type Tx = sqlx::Transaction<'static, sqlx::Any>;
 
 /// This replica's side of a write that may have committed: the event feed
 /// looks for new events (a refusal may have recorded one), and Validate
@@ -66,7 +62,8 @@ impl SqlStore {
     /// Runs a rule's write, `cmd`, in a transaction of its own and commits
     /// it: on SQLite through the group-commit writer
     /// ([`crate::store::sqlite::writer`]), on PostgreSQL on a pooled
-    /// connection, again after a deadlock or serialisation failure. When the
+    /// connection ([`crate::store::postgres::PgWriter`]), again after a
+    /// deadlock or serialisation failure. When the
     /// write may change what the validation cache or the other replicas hold
     /// (`change`; `None` for renewal codes, which neither holds), they are
     /// told once the write has an outcome, or when its caller goes away
@@ -76,28 +73,24 @@ impl SqlStore {
         change: Option<Change>,
         cmd: K,
     ) -> StoreResult<K::Output> {
-        if let Some(writer) = &self.native {
-            // The writer tells this replica's cache and feed itself, right
-            // after the commit (whether or not its caller is still there);
-            // SQLite has no other replicas.
-            let feed = self.feed.clone();
-            let cache = self.cache.clone();
-            let committed = move |refused: bool| {
-                let change = if refused { None } else { change.as_ref() };
-                tell_local(&feed, cache.as_deref(), change);
-            };
-            return writer.run(cmd, Box::new(committed)).await;
-        }
+        let pg = match &self.writer {
+            Writer::Postgres(pg) => pg,
+            Writer::Sqlite(writer) => {
+                // The writer tells this replica's cache and feed itself, right
+                // after the commit (whether or not its caller is still there);
+                // SQLite has no other replicas.
+                let feed = self.feed.clone();
+                let cache = self.cache.clone();
+                let committed = move |refused: bool| {
+                    let change = if refused { None } else { change.as_ref() };
+                    tell_local(&feed, cache.as_deref(), change);
+                };
+                return writer.run(cmd, Box::new(committed)).await;
+            }
+        };
         let guard = change.clone().map(|change| self.cancel_guard(change));
         let cmd = &cmd;
-        let result = self
-            .retrying(move || async move {
-                let mut tx = self.begin_write().await?;
-                let ending = cmd.run(&mut *tx).await?;
-                tx.commit().await?;
-                ending.answer()
-            })
-            .await;
+        let result = self.retrying(move || pg.run(cmd)).await;
         if let Some(guard) = guard {
             guard.disarm();
         }
@@ -137,42 +130,6 @@ impl SqlStore {
             cache: self.cache.clone(),
             changes: self.changes.clone(),
             change: Some(change),
-        }
-    }
-
-    pub(super) async fn begin_write(&self) -> StoreResult<Tx> {
-        let started = std::time::Instant::now();
-        let tx = self.begin_write_untimed().await;
-        metrics::histogram!("licensd_db_acquire_seconds").record(started.elapsed().as_secs_f64());
-        tx
-    }
-
-    async fn begin_write_untimed(&self) -> StoreResult<Tx> {
-        // Pooled connections are not pinged before use: one that died while
-        // idle (the database restarted) fails its BEGIN. Nothing ran, so
-        // BEGIN is tried on the next connection; every idle one may be dead,
-        // so up to the pool's size, then one fresh connection.
-        let mut left = self.writer.options().get_max_connections() + 1;
-        loop {
-            // Its own task: a caller dropped while BEGIN runs (a deadline, a
-            // client gone) would otherwise return the connection to the pool
-            // inside a transaction sqlx does not know about, and a later,
-            // unrelated write on it would fail. Finished in the task, a
-            // dropped transaction rolls back like any other.
-            let begin = tokio::spawn({
-                let writer = self.writer.clone();
-                let statement = self.dialect.begin();
-                async move { writer.begin_with(statement).await }
-            })
-            .await
-            .map_err(|e| StoreError::Internal(format!("BEGIN task: {e}")))?;
-            match begin {
-                Err(e) if is_connection_lost(&e) && left > 1 => {
-                    left -= 1;
-                    tracing::debug!(error = %e, "a pooled connection was lost; trying another");
-                }
-                other => return Ok(other?),
-            }
         }
     }
 
@@ -277,14 +234,4 @@ fn event_args<'a>(
         e.refusal_reason.into(),
         e.detail.into(),
     ]
-}
-
-/// Whether `e` says the connection itself is gone: an I/O or protocol
-/// error, or a PostgreSQL session that ended ([`crate::store::error::session_ended`]).
-fn is_connection_lost(e: &sqlx::Error) -> bool {
-    match e {
-        sqlx::Error::Io(_) | sqlx::Error::Protocol(_) => true,
-        sqlx::Error::Database(db) => db.code().is_some_and(|c| session_ended(&c)),
-        _ => false,
-    }
 }

@@ -184,17 +184,13 @@ pub async fn open(path: &Path, opts: SqliteOptions) -> StoreResult<SqlStore> {
                 })
             })
     };
-    // Every write runs on the writer thread's own connection: this pool
-    // never opens one (the `writer` pool metrics report that thread's).
-    let writer = pool(1)
-        .min_connections(0)
-        .connect_lazy_with(any_options(path, "rw")?);
     let readers = pool(opts.read_connections.max(1))
         .connect_with(any_options(path, "ro")?)
         .await?;
     let fast = fast::FastReader::open(path, opts.mmap_bytes)?;
     let group = writer::GroupWriter::start(path, opts.acquire_timeout, opts.synchronous)?;
-    Ok(SqlStore::new(writer, readers, Dialect::Sqlite, Some(group))
+    let writer = super::sql::Writer::Sqlite(std::sync::Arc::new(group));
+    Ok(SqlStore::new(writer, readers, Dialect::Sqlite)
         .await?
         .with_fast_reads(fast))
 }

@@ -1,0 +1,332 @@
+//! PostgreSQL's writes: each rule's [`Command`] on a connection of its own
+//! pool, through tokio-postgres, which pipelines.
+//!
+//! Why not sqlx here: sqlx sends one statement per round trip and pings
+//! every connection it takes back into its pool, so a write was BEGIN,
+//! lock, load, change, COMMIT and the ping: six round trips, each a wakeup
+//! of a PostgreSQL backend and of a Tokio task, which is most of what a
+//! write costs the database's CPU and ours. tokio-postgres sends what it is
+//! given without waiting for the answers before, so here:
+//!
+//! * BEGIN goes out with the transaction's first statement;
+//! * a lock and the load after it go out together
+//!   ([`Conn::fetch_all_locked`]; the server still runs the load after the
+//!   lock is held, so it reads what the lock's last holder committed);
+//! * a connection goes back to the pool without a ping (a closed one is
+//!   noticed by its client and not handed out again; one that dies idle
+//!   fails its transaction's first round trip, which is then run again on
+//!   another connection: nothing of it can have committed).
+//!
+//! Activate is then three round trips (BEGIN + lock + load, the change with
+//! its history event, COMMIT). The statements, their order and the
+//! decisions are the same [`Command`]s SQLite's writer runs; only how a
+//! statement reaches the server differs.
+//!
+//! A write whose caller goes away mid-transaction (a deadline, a client
+//! gone) leaves its connection inside a transaction whose answers are
+//! still on their way; that connection is closed, never reused (the
+//! server rolls the transaction back).
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use deadpool_postgres::{ClientWrapper, Manager, ManagerConfig, Object, Pool, RecyclingMethod};
+use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::{NoTls, Row, Statement};
+
+use crate::store::rows::Dialect;
+use crate::store::sql::conn::{Arg, Command, Conn, Ending, Step, chained, inserted_then};
+use crate::store::{StoreError, StoreResult};
+
+/// The pool of write connections.
+pub(in crate::store) struct PgWriter {
+    pool: Pool,
+}
+
+impl PgWriter {
+    /// A pool of at most `max` connections made from `config`, a call
+    /// waiting at most `wait` for one.
+    pub(in crate::store) fn new(
+        config: tokio_postgres::Config,
+        max: usize,
+        wait: Duration,
+    ) -> StoreResult<Self> {
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(max.max(1))
+            .wait_timeout(Some(wait))
+            .create_timeout(Some(wait))
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .build()
+            .map_err(|e| StoreError::Internal(format!("PostgreSQL write pool: {e}")))?;
+        Ok(PgWriter { pool })
+    }
+
+    /// Runs `cmd` in a transaction of its own and commits it (a
+    /// deadlock or serialisation failure is the caller's to retry). A
+    /// connection found dead before anything could commit is dropped, and
+    /// the transaction runs again on another, up to the pool's size.
+    pub(in crate::store) async fn run<K: Command>(&self, cmd: &K) -> StoreResult<K::Output> {
+        let mut left = self.pool.status().max_size + 1;
+        loop {
+            let started = Instant::now();
+            let client = self.pool.get().await?;
+            metrics::histogram!("licensd_db_acquire_seconds")
+                .record(started.elapsed().as_secs_f64());
+            let mut lease = Lease(Some(client));
+            let (outcome, _) = transaction(lease.client(), cmd).await;
+            match outcome {
+                Outcome::Done(result) => {
+                    lease.release();
+                    return result;
+                }
+                Outcome::Lost(e) if left > 1 => {
+                    left -= 1;
+                    tracing::debug!(error = %e, "a pooled connection was lost; trying another");
+                }
+                Outcome::Lost(e) | Outcome::Broken(e) => return Err(e),
+            }
+        }
+    }
+
+    /// How many round trips `cmd`'s transaction took, COMMIT included
+    /// (it must commit).
+    #[cfg(test)]
+    pub(in crate::store) async fn round_trips<K: Command>(&self, cmd: &K) -> usize {
+        let mut lease = Lease(Some(self.pool.get().await.unwrap()));
+        let (outcome, trips) = transaction(lease.client(), cmd).await;
+        assert!(matches!(outcome, Outcome::Done(Ok(_))), "committed");
+        lease.release();
+        trips
+    }
+
+    /// Open connections, idle ones, and the limit.
+    pub(in crate::store) fn stats(&self) -> (u32, usize, u32) {
+        let s = self.pool.status();
+        (s.size as u32, s.available, s.max_size as u32)
+    }
+
+    /// Closes every connection; later writes fail.
+    pub(in crate::store) fn close(&self) {
+        self.pool.close();
+    }
+}
+
+/// A pooled connection that goes back to the pool only when
+/// [`release`](Lease::release)d: dropped otherwise (a transaction cut
+/// short), it is closed.
+struct Lease(Option<Object>);
+
+impl Lease {
+    fn client(&self) -> &ClientWrapper {
+        self.0.as_ref().expect("leased")
+    }
+
+    fn release(&mut self) {
+        drop(self.0.take());
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if let Some(object) = self.0.take() {
+            // Out of the pool; dropping the client closes the connection.
+            drop(Object::take(object));
+        }
+    }
+}
+
+/// How a transaction on one connection ended.
+enum Outcome<T> {
+    /// The caller's answer; the connection is idle and may be reused.
+    Done(StoreResult<T>),
+    /// The connection was found closed before COMMIT was sent: nothing
+    /// committed, the transaction may run again elsewhere.
+    Lost(StoreError),
+    /// The connection is in an unknown state (its ROLLBACK or COMMIT
+    /// failed): the error is the caller's, the connection is not reused.
+    Broken(StoreError),
+}
+
+/// `cmd`'s transaction on `client`, and how many round trips it took.
+async fn transaction<K: Command>(client: &ClientWrapper, cmd: &K) -> (Outcome<K::Output>, usize) {
+    let mut tx = PgTx {
+        client,
+        begun: false,
+        trips: 0,
+    };
+    let ran = cmd.run(&mut tx).await;
+    let ending = end(client, tx.begun, ran).await;
+    (ending, tx.trips + usize::from(tx.begun))
+}
+
+/// Commits what ran (`begun`: a transaction is open), or rolls it back.
+async fn end<T>(client: &ClientWrapper, begun: bool, ran: StoreResult<Ending<T>>) -> Outcome<T> {
+    match ran {
+        Ok(ending) => {
+            if begun && let Err(e) = client.batch_execute("COMMIT").await {
+                // A conflict found at COMMIT leaves the connection idle
+                // (the transaction is over); anything else may not.
+                let e = StoreError::from(e);
+                return match e {
+                    StoreError::Retryable(_) if !client.is_closed() => Outcome::Done(Err(e)),
+                    e => Outcome::Broken(e),
+                };
+            }
+            Outcome::Done(ending.answer())
+        }
+        Err(e) if client.is_closed() => Outcome::Lost(e),
+        Err(e) => {
+            if begun && client.batch_execute("ROLLBACK").await.is_err() {
+                return Outcome::Broken(e);
+            }
+            Outcome::Done(Err(e))
+        }
+    }
+}
+
+/// A transaction on one connection, begun with its first statement.
+struct PgTx<'c> {
+    client: &'c ClientWrapper,
+    /// Whether BEGIN has been sent.
+    begun: bool,
+    /// Round trips so far.
+    trips: usize,
+}
+
+impl<'c> PgTx<'c> {
+    /// `sql`, prepared on this connection once (its parameters typed as
+    /// `args` are, as sqlx declares them: the server converts an `int8`
+    /// argument for an `integer` column).
+    async fn prepared(&self, sql: &str, args: &[Arg<'_>]) -> StoreResult<Statement> {
+        let types: Vec<Type> = args
+            .iter()
+            .map(|a| match a {
+                Arg::Int(_) => Type::INT8,
+                Arg::Text(_) => Type::TEXT,
+                Arg::Blob(_) => Type::BYTEA,
+            })
+            .collect();
+        Ok(self.client.prepare_typed_cached(sql, &types).await?)
+    }
+
+    /// BEGIN, if not yet sent: to be polled before (and so sent ahead of)
+    /// the statements it goes out with. Every exchange with the server
+    /// calls it once, so it also counts them.
+    fn begin(
+        &mut self,
+    ) -> impl Future<Output = Result<(), tokio_postgres::Error>> + Send + use<'c> {
+        let client: &'c ClientWrapper = self.client;
+        let begin = (!self.begun).then(|| client.batch_execute("BEGIN"));
+        self.begun = true;
+        self.trips += 1;
+        async move {
+            match begin {
+                Some(begin) => begin.await,
+                None => Ok(()),
+            }
+        }
+    }
+
+    async fn rows(&mut self, sql: &'static str, args: &[Arg<'_>]) -> StoreResult<Vec<Row>> {
+        let statement = self.prepared(sql, args).await?;
+        let params = params(args);
+        let (begun, rows) = tokio::join!(
+            biased;
+            self.begin(),
+            self.client.query(&statement, &params)
+        );
+        begun?;
+        Ok(rows?)
+    }
+}
+
+/// `args` as tokio-postgres takes them.
+fn params<'a>(args: &'a [Arg<'_>]) -> Vec<&'a (dyn ToSql + Sync)> {
+    args.iter()
+        .map(|a| match a {
+            Arg::Int(v) => v as &(dyn ToSql + Sync),
+            Arg::Text(v) => v as &(dyn ToSql + Sync),
+            Arg::Blob(v) => v as &(dyn ToSql + Sync),
+        })
+        .collect()
+}
+
+impl Conn for PgTx<'_> {
+    type Row = Row;
+
+    fn dialect(&self) -> Dialect {
+        Dialect::Postgres
+    }
+
+    async fn execute(&mut self, sql: &'static str, args: &[Arg<'_>]) -> StoreResult<u64> {
+        let statement = self.prepared(sql, args).await?;
+        let params = params(args);
+        let (begun, changed) = tokio::join!(
+            biased;
+            self.begin(),
+            self.client.execute(&statement, &params)
+        );
+        begun?;
+        Ok(changed?)
+    }
+
+    async fn fetch_all(&mut self, sql: &'static str, args: &[Arg<'_>]) -> StoreResult<Vec<Row>> {
+        self.rows(sql, args).await
+    }
+
+    async fn fetch_optional(
+        &mut self,
+        sql: &'static str,
+        args: &[Arg<'_>],
+    ) -> StoreResult<Option<Row>> {
+        Ok(self.rows(sql, args).await?.into_iter().next())
+    }
+
+    async fn fetch_all_locked(
+        &mut self,
+        lock: Step<'_, '_>,
+        load: Step<'_, '_>,
+    ) -> StoreResult<Option<Vec<Row>>> {
+        let locking = self.prepared(lock.0, lock.1).await?;
+        let loading = self.prepared(load.0, load.1).await?;
+        let (lock_params, load_params) = (params(lock.1), params(load.1));
+        let (begun, locked, loaded) = tokio::join!(
+            biased;
+            self.begin(),
+            self.client.query(&locking, &lock_params),
+            self.client.query(&loading, &load_params)
+        );
+        begun?;
+        if locked?.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(loaded?))
+    }
+
+    async fn execute_chain(&mut self, steps: &[Step<'_, '_>]) -> StoreResult<u64> {
+        let sql = chained(steps);
+        let args: Vec<Arg<'_>> = steps.iter().flat_map(|(_, a)| a.iter().copied()).collect();
+        let rows = self.rows(sql, &args).await?;
+        let count = rows
+            .first()
+            .ok_or_else(|| StoreError::Internal("no row from a chained write".into()))?;
+        Ok(crate::store::rows::Columns::int(count, 0)? as u64)
+    }
+
+    async fn insert_then(&mut self, insert: Step<'_, '_>, then: Step<'_, '_>) -> StoreResult<i64> {
+        let sql = inserted_then(insert.0, insert.1.len(), then.0);
+        let args: Vec<Arg<'_>> = insert.1.iter().chain(then.1).copied().collect();
+        let rows = self.rows(sql, &args).await?;
+        let id = rows
+            .first()
+            .ok_or_else(|| StoreError::Internal("no id from an insert".into()))?;
+        crate::store::rows::Columns::int(id, 0)
+    }
+}
