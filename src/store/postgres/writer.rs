@@ -12,13 +12,17 @@
 //! * a lock and the load after it go out together
 //!   ([`Conn::fetch_all_locked`]; the server still runs the load after the
 //!   lock is held, so it reads what the lock's last holder committed);
+//! * COMMIT goes out with a command's last statement when nothing is left
+//!   to decide after it ([`Conn::finish_chain`]): should that statement
+//!   fail, the transaction is aborted and the COMMIT behind it rolls it
+//!   back;
 //! * a connection goes back to the pool without a ping (a closed one is
 //!   noticed by its client and not handed out again; one that dies idle
 //!   fails its transaction's first round trip, which is then run again on
 //!   another connection: nothing of it can have committed).
 //!
-//! Activate is then three round trips (BEGIN + lock + load, the change with
-//! its history event, COMMIT). The statements, their order and the
+//! Activate is then two round trips (BEGIN + lock + load; the change with
+//! its history event + COMMIT). The statements, their order and the
 //! decisions are the same [`Command`]s SQLite's writer runs; only how a
 //! statement reaches the server differs.
 //!
@@ -160,10 +164,28 @@ async fn transaction<K: Command>(client: &ClientWrapper, cmd: &K) -> (Outcome<K:
         client,
         begun: false,
         trips: 0,
+        committed: None,
     };
     let ran = cmd.run(&mut tx).await;
-    let ending = end(client, tx.begun, ran).await;
-    (ending, tx.trips + usize::from(tx.begun))
+    match tx.committed.take() {
+        // COMMIT went out with the last statement.
+        Some(commit) => (ended(ran, commit), tx.trips),
+        None => (
+            end(client, tx.begun, ran).await,
+            tx.trips + usize::from(tx.begun),
+        ),
+    }
+}
+
+/// The outcome of a transaction whose COMMIT went out with its last
+/// statement and was answered with `commit`. A statement that failed
+/// aborted the transaction, and that COMMIT then rolled it back.
+fn ended<T>(ran: StoreResult<Ending<T>>, commit: Result<(), tokio_postgres::Error>) -> Outcome<T> {
+    match (ran, commit) {
+        (ran, Ok(())) => Outcome::Done(ran.and_then(Ending::answer)),
+        (Err(e), Err(_)) => Outcome::Broken(e),
+        (Ok(_), Err(e)) => Outcome::Broken(e.into()),
+    }
 }
 
 /// Commits what ran (`begun`: a transaction is open), or rolls it back.
@@ -198,6 +220,8 @@ struct PgTx<'c> {
     begun: bool,
     /// Round trips so far.
     trips: usize,
+    /// The answer to the COMMIT sent with the last statement, if it was.
+    committed: Option<Result<(), tokio_postgres::Error>>,
 }
 
 impl<'c> PgTx<'c> {
@@ -232,6 +256,34 @@ impl<'c> PgTx<'c> {
                 None => Ok(()),
             }
         }
+    }
+
+    /// Runs `sql` as the transaction's last statement, COMMIT sent with
+    /// it; the COMMIT's answer is kept for [`transaction`].
+    async fn rows_then_commit(&mut self, sql: &'static str, args: &[Arg<'_>]) -> StoreResult<()> {
+        let statement = self.prepared(sql, args).await?;
+        // Whatever could keep the statement from being sent must fail here,
+        // before COMMIT goes out: COMMIT would then keep what ran before it.
+        // Its arguments are typed as it was prepared, so they encode.
+        if statement.params().len() != args.len() {
+            return Err(StoreError::Internal(format!(
+                "{} arguments for {} parameters: {sql}",
+                args.len(),
+                statement.params().len()
+            )));
+        }
+        let params = params(args);
+        let client = self.client;
+        let (begun, ran, committed) = tokio::join!(
+            biased;
+            self.begin(),
+            client.query(&statement, &params),
+            client.batch_execute("COMMIT")
+        );
+        self.committed = Some(committed);
+        begun?;
+        ran?;
+        Ok(())
     }
 
     async fn rows(&mut self, sql: &'static str, args: &[Arg<'_>]) -> StoreResult<Vec<Row>> {
@@ -318,6 +370,29 @@ impl Conn for PgTx<'_> {
             .first()
             .ok_or_else(|| StoreError::Internal("no row from a chained write".into()))?;
         Ok(crate::store::rows::Columns::int(count, 0)? as u64)
+    }
+
+    async fn finish_chain<T: Send>(
+        &mut self,
+        steps: &[Step<'_, '_>],
+        ending: Ending<T>,
+    ) -> StoreResult<Ending<T>> {
+        let sql = chained(steps);
+        let args: Vec<Arg<'_>> = steps.iter().flat_map(|(_, a)| a.iter().copied()).collect();
+        self.rows_then_commit(sql, &args).await?;
+        Ok(ending)
+    }
+
+    async fn finish_insert<T: Send>(
+        &mut self,
+        insert: Step<'_, '_>,
+        then: Step<'_, '_>,
+        ending: Ending<T>,
+    ) -> StoreResult<Ending<T>> {
+        let sql = inserted_then(insert.0, insert.1.len(), then.0);
+        let args: Vec<Arg<'_>> = insert.1.iter().chain(then.1).copied().collect();
+        self.rows_then_commit(sql, &args).await?;
+        Ok(ending)
     }
 
     async fn insert_then(&mut self, insert: Step<'_, '_>, then: Step<'_, '_>) -> StoreResult<i64> {

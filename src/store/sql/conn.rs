@@ -151,6 +151,37 @@ pub(in crate::store) trait Conn: Send {
         in_turn(self, steps)
     }
 
+    /// Runs `steps` as [`execute_chain`](Conn::execute_chain) does, as the
+    /// transaction's last statement, and ends the command with `ending`:
+    /// everything was decided before, so only an error of `steps` can undo
+    /// the transaction. PostgreSQL's write path sends COMMIT with it (one
+    /// round trip fewer); elsewhere the transaction ends as usual.
+    fn finish_chain<T: Send>(
+        &mut self,
+        steps: &[Step<'_, '_>],
+        ending: Ending<T>,
+    ) -> impl Future<Output = StoreResult<Ending<T>>> + Send {
+        async move {
+            self.execute_chain(steps).await?;
+            Ok(ending)
+        }
+    }
+
+    /// [`insert_then`](Conn::insert_then) as the transaction's last
+    /// statement, ending the command with `ending` (see
+    /// [`finish_chain`](Conn::finish_chain)).
+    fn finish_insert<T: Send>(
+        &mut self,
+        insert: Step<'_, '_>,
+        then: Step<'_, '_>,
+        ending: Ending<T>,
+    ) -> impl Future<Output = StoreResult<Ending<T>>> + Send {
+        async move {
+            self.insert_then(insert, then).await?;
+            Ok(ending)
+        }
+    }
+
     /// Runs `insert` (an INSERT … `RETURNING id`), then `then`, whose `$1`
     /// is that id and whose `args` are its `$2`, `$3`, …: in one round trip
     /// on PostgreSQL. The new row's id. Used for a new license and the

@@ -9,7 +9,7 @@ use super::SqlStore;
 use super::conn::{Command, Conn, Ending, Step, args};
 use super::idempotency::Request;
 use super::load::{Lock, require_license, require_product};
-use super::tx::{NewEvent, change_recorded, insert_recorded};
+use super::tx::{NewEvent, finish_inserted, finish_recorded};
 use crate::domain::rules::{self, StatusAction};
 use crate::domain::{License, LicenseKey, LicenseStatus, Refusal};
 use crate::store::change_notify::Change;
@@ -76,9 +76,8 @@ impl Command for Issue {
             new_expires_at: Some(plan.expires_at),
             ..Default::default()
         };
-        insert_recorded(conn, insert, &self.actor, now, event).await?;
         // Exactly what was written, as a read would return it.
-        Ok(Ending::Commit(License {
+        let ending = Ending::Commit(License {
             key: key.clone(),
             product: cmd.product.clone(),
             edition: cmd.edition,
@@ -98,7 +97,8 @@ impl Command for Issue {
             latest_version: product.latest_version().cloned().map(Arc::new),
             offline_lease_days: product.offline_lease_days(),
             activations: Vec::new(),
-        }))
+        });
+        finish_inserted(conn, insert, &self.actor, now, event, ending).await
     }
 }
 
@@ -134,10 +134,11 @@ impl Command for ChangeStatus {
                 detail: &self.reason,
                 ..Default::default()
             };
-            change_recorded(conn, &[update], id, &self.actor, now, event).await?;
+            // As loaded (the row is locked) with the new status.
             license.status = status;
+            let ending = Ending::Commit(license);
+            return finish_recorded(conn, &[update], id, &self.actor, now, event, ending).await;
         }
-        // As loaded (the row is locked) with the new status.
         Ok(Ending::Commit(license))
     }
 }

@@ -6,7 +6,7 @@ use chrono::{DateTime, Utc};
 use super::SqlStore;
 use super::conn::{Command, Conn, Ending, Step, args};
 use super::load::{Lock, require_license};
-use super::tx::{NewEvent, change_recorded};
+use super::tx::{NewEvent, finish_recorded};
 use crate::domain::rules::{self, ActivateDecision};
 use crate::domain::{Activation, License, LicenseKey};
 use crate::store::change_notify::Change;
@@ -56,7 +56,6 @@ impl Command for Activate {
                     detail: &self.hostname,
                     ..Default::default()
                 };
-                change_recorded(conn, &[insert], id, &self.actor, self.now, event).await?;
                 // The answer is the license as loaded plus this seat: the
                 // row was locked, and the trigger counts exactly this insert.
                 let activation = Activation {
@@ -66,7 +65,8 @@ impl Command for Activate {
                 };
                 license.seats_used += 1;
                 license.activations.push(activation.clone());
-                Ok(Ending::Commit((license, activation)))
+                let ending = Ending::Commit((license, activation));
+                finish_recorded(conn, &[insert], id, &self.actor, self.now, event, ending).await
             }
         }
     }
@@ -96,11 +96,11 @@ impl Command for Deactivate {
             fingerprint,
             ..Default::default()
         };
-        change_recorded(conn, &[delete], id, &self.actor, self.now, event).await?;
         // As loaded (the row was locked) minus this seat.
         license.seats_used -= 1;
         license.activations.retain(|a| a.fingerprint != fingerprint);
-        Ok(Ending::Commit(license))
+        let ending = Ending::Commit(license);
+        finish_recorded(conn, &[delete], id, &self.actor, self.now, event, ending).await
     }
 }
 

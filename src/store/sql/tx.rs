@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
-use super::conn::{Arg, Command, Conn, Step};
+use super::conn::{Arg, Command, Conn, Ending, Step};
 use super::{SqlStore, Writer};
 use crate::store::change_notify::{Change, Changes};
 use crate::store::event_feed::EventFeed;
@@ -202,18 +202,38 @@ pub(super) async fn change_recorded<C: Conn>(
     conn.execute_chain(&steps).await
 }
 
-/// Runs `insert` (a new license, `RETURNING id`) and appends the event `e`
-/// that records it, in one round trip on PostgreSQL; the license's id.
-pub(super) async fn insert_recorded<C: Conn>(
+/// [`change_recorded`] as the transaction's last statement, ending the
+/// command with `ending` (see [`Conn::finish_chain`]: on PostgreSQL COMMIT
+/// goes with it).
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn finish_recorded<C: Conn, T: Send>(
+    conn: &mut C,
+    changes: &[Step<'_, '_>],
+    license_id: i64,
+    actor: &Actor,
+    now: DateTime<Utc>,
+    e: NewEvent<'_>,
+    ending: Ending<T>,
+) -> StoreResult<Ending<T>> {
+    let event = event_args(license_id, actor, now, &e);
+    let mut steps = changes.to_vec();
+    steps.push((EVENT_INSERT, &event));
+    conn.finish_chain(&steps, ending).await
+}
+
+/// [`insert_recorded`] as the transaction's last statement, ending the
+/// command with `ending` (see [`Conn::finish_chain`]).
+pub(super) async fn finish_inserted<C: Conn, T: Send>(
     conn: &mut C,
     insert: Step<'_, '_>,
     actor: &Actor,
     now: DateTime<Utc>,
     e: NewEvent<'_>,
-) -> StoreResult<i64> {
-    // The event's license id (its `$1`) is the one the insert returns.
+    ending: Ending<T>,
+) -> StoreResult<Ending<T>> {
     let event = event_args(0, actor, now, &e);
-    conn.insert_then(insert, (EVENT_INSERT, &event[1..])).await
+    conn.finish_insert(insert, (EVENT_INSERT, &event[1..]), ending)
+        .await
 }
 
 fn event_args<'a>(
