@@ -286,16 +286,22 @@ impl<'c> PgTx<'c> {
         Ok(())
     }
 
+    /// `exchange` (a statement not yet sent), with BEGIN ahead of it if
+    /// this is the transaction's first.
+    async fn with_begin<T>(
+        &mut self,
+        exchange: impl Future<Output = Result<T, tokio_postgres::Error>>,
+    ) -> StoreResult<T> {
+        let (begun, answer) = tokio::join!(biased; self.begin(), exchange);
+        begun?;
+        Ok(answer?)
+    }
+
     async fn rows(&mut self, sql: &'static str, args: &[Arg<'_>]) -> StoreResult<Vec<Row>> {
         let statement = self.prepared(sql, args).await?;
         let params = params(args);
-        let (begun, rows) = tokio::join!(
-            biased;
-            self.begin(),
-            self.client.query(&statement, &params)
-        );
-        begun?;
-        Ok(rows?)
+        let client = self.client;
+        self.with_begin(client.query(&statement, &params)).await
     }
 }
 
@@ -320,13 +326,8 @@ impl Conn for PgTx<'_> {
     async fn execute(&mut self, sql: &'static str, args: &[Arg<'_>]) -> StoreResult<u64> {
         let statement = self.prepared(sql, args).await?;
         let params = params(args);
-        let (begun, changed) = tokio::join!(
-            biased;
-            self.begin(),
-            self.client.execute(&statement, &params)
-        );
-        begun?;
-        Ok(changed?)
+        let client = self.client;
+        self.with_begin(client.execute(&statement, &params)).await
     }
 
     async fn fetch_all(&mut self, sql: &'static str, args: &[Arg<'_>]) -> StoreResult<Vec<Row>> {

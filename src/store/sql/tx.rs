@@ -197,9 +197,14 @@ pub(super) async fn change_recorded<C: Conn>(
     e: NewEvent<'_>,
 ) -> StoreResult<u64> {
     let event = event_args(license_id, actor, now, &e);
+    conn.execute_chain(&with_event(changes, &event)).await
+}
+
+/// `changes`, then the insert of an event with the arguments `event`.
+fn with_event<'s, 'a>(changes: &[Step<'s, 'a>], event: &'s [Arg<'a>]) -> Vec<Step<'s, 'a>> {
     let mut steps = changes.to_vec();
-    steps.push((EVENT_INSERT, &event));
-    conn.execute_chain(&steps).await
+    steps.push((EVENT_INSERT, event));
+    steps
 }
 
 /// [`change_recorded`] as the transaction's last statement, ending the
@@ -216,12 +221,12 @@ pub(super) async fn finish_recorded<C: Conn, T: Send>(
     ending: Ending<T>,
 ) -> StoreResult<Ending<T>> {
     let event = event_args(license_id, actor, now, &e);
-    let mut steps = changes.to_vec();
-    steps.push((EVENT_INSERT, &event));
-    conn.finish_chain(&steps, ending).await
+    conn.finish_chain(&with_event(changes, &event), ending)
+        .await
 }
 
-/// [`insert_recorded`] as the transaction's last statement, ending the
+/// Runs `insert` (a new license, `RETURNING id`) and appends the event `e`
+/// that records it, as the transaction's last statement, ending the
 /// command with `ending` (see [`Conn::finish_chain`]).
 pub(super) async fn finish_inserted<C: Conn, T: Send>(
     conn: &mut C,
