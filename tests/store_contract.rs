@@ -1068,6 +1068,63 @@ async fn terminate_connections(admin: &mut sqlx::PgConnection, name: &str) -> Ve
         .unwrap()
 }
 
+/// A write that waits for a row lock longer than the store's lock timeout
+/// gives up (UNAVAILABLE) and releases what it holds, on the connections
+/// the writes run on as on the others; the same write succeeds once the
+/// lock is free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_write_gives_up_waiting_for_a_lock_after_the_lock_timeout() {
+    use std::time::{Duration, Instant};
+    let Some(db) = TestDb::postgres().await else {
+        return;
+    };
+    let lock_timeout = Duration::from_millis(300);
+    let s = licensd::store::DatabaseUrl::parse(&db.url)
+        .unwrap()
+        .open(licensd::store::postgres::PostgresOptions {
+            lock_timeout,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    product(&s, "ACME", "").await;
+    let l = s
+        .issue_license(&issue_cmd("held", 3), &actor(), t(NOW))
+        .await
+        .unwrap();
+    let mut holder = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut holder).await.unwrap();
+    sqlx::query("SELECT id FROM licenses WHERE license_key = $1 FOR UPDATE")
+        .bind(l.key.normalized())
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let waited = tokio::time::timeout(
+        lock_timeout * 10,
+        s.activate(&l.key, "ws-a", "h", "1.0", &actor(), t(NOW)),
+    )
+    .await
+    .expect("the write gave up by itself");
+    let took = started.elapsed();
+    assert!(
+        matches!(waited, Err(StoreError::Unavailable(_))),
+        "gave up: {waited:?}"
+    );
+    assert!(
+        took >= lock_timeout && took < lock_timeout * 5,
+        "after the lock timeout, not before or long after: {took:?}"
+    );
+    sqlx::query("COMMIT").execute(&mut holder).await.unwrap();
+    let (license, _) = s
+        .activate(&l.key, "ws-a", "h", "1.0", &actor(), t(NOW))
+        .await
+        .expect("the lock is free");
+    assert_eq!(license.seats_used, 1, "the refused attempt took nothing");
+    s.close().await;
+    db.drop_db().await;
+}
+
 /// Pooled PostgreSQL connections are not pinged before use. When the
 /// database drops every connection (a restart, a failover), the next writes
 /// must still succeed: their BEGIN fails on a dead connection, nothing ran,
