@@ -38,8 +38,11 @@ use deadpool_postgres::{ClientWrapper, Manager, ManagerConfig, Object, Pool, Rec
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{NoTls, Row, Statement};
 
+use crate::store::rows::Columns;
 use crate::store::rows::Dialect;
-use crate::store::sql::conn::{Arg, Command, Conn, Ending, Step, chained, inserted_then};
+use crate::store::sql::conn::{
+    Arg, Command, Conn, Ending, Step, chained, fetch_one, inserted_then,
+};
 use crate::store::{StoreError, StoreResult};
 
 /// The pool of write connections.
@@ -364,13 +367,8 @@ impl Conn for PgTx<'_> {
     }
 
     async fn execute_chain(&mut self, steps: &[Step<'_, '_>]) -> StoreResult<u64> {
-        let sql = chained(steps);
-        let args: Vec<Arg<'_>> = steps.iter().flat_map(|(_, a)| a.iter().copied()).collect();
-        let rows = self.rows(sql, &args).await?;
-        let count = rows
-            .first()
-            .ok_or_else(|| StoreError::Internal("no row from a chained write".into()))?;
-        Ok(crate::store::rows::Columns::int(count, 0)? as u64)
+        let (sql, args) = chained(steps);
+        Ok(fetch_one(self, sql, &args).await?.int(0)? as u64)
     }
 
     async fn finish_chain<T: Send>(
@@ -378,8 +376,7 @@ impl Conn for PgTx<'_> {
         steps: &[Step<'_, '_>],
         ending: Ending<T>,
     ) -> StoreResult<Ending<T>> {
-        let sql = chained(steps);
-        let args: Vec<Arg<'_>> = steps.iter().flat_map(|(_, a)| a.iter().copied()).collect();
+        let (sql, args) = chained(steps);
         self.rows_then_commit(sql, &args).await?;
         Ok(ending)
     }
@@ -390,19 +387,8 @@ impl Conn for PgTx<'_> {
         then: Step<'_, '_>,
         ending: Ending<T>,
     ) -> StoreResult<Ending<T>> {
-        let sql = inserted_then(insert.0, insert.1.len(), then.0);
-        let args: Vec<Arg<'_>> = insert.1.iter().chain(then.1).copied().collect();
+        let (sql, args) = inserted_then(insert, then);
         self.rows_then_commit(sql, &args).await?;
         Ok(ending)
-    }
-
-    async fn insert_then(&mut self, insert: Step<'_, '_>, then: Step<'_, '_>) -> StoreResult<i64> {
-        let sql = inserted_then(insert.0, insert.1.len(), then.0);
-        let args: Vec<Arg<'_>> = insert.1.iter().chain(then.1).copied().collect();
-        let rows = self.rows(sql, &args).await?;
-        let id = rows
-            .first()
-            .ok_or_else(|| StoreError::Internal("no id from an insert".into()))?;
-        crate::store::rows::Columns::int(id, 0)
     }
 }

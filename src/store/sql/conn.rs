@@ -3,14 +3,17 @@
 //!
 //! A write is a [`Command`]: a value holding its request, whose
 //! [`run`](Command::run) loads rows, asks the domain for a decision and
-//! writes it, through any [`Conn`]. Two connections implement `Conn`:
+//! writes it, through any [`Conn`]. Three connections implement `Conn`:
 //!
-//! * sqlx's `AnyConnection` — PostgreSQL's writes (and every backend's
-//!   reads): each statement one round trip, the transaction begun,
-//!   committed and retried by [`SqlStore::write`](super::SqlStore);
+//! * PostgreSQL's write connections (`store::postgres::writer`, on
+//!   tokio-postgres), which pipeline: BEGIN goes with the first statement,
+//!   a lock with its load, COMMIT with a last statement that decides
+//!   nothing; retried by [`SqlStore::write`](super::SqlStore);
 //! * the SQLite writer's native connection (`store::sqlite::writer`), which
 //!   runs many commands in one transaction (each undone alone if it
-//!   fails) and commits them together (group commit).
+//!   fails) and commits them together (group commit);
+//! * sqlx's `AnyConnection`, for the reads that share the loads (one
+//!   statement per round trip).
 //!
 //! Why a trait over a connection, not a trait of "steps" each backend
 //! implements: the steps (load the license and lock it, take a seat, record
@@ -82,7 +85,7 @@ impl<'a> From<&'a Vec<u8>> for Arg<'a> {
 }
 
 /// One statement and its arguments, as a step of
-/// [`Conn::execute_chain`] or [`Conn::insert_then`].
+/// [`Conn::execute_chain`] or [`Conn::finish_insert`].
 pub(in crate::store) type Step<'s, 'a> = (&'static str, &'s [Arg<'a>]);
 
 /// The arguments of one statement: `args![a, b, c]`.
@@ -167,9 +170,12 @@ pub(in crate::store) trait Conn: Send {
         }
     }
 
-    /// [`insert_then`](Conn::insert_then) as the transaction's last
-    /// statement, ending the command with `ending` (see
-    /// [`finish_chain`](Conn::finish_chain)).
+    /// Runs `insert` (an INSERT … `RETURNING id`), then `then`, whose `$1`
+    /// is that id and whose `args` are its `$2`, `$3`, …, as the
+    /// transaction's last statement, ending the command with `ending` (see
+    /// [`finish_chain`](Conn::finish_chain)): one round trip with COMMIT on
+    /// PostgreSQL's write path. Used for a new license and the history
+    /// event that records it.
     fn finish_insert<T: Send>(
         &mut self,
         insert: Step<'_, '_>,
@@ -177,35 +183,13 @@ pub(in crate::store) trait Conn: Send {
         ending: Ending<T>,
     ) -> impl Future<Output = StoreResult<Ending<T>>> + Send {
         async move {
-            self.insert_then(insert, then).await?;
+            let id = fetch_one(self, insert.0, insert.1).await?.int(0)?;
+            let mut args = vec![Arg::from(id)];
+            args.extend_from_slice(then.1);
+            self.execute(then.0, &args).await?;
             Ok(ending)
         }
     }
-
-    /// Runs `insert` (an INSERT … `RETURNING id`), then `then`, whose `$1`
-    /// is that id and whose `args` are its `$2`, `$3`, …: in one round trip
-    /// on PostgreSQL. The new row's id. Used for a new license and the
-    /// history event that records it.
-    fn insert_then(
-        &mut self,
-        insert: Step<'_, '_>,
-        then: Step<'_, '_>,
-    ) -> impl Future<Output = StoreResult<i64>> + Send {
-        insert_in_turn(self, insert, then)
-    }
-}
-
-/// [`Conn::insert_then`] as one statement after the other.
-async fn insert_in_turn<C: Conn + ?Sized>(
-    conn: &mut C,
-    insert: Step<'_, '_>,
-    then: Step<'_, '_>,
-) -> StoreResult<i64> {
-    let id = fetch_one(conn, insert.0, insert.1).await?.int(0)?;
-    let mut args = vec![Arg::from(id)];
-    args.extend_from_slice(then.1);
-    conn.execute(then.0, &args).await?;
-    Ok(id)
 }
 
 /// [`Conn::execute_chain`] as one statement after the other.
@@ -278,11 +262,12 @@ fn query<'q>(
     q
 }
 
-/// PostgreSQL's one statement for [`Conn::execute_chain`]: each step a
-/// data-modifying `WITH` query (each runs once, on the same snapshot), each
-/// step's placeholders numbered after those of the steps before it.
-pub(in crate::store) fn chained(steps: &[Step<'_, '_>]) -> &'static str {
-    built_once(Built::Chain, steps.iter().map(|(sql, _)| *sql), || {
+/// PostgreSQL's one statement for [`Conn::execute_chain`], with its
+/// arguments: each step a data-modifying `WITH` query (each runs once, on
+/// the same snapshot), each step's placeholders numbered after those of the
+/// steps before it.
+pub(in crate::store) fn chained<'a>(steps: &[Step<'_, 'a>]) -> (&'static str, Vec<Arg<'a>>) {
+    let sql = built_once(Built::Chain, steps.iter().map(|(sql, _)| *sql), || {
         let mut sql = String::from("WITH ");
         let mut before = 0;
         for (i, (step, args)) in steps.iter().enumerate() {
@@ -298,24 +283,31 @@ pub(in crate::store) fn chained(steps: &[Step<'_, '_>]) -> &'static str {
         }
         sql.push_str(" SELECT count(*) FROM w1");
         sql
-    })
+    });
+    let args = steps.iter().flat_map(|(_, a)| a.iter().copied()).collect();
+    (sql, args)
 }
 
-/// PostgreSQL's one statement for [`Conn::insert_then`]: the insert as a
-/// data-modifying `WITH` query, `then`'s `$1` the id it returned and its
-/// other placeholders numbered after the insert's.
-pub(in crate::store) fn inserted_then(
-    insert: &'static str,
-    insert_args: usize,
-    then: &'static str,
-) -> &'static str {
-    built_once(Built::InsertThen, [insert, then], || {
-        let then = renumbered(then, |n| match n {
+/// PostgreSQL's one statement for [`Conn::finish_insert`], with its
+/// arguments: the insert as a data-modifying `WITH` query, `then`'s `$1`
+/// the id it returned and its other placeholders numbered after the
+/// insert's.
+pub(in crate::store) fn inserted_then<'a>(
+    insert: Step<'_, 'a>,
+    then: Step<'_, 'a>,
+) -> (&'static str, Vec<Arg<'a>>) {
+    let insert_args = insert.1.len();
+    let sql = built_once(Built::InsertThen, [insert.0, then.0], || {
+        let then = renumbered(then.0, |n| match n {
             1 => "(SELECT id FROM w1)".to_string(),
             n => format!("${}", n - 1 + insert_args),
         });
-        format!("WITH w1 AS ({insert}) {then} RETURNING (SELECT id FROM w1)")
-    })
+        format!(
+            "WITH w1 AS ({}) {then} RETURNING (SELECT id FROM w1)",
+            insert.0
+        )
+    });
+    (sql, insert.1.iter().chain(then.1).copied().collect())
 }
 
 /// Which combined statement [`built_once`] holds.
@@ -399,32 +391,11 @@ impl Conn for AnyConnection {
     ) -> StoreResult<Option<AnyRow>> {
         Ok(query(sql, args).fetch_optional(self).await?)
     }
-
-    async fn execute_chain(&mut self, steps: &[Step<'_, '_>]) -> StoreResult<u64> {
-        if self.dialect() == Dialect::Sqlite || steps.len() < 2 {
-            return in_turn(self, steps).await;
-        }
-        // One round trip instead of one per step.
-        let sql = chained(steps);
-        let args: Vec<Arg<'_>> = steps.iter().flat_map(|(_, a)| a.iter().copied()).collect();
-        let row = query(sql, &args).fetch_one(self).await?;
-        Ok(row.int(0)? as u64)
-    }
-
-    async fn insert_then(&mut self, insert: Step<'_, '_>, then: Step<'_, '_>) -> StoreResult<i64> {
-        if self.dialect() == Dialect::Sqlite {
-            return insert_in_turn(self, insert, then).await;
-        }
-        // One round trip instead of two.
-        let sql = inserted_then(insert.0, insert.1.len(), then.0);
-        let args: Vec<Arg<'_>> = insert.1.iter().chain(then.1).copied().collect();
-        query(sql, &args).fetch_one(self).await?.int(0)
-    }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{inserted_then, shifted};
+    use super::{Arg, Step, inserted_then, shifted};
 
     #[test]
     fn placeholders_shift_past_the_first_statement() {
@@ -437,13 +408,32 @@ mod tests {
 
     #[test]
     fn a_statement_after_an_insert_reads_its_id_as_its_first_placeholder() {
-        let insert = "INSERT INTO t (a, b) VALUES ($1, $2) RETURNING id";
-        let then = "INSERT INTO u (t_id, c, d) VALUES ($1, $2, $3)";
+        let insert: Step = (
+            "INSERT INTO t (a, b) VALUES ($1, $2) RETURNING id",
+            args![1, 2],
+        );
+        let then: Step = (
+            "INSERT INTO u (t_id, c, d) VALUES ($1, $2, $3)",
+            args![3, 4],
+        );
+        let (sql, args) = inserted_then(insert, then);
         assert_eq!(
-            inserted_then(insert, 2, then),
+            sql,
             "WITH w1 AS (INSERT INTO t (a, b) VALUES ($1, $2) RETURNING id) \
              INSERT INTO u (t_id, c, d) VALUES ((SELECT id FROM w1), $3, $4) \
              RETURNING (SELECT id FROM w1)"
+        );
+        let ints: Vec<_> = args
+            .iter()
+            .map(|a| match a {
+                Arg::Int(v) => *v,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            ints,
+            [Some(1), Some(2), Some(3), Some(4)],
+            "insert's, then then's"
         );
     }
 }

@@ -55,9 +55,14 @@ impl Conn for Counting<'_> {
         self.inner.execute_chain(steps).await
     }
 
-    async fn insert_then(&mut self, insert: Step<'_, '_>, then: Step<'_, '_>) -> StoreResult<i64> {
+    async fn finish_insert<T: Send>(
+        &mut self,
+        insert: Step<'_, '_>,
+        then: Step<'_, '_>,
+        ending: Ending<T>,
+    ) -> StoreResult<Ending<T>> {
         self.sent += 1;
-        self.inner.insert_then(insert, then).await
+        self.inner.finish_insert(insert, then, ending).await
     }
 }
 

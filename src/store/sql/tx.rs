@@ -236,6 +236,7 @@ pub(super) async fn finish_inserted<C: Conn, T: Send>(
     e: NewEvent<'_>,
     ending: Ending<T>,
 ) -> StoreResult<Ending<T>> {
+    // The event's license id (its `$1`) is the one the insert returns.
     let event = event_args(0, actor, now, &e);
     conn.finish_insert(insert, (EVENT_INSERT, &event[1..]), ending)
         .await

@@ -156,35 +156,30 @@ pub async fn open(path: &Path, opts: SqliteOptions) -> StoreResult<SqlStore> {
     sqlx::any::install_default_drivers();
     migrate(path).await?;
     let pragmas = connection_pragmas(opts.acquire_timeout.as_millis(), opts.synchronous);
-    let pool = |max: u32| {
-        let pragmas = pragmas.clone();
-        AnyPoolOptions::new()
-            .max_connections(max)
-            .min_connections(1)
-            .acquire_timeout(opts.acquire_timeout)
-            // A local file cannot drop the connection under us, so the
-            // default ping before every checkout is a wasted round trip to
-            // the connection's worker thread (one of six per write).
-            .test_before_acquire(false)
-            // A COMMIT that fails on a disk error (full, read-only, I/O)
-            // makes SQLite roll the transaction back by itself; the ROLLBACK
-            // sqlx then sends fails ("no transaction is active"), so sqlx
-            // still counts the connection as inside a transaction and every
-            // later BEGIN on it fails: the writer would answer INTERNAL until
-            // a restart. Such a connection is closed instead of reused (the
-            // ping on its release has run any rollback it had queued, so
-            // the count is current here).
-            .before_acquire(|conn, _| Box::pin(async move { Ok(!conn.is_in_transaction()) }))
-            .after_connect(move |conn, _| {
-                let pragmas = pragmas.clone();
-                Box::pin(async move {
-                    // Per-connection settings (WAL itself is persistent).
-                    conn.execute(sqlx::AssertSqlSafe(pragmas)).await?;
-                    Ok(())
-                })
+    // The readers' pool; every write runs on the writer thread's own
+    // connection.
+    let readers = AnyPoolOptions::new()
+        .max_connections(opts.read_connections.max(1))
+        .min_connections(1)
+        .acquire_timeout(opts.acquire_timeout)
+        // A local file cannot drop the connection under us, so the default
+        // ping before every checkout is a wasted round trip to the
+        // connection's worker thread.
+        .test_before_acquire(false)
+        // A connection sqlx still counts as inside a transaction (a
+        // ROLLBACK that failed after SQLite had rolled back by itself) would
+        // fail every later BEGIN on it: it is closed instead of reused (the
+        // ping on its release has run any rollback it had queued, so the
+        // count is current here).
+        .before_acquire(|conn, _| Box::pin(async move { Ok(!conn.is_in_transaction()) }))
+        .after_connect(move |conn, _| {
+            let pragmas = pragmas.clone();
+            Box::pin(async move {
+                // Per-connection settings (WAL itself is persistent).
+                conn.execute(sqlx::AssertSqlSafe(pragmas)).await?;
+                Ok(())
             })
-    };
-    let readers = pool(opts.read_connections.max(1))
+        })
         .connect_with(any_options(path, "ro")?)
         .await?;
     let fast = fast::FastReader::open(path, opts.mmap_bytes)?;
