@@ -9,8 +9,8 @@
 //! given without waiting for the answers before, so here:
 //!
 //! * BEGIN goes out with the transaction's first statement;
-//! * a lock and the load after it go out together
-//!   ([`Conn::fetch_all_locked`]; the server still runs the load after the
+//! * a batch of statements goes out together ([`Conn::fetch_batch`]: a
+//!   lock and the loads after it; the server still runs a load after the
 //!   lock is held, so it reads what the lock's last holder committed);
 //! * COMMIT goes out with a command's last statement when nothing is left
 //!   to decide after it ([`Conn::finish_chain`]): should that statement
@@ -98,6 +98,41 @@ impl PgWriter {
                     tracing::debug!(error = %e, "a pooled connection was lost; trying another");
                 }
                 Outcome::Lost(e) | Outcome::Broken(e) => return Err(e),
+            }
+        }
+    }
+
+    /// The rows of the read `sql`, run on its own (no transaction): one
+    /// round trip on a pooled connection. For the token lookup every
+    /// billing and support call makes before its handler runs (sqlx would
+    /// add a second round trip, its ping when the connection goes back to
+    /// its pool). A connection found closed is dropped, and the read runs
+    /// again on another.
+    pub(in crate::store) async fn read(
+        &self,
+        sql: &'static str,
+        args: &[Arg<'_>],
+    ) -> StoreResult<Vec<Row>> {
+        let mut left = self.pool.status().max_size + 1;
+        loop {
+            let mut lease = Lease(Some(self.pool.get().await?));
+            let client = lease.client();
+            let read = async {
+                let statement = prepared(client, sql, args).await?;
+                Ok(client.query(&statement, &params(args)).await?)
+            };
+            match read.await {
+                Err(e) if client.is_closed() => {
+                    if left <= 1 {
+                        return Err(e);
+                    }
+                    left -= 1;
+                    tracing::debug!(error = %e, "a pooled connection was lost; trying another");
+                }
+                read => {
+                    lease.release();
+                    return read;
+                }
             }
         }
     }
@@ -228,19 +263,8 @@ struct PgTx<'c> {
 }
 
 impl<'c> PgTx<'c> {
-    /// `sql`, prepared on this connection once (its parameters typed as
-    /// `args` are, as sqlx declares them: the server converts an `int8`
-    /// argument for an `integer` column).
     async fn prepared(&self, sql: &str, args: &[Arg<'_>]) -> StoreResult<Statement> {
-        let types: Vec<Type> = args
-            .iter()
-            .map(|a| match a {
-                Arg::Int(_) => Type::INT8,
-                Arg::Text(_) => Type::TEXT,
-                Arg::Blob(_) => Type::BYTEA,
-            })
-            .collect();
-        Ok(self.client.prepare_typed_cached(sql, &types).await?)
+        prepared(self.client, sql, args).await
     }
 
     /// BEGIN, if not yet sent: to be polled before (and so sent ahead of)
@@ -308,6 +332,21 @@ impl<'c> PgTx<'c> {
     }
 }
 
+/// `sql`, prepared on `client` once (its parameters typed as `args` are,
+/// as sqlx declares them: the server converts an `int8` argument for an
+/// `integer` column).
+async fn prepared(client: &ClientWrapper, sql: &str, args: &[Arg<'_>]) -> StoreResult<Statement> {
+    let types: Vec<Type> = args
+        .iter()
+        .map(|a| match a {
+            Arg::Int(_) => Type::INT8,
+            Arg::Text(_) => Type::TEXT,
+            Arg::Blob(_) => Type::BYTEA,
+        })
+        .collect();
+    Ok(client.prepare_typed_cached(sql, &types).await?)
+}
+
 /// `args` as tokio-postgres takes them.
 fn params<'a>(args: &'a [Arg<'_>]) -> Vec<&'a (dyn ToSql + Sync)> {
     args.iter()
@@ -345,25 +384,25 @@ impl Conn for PgTx<'_> {
         Ok(self.rows(sql, args).await?.into_iter().next())
     }
 
-    async fn fetch_all_locked(
-        &mut self,
-        lock: Step<'_, '_>,
-        load: Step<'_, '_>,
-    ) -> StoreResult<Option<Vec<Row>>> {
-        let locking = self.prepared(lock.0, lock.1).await?;
-        let loading = self.prepared(load.0, load.1).await?;
-        let (lock_params, load_params) = (params(lock.1), params(load.1));
-        let (begun, locked, loaded) = tokio::join!(
-            biased;
-            self.begin(),
-            self.client.query(&locking, &lock_params),
-            self.client.query(&loading, &load_params)
-        );
-        begun?;
-        if locked?.is_empty() {
-            return Ok(None);
+    async fn fetch_batch(&mut self, steps: &[Step<'_, '_>]) -> StoreResult<Vec<Vec<Row>>> {
+        let mut statements = Vec::with_capacity(steps.len());
+        for (sql, args) in steps {
+            statements.push(self.prepared(sql, args).await?);
         }
-        Ok(Some(loaded?))
+        let params: Vec<_> = steps.iter().map(|(_, args)| params(args)).collect();
+        let client = self.client;
+        // `join_all` polls its futures in order, so they are sent in order.
+        let queries = futures_util::future::join_all(
+            statements
+                .iter()
+                .zip(&params)
+                .map(|(statement, params)| client.query(statement, params)),
+        );
+        let (begun, answers) = tokio::join!(biased; self.begin(), queries);
+        begun?;
+        // The first failure is the cause; those after it failed because
+        // the transaction was aborted.
+        Ok(answers.into_iter().collect::<Result<_, _>>()?)
     }
 
     async fn execute_chain(&mut self, steps: &[Step<'_, '_>]) -> StoreResult<u64> {

@@ -3,9 +3,9 @@
 
 use chrono::{DateTime, Utc};
 
-use super::SqlStore;
 use super::conn::{Command, Conn, Ending, args};
 use super::load::{Lock, require_product};
+use super::{SqlStore, Writer};
 use crate::domain::auth::{Role, Token};
 use crate::domain::{FieldViolation, Product, ProductCode, Refusal};
 use crate::store::change_notify::Change;
@@ -231,11 +231,17 @@ impl SqlStore {
 
     pub(super) async fn find_token(&self, id: &str) -> StoreResult<Option<TokenRecord>> {
         // Every admin call asks: on SQLite one indexed lookup on the
-        // calling task, without a hand-off to sqlx's thread.
+        // calling task, without a hand-off to sqlx's thread; on PostgreSQL
+        // one round trip through tokio-postgres (sqlx would add a ping).
         if let Some(fast) = &self.fast_reads {
             return fast.find_token(id);
         }
-        let row = sqlx::query(concat!(token_select!(), "WHERE id = $1"))
+        const FIND: &str = concat!(token_select!(), "WHERE id = $1");
+        if let Writer::Postgres(pg) = &self.writer {
+            let rows = pg.read(FIND, args![id]).await?;
+            return rows.first().map(token_from_row).transpose();
+        }
+        let row = sqlx::query(FIND)
             .bind(id)
             .fetch_optional(&self.readers)
             .await?;

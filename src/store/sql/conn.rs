@@ -7,7 +7,7 @@
 //!
 //! * PostgreSQL's write connections (`store::postgres::writer`, on
 //!   tokio-postgres), which pipeline: BEGIN goes with the first statement,
-//!   a lock with its load, COMMIT with a last statement that decides
+//!   a batch of statements together, COMMIT with a last statement that decides
 //!   nothing; retried by [`SqlStore::write`](super::SqlStore);
 //! * the SQLite writer's native connection (`store::sqlite::writer`), which
 //!   runs many commands in one transaction (each undone alone if it
@@ -85,7 +85,7 @@ impl<'a> From<&'a Vec<u8>> for Arg<'a> {
 }
 
 /// One statement and its arguments, as a step of
-/// [`Conn::execute_chain`] or [`Conn::finish_insert`].
+/// [`Conn::fetch_batch`], [`Conn::execute_chain`] or [`Conn::finish_insert`].
 pub(in crate::store) type Step<'s, 'a> = (&'static str, &'s [Arg<'a>]);
 
 /// The arguments of one statement: `args![a, b, c]`.
@@ -126,21 +126,22 @@ pub(in crate::store) trait Conn: Send {
         args: &[Arg<'_>],
     ) -> impl Future<Output = StoreResult<Option<Self::Row>>> + Send;
 
-    /// Runs `lock` (a `SELECT … FOR UPDATE` of one row) and, when it found
-    /// its row, `load`: `load`'s rows, or `None`. PostgreSQL's write path
-    /// sends both at once (one round trip); the server still runs `load`
-    /// only once `lock` holds its lock, so `load` reads what the lock's
-    /// previous holder committed.
-    fn fetch_all_locked(
+    /// Runs `steps` in order, each after the one before has finished (so
+    /// a statement sees the locks and changes of those before it), and
+    /// returns each one's rows. PostgreSQL's write path sends them at once
+    /// (one round trip). Should one fail, the batch fails; on PostgreSQL
+    /// the transaction is then aborted, so nothing after it changes
+    /// anything.
+    fn fetch_batch(
         &mut self,
-        lock: Step<'_, '_>,
-        load: Step<'_, '_>,
-    ) -> impl Future<Output = StoreResult<Option<Vec<Self::Row>>>> + Send {
+        steps: &[Step<'_, '_>],
+    ) -> impl Future<Output = StoreResult<Vec<Vec<Self::Row>>>> + Send {
         async move {
-            if self.fetch_optional(lock.0, lock.1).await?.is_none() {
-                return Ok(None);
+            let mut rows = Vec::with_capacity(steps.len());
+            for (sql, args) in steps {
+                rows.push(self.fetch_all(sql, args).await?);
             }
-            Ok(Some(self.fetch_all(load.0, load.1).await?))
+            Ok(rows)
         }
     }
 

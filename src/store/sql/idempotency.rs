@@ -5,7 +5,7 @@
 
 use chrono::{DateTime, Utc};
 
-use super::conn::{Conn, args, fetch_one};
+use super::conn::{Conn, Step, args, fetch_one};
 use crate::domain::{LicenseKey, Refusal};
 use crate::store::rows::Columns;
 use crate::store::{IssueLicense, IssueRenewalCode, StoreResult, digest_fields, micros};
@@ -100,18 +100,45 @@ impl<'a> Request<'a> {
         resource: &str,
         now: DateTime<Utc>,
     ) -> StoreResult<Option<String>> {
+        Ok(self.claim_with(conn, resource, now, None).await?.0)
+    }
+
+    /// [`claim`](Self::claim), and the rows of `also`, a read the claim
+    /// does not change, sent with the claim (one round trip on
+    /// PostgreSQL's write path).
+    pub(super) async fn claim_with<C: Conn>(
+        &self,
+        conn: &mut C,
+        resource: &str,
+        now: DateTime<Utc>,
+        also: Option<Step<'_, '_>>,
+    ) -> StoreResult<(Option<String>, Vec<C::Row>)> {
         let Some(request_id) = self.request_id else {
-            return Ok(None);
+            let rows = match also {
+                Some((sql, args)) => conn.fetch_all(sql, args).await?,
+                None => Vec::new(),
+            };
+            return Ok((None, rows));
         };
-        let claimed = conn
-            .execute(
-                "INSERT INTO idempotency_keys (request_id, operation, payload_hash, resource, created_at) \
-                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (request_id) DO NOTHING",
-                args![request_id, self.operation, &self.payload_hash, resource, micros(now)],
-            )
-            .await?;
-        if claimed == 1 {
-            return Ok(None);
+        let claim: Step = (
+            "INSERT INTO idempotency_keys (request_id, operation, payload_hash, resource, created_at) \
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (request_id) DO NOTHING RETURNING 1",
+            args![
+                request_id,
+                self.operation,
+                &self.payload_hash,
+                resource,
+                micros(now)
+            ],
+        );
+        let mut answers = conn
+            .fetch_batch(&[claim].into_iter().chain(also).collect::<Vec<_>>())
+            .await?
+            .into_iter();
+        let claimed = answers.next().unwrap_or_default();
+        let also = answers.next().unwrap_or_default();
+        if !claimed.is_empty() {
+            return Ok((None, also));
         }
         let row = fetch_one(
             conn,
@@ -120,7 +147,7 @@ impl<'a> Request<'a> {
         )
         .await?;
         if row.text(0)? == self.operation && row.blob(1)? == self.payload_hash {
-            Ok(Some(row.text(2)?))
+            Ok((Some(row.text(2)?), also))
         } else {
             Err(Refusal::IdempotencyKeyReused.into())
         }

@@ -8,7 +8,7 @@ use chrono::{DateTime, Utc};
 use super::SqlStore;
 use super::conn::{Command, Conn, Ending, Step, args};
 use super::idempotency::Request;
-use super::load::{Lock, require_license, require_product};
+use super::load::{Lock, product_from_rows, product_load, require_license};
 use super::tx::{NewEvent, finish_inserted, finish_recorded};
 use crate::domain::rules::{self, StatusAction};
 use crate::domain::{License, LicenseKey, LicenseStatus, Refusal};
@@ -37,12 +37,17 @@ impl Command for Issue {
     async fn run<C: Conn>(&self, conn: &mut C) -> StoreResult<Ending<License>> {
         let (cmd, now) = (&self.cmd, self.now);
         let request = Request::issue_license(cmd);
-        if let Some(key) = request.claim(conn, self.key.normalized(), now).await? {
+        // The product goes with the claim; a replay does not need it.
+        let load: Step = (product_load(conn, Lock::No), args![cmd.product.as_str()]);
+        let (replay, product) = request
+            .claim_with(conn, self.key.normalized(), now, Some(load))
+            .await?;
+        if let Some(key) = replay {
             let key = LicenseKey::parse(&key).map_err(|_| corrupt("license key", "<redacted>"))?;
             let license = require_license(conn, &key, Lock::ForUpdate).await?.1;
             return Ok(Ending::Commit(license));
         }
-        let product = require_product(conn, &cmd.product, Lock::No).await?;
+        let product = product_from_rows(&product, &cmd.product)?;
         let plan = rules::issue(
             &product,
             cmd.edition,

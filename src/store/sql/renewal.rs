@@ -7,8 +7,8 @@ use super::SqlStore;
 use super::conn::{Command, Conn, Ending, Step, args};
 use super::idempotency::Request;
 use super::load::{
-    Lock, load_code_and_product_by_hash, load_code_by_hash, load_code_by_id, require_license,
-    require_product,
+    Lock, load_code_by_hash, load_code_by_id, product_from_rows, product_load,
+    require_license_and_code,
 };
 use super::tx::{NewEvent, change_recorded, record_event};
 use crate::domain::error::RefusalClass;
@@ -34,11 +34,14 @@ impl Command for IssueCode {
         let (cmd, code, now) = (&self.cmd, &self.code, self.now);
         let request = Request::issue_renewal_code(cmd);
         let id = new_code_id();
-        if let Some(first) = request.claim(conn, &id, now).await? {
+        // The product goes with the claim; a replay does not need it.
+        let load: Step = (product_load(conn, Lock::No), args![cmd.product.as_str()]);
+        let (replay, product) = request.claim_with(conn, &id, now, Some(load)).await?;
+        if let Some(first) = replay {
             let record = load_code_by_id(conn, &first).await?;
             return Ok(Ending::Commit((record, code.clone())));
         }
-        let product = require_product(conn, &cmd.product, Lock::No).await?;
+        let product = product_from_rows(&product, &cmd.product)?;
         rules::issue_code(&product, cmd.edition, cmd.seats, cmd.term_years)?;
         conn.execute(
             "INSERT INTO renewal_codes (id, code_hash, product_code, edition, seats, term_years, state, issued_at, \
@@ -105,14 +108,11 @@ impl Command for RedeemCode {
 
     async fn run<C: Conn>(&self, conn: &mut C) -> StoreResult<Ending<Self::Output>> {
         let (cmd, actor, now) = (&self.cmd, &self.actor, self.now);
-        let (license_id, mut license) =
-            require_license(conn, &cmd.license_key, Lock::ForUpdate).await?;
         // The code's product: the rule uses it only once it found the code
         // of the license's product.
-        let (code, product) =
-            load_code_and_product_by_hash(conn, &code_hash(&cmd.code), Lock::ForUpdate)
-                .await?
-                .ok_or(StoreError::Refused(Refusal::RenewalCodeNotFound))?;
+        let ((license_id, mut license), code) =
+            require_license_and_code(conn, &cmd.license_key, &code_hash(&cmd.code)).await?;
+        let (code, product) = code.ok_or(StoreError::Refused(Refusal::RenewalCodeNotFound))?;
         let decided = rules::redeem(
             &license,
             &code,
