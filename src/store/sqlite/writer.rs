@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
-use super::checkpoint::{self, Checkpointer};
+use super::checkpoint::{self, Checkpointer, Doorbell};
 use super::{Durability, open_native};
 use crate::store::sql::conn::{Command, Ending};
 use crate::store::{StoreError, StoreResult};
@@ -99,14 +99,14 @@ impl GroupWriter {
             reruns: metrics::Counter::noop(),
             rerun_count: rerun_count.clone(),
         };
+        let (checkpointer, doorbell) = Checkpointer::start(path, busy_timeout, synchronous)?;
         std::thread::Builder::new()
             .name("licensd-sqlite-writer".into())
             .spawn({
                 let busy = busy.clone();
-                move || serve(writer, jobs, &busy)
+                move || serve(writer, jobs, &busy, &doorbell)
             })
             .map_err(|e| StoreError::Internal(format!("starting the SQLite writer: {e}")))?;
-        let checkpointer = Checkpointer::start(path, busy_timeout, synchronous)?;
         Ok(GroupWriter {
             queue,
             rerun_count,
@@ -284,7 +284,7 @@ fn now_or_never<T>(f: impl Future<Output = StoreResult<T>>) -> StoreResult<T> {
 }
 
 /// The writer thread: a batch at a time until the store closes.
-fn serve(mut writer: Writer, queue: mpsc::Receiver<Msg>, busy: &AtomicBool) {
+fn serve(mut writer: Writer, queue: mpsc::Receiver<Msg>, busy: &AtomicBool, doorbell: &Doorbell) {
     writer.waited = metrics::histogram!("licensd_db_acquire_seconds");
     writer.reruns = metrics::counter!("licensd_sqlite_batch_reruns_total");
     let batch_sizes = metrics::histogram!("licensd_sqlite_batch_writes");
@@ -312,6 +312,9 @@ fn serve(mut writer: Writer, queue: mpsc::Receiver<Msg>, busy: &AtomicBool) {
         let commit = writer.batch(&mut jobs);
         commit_seconds.record(started.elapsed().as_secs_f64());
         busy.store(false, Ordering::Relaxed);
+        if commit.is_ok() {
+            doorbell.ring();
+        }
         for job in jobs {
             job.finish(&commit);
         }
