@@ -12,8 +12,8 @@ use sqlx::{Connection, Executor};
 use super::sql::Writer;
 use super::{Dialect, SqlStore, StoreError, StoreResult};
 
-mod writer;
-pub(super) use writer::PgWriter;
+pub(super) mod writer;
+use writer::PgWriter;
 
 /// Tuning of the PostgreSQL store.
 #[derive(Debug, Clone)]

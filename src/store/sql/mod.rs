@@ -87,7 +87,7 @@ pub(in crate::store) enum Writer {
     /// SQLite: one thread commits the writes in groups.
     Sqlite(Arc<super::sqlite::writer::GroupWriter>),
     /// PostgreSQL: a pool of connections that pipeline.
-    Postgres(Arc<super::postgres::PgWriter>),
+    Postgres(Arc<super::postgres::writer::PgWriter>),
 }
 
 /// One pool's size (metrics).

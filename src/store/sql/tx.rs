@@ -62,7 +62,7 @@ impl SqlStore {
     /// Runs a rule's write, `cmd`, in a transaction of its own and commits
     /// it: on SQLite through the group-commit writer
     /// ([`crate::store::sqlite::writer`]), on PostgreSQL on a pooled
-    /// connection ([`crate::store::postgres::PgWriter`]), again after a
+    /// connection ([`crate::store::postgres::writer::PgWriter`]), again after a
     /// deadlock or serialisation failure. When the
     /// write may change what the validation cache or the other replicas hold
     /// (`change`; `None` for renewal codes, which neither holds), they are
