@@ -80,26 +80,7 @@ impl PgWriter {
     /// connection found dead before anything could commit is dropped, and
     /// the transaction runs again on another, up to the pool's size.
     pub(in crate::store) async fn run<K: Command>(&self, cmd: &K) -> StoreResult<K::Output> {
-        let mut left = self.pool.status().max_size + 1;
-        loop {
-            let started = Instant::now();
-            let client = self.pool.get().await?;
-            metrics::histogram!("licensd_db_acquire_seconds")
-                .record(started.elapsed().as_secs_f64());
-            let mut lease = Lease(Some(client));
-            let (outcome, _) = transaction(lease.client(), cmd).await;
-            match outcome {
-                Outcome::Done(result) => {
-                    lease.release();
-                    return result;
-                }
-                Outcome::Lost(e) if left > 1 => {
-                    left -= 1;
-                    tracing::debug!(error = %e, "a pooled connection was lost; trying another");
-                }
-                Outcome::Lost(e) | Outcome::Broken(e) => return Err(e),
-            }
-        }
+        self.leased(Write(cmd)).await
     }
 
     /// The rows of the read `sql`, run on its own (no transaction): one
@@ -113,26 +94,33 @@ impl PgWriter {
         sql: &'static str,
         args: &[Arg<'_>],
     ) -> StoreResult<Vec<Row>> {
+        self.leased(Read { sql, args }).await
+    }
+
+    /// `work` on a pooled connection, which goes back to the pool if the
+    /// work is [`Outcome::Done`]; when the work found its connection
+    /// [`Lost`](Outcome::Lost), again on another, up to the pool's size
+    /// (every idle one may have died with a restart of the database).
+    async fn leased<W: OnConnection>(&self, work: W) -> StoreResult<W::Output> {
         let mut left = self.pool.status().max_size + 1;
         loop {
-            let mut lease = Lease(Some(self.pool.get().await?));
-            let client = lease.client();
-            let read = async {
-                let statement = prepared(client, sql, args).await?;
-                Ok(client.query(&statement, &params(args)).await?)
-            };
-            match read.await {
-                Err(e) if client.is_closed() => {
-                    if left <= 1 {
-                        return Err(e);
-                    }
+            let started = Instant::now();
+            let client = self.pool.get().await?;
+            if W::WRITE {
+                metrics::histogram!("licensd_db_acquire_seconds")
+                    .record(started.elapsed().as_secs_f64());
+            }
+            let mut lease = Lease(Some(client));
+            match work.on(lease.client()).await {
+                Outcome::Done(result) => {
+                    lease.release();
+                    return result;
+                }
+                Outcome::Lost(e) if left > 1 => {
                     left -= 1;
                     tracing::debug!(error = %e, "a pooled connection was lost; trying another");
                 }
-                read => {
-                    lease.release();
-                    return read;
-                }
+                Outcome::Lost(e) | Outcome::Broken(e) => return Err(e),
             }
         }
     }
@@ -157,6 +145,49 @@ impl PgWriter {
     /// Closes every connection; later writes fail.
     pub(in crate::store) fn close(&self) {
         self.pool.close();
+    }
+}
+
+/// What [`PgWriter::leased`] runs on a connection.
+trait OnConnection {
+    type Output: Send;
+    /// A write (its wait for a connection is `licensd_db_acquire_seconds`).
+    const WRITE: bool;
+    fn on<'c>(
+        &'c self,
+        client: &'c ClientWrapper,
+    ) -> impl Future<Output = Outcome<Self::Output>> + Send + 'c;
+}
+
+/// A rule's write: its transaction.
+struct Write<'k, K>(&'k K);
+
+impl<K: Command> OnConnection for Write<'_, K> {
+    type Output = K::Output;
+    const WRITE: bool = true;
+    async fn on(&self, client: &ClientWrapper) -> Outcome<K::Output> {
+        transaction(client, self.0).await.0
+    }
+}
+
+/// One statement on its own.
+struct Read<'s, 'a> {
+    sql: &'static str,
+    args: &'s [Arg<'a>],
+}
+
+impl OnConnection for Read<'_, '_> {
+    type Output = Vec<Row>;
+    const WRITE: bool = false;
+    async fn on(&self, client: &ClientWrapper) -> Outcome<Vec<Row>> {
+        let read = async {
+            let statement = prepared(client, self.sql, self.args).await?;
+            Ok(client.query(&statement, &params(self.args)).await?)
+        };
+        match read.await {
+            Err(e) if client.is_closed() => Outcome::Lost(e),
+            read => Outcome::Done(read),
+        }
     }
 }
 
@@ -188,8 +219,9 @@ impl Drop for Lease {
 enum Outcome<T> {
     /// The caller's answer; the connection is idle and may be reused.
     Done(StoreResult<T>),
-    /// The connection was found closed before COMMIT was sent: nothing
-    /// committed, the transaction may run again elsewhere.
+    /// The connection was found closed before COMMIT was sent (a read:
+    /// before it answered): nothing committed, the work may run again
+    /// elsewhere.
     Lost(StoreError),
     /// The connection is in an unknown state (its ROLLBACK or COMMIT
     /// failed): the error is the caller's, the connection is not reused.
