@@ -254,3 +254,23 @@ async fn the_checkpointer_copies_committed_writes_into_the_database_file() {
     }
     w.close().await;
 }
+
+/// The bundled SQLite is compiled with the repository's flags
+/// (`.cargo/config.toml`, `LIBSQLITE3_FLAGS`): `DEFAULT_MEMSTATUS=0` is the
+/// one of them SQLite reports; `HAVE_FDATASYNC=1`, which it does not,
+/// comes in the same line.
+#[test]
+fn sqlite_is_compiled_with_the_repositorys_flags() {
+    let conn = rusqlite::Connection::open_in_memory().unwrap();
+    let options: Vec<String> = conn
+        .prepare("PRAGMA compile_options")
+        .unwrap()
+        .query_map([], |row| row.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert!(
+        options.iter().any(|o| o == "DEFAULT_MEMSTATUS=0"),
+        "{options:?}"
+    );
+}
