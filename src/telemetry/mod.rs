@@ -4,6 +4,8 @@
 
 use tracing_subscriber::EnvFilter;
 
+pub mod json;
+
 /// Log line format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
@@ -21,7 +23,10 @@ pub fn init(format: LogFormat) {
         .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Json => builder
+            .fmt_fields(json::JsonFields)
+            .event_format(json::JsonLines)
+            .try_init(),
     };
 }
 
