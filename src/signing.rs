@@ -545,12 +545,7 @@ mod tests {
     #[test]
     fn the_signer_signs_as_rfc_8032_and_dalek_do() {
         use ed25519_dalek::{Signer as _, Verifier as _};
-        fn hex(s: &str) -> Vec<u8> {
-            (0..s.len())
-                .step_by(2)
-                .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
-                .collect()
-        }
+        let hex = |s: &str| hex::decode(s).unwrap();
         // RFC 8032, section 7.1, TEST 1 (the empty message).
         let secret = hex("9d61b19deffd5a60ba844af492ec2cc44449c5697b326919703bac031cae7f60");
         let key = SigningKey::from_bytes(&secret.try_into().unwrap());

@@ -69,11 +69,14 @@ pub(super) const PERIOD: Duration = Duration::from_millis(10);
 /// fell this far behind.
 pub(super) const BACKSTOP_PAGES: u32 = 20_000;
 
+/// The bytes of the backstop's pages in the WAL: a frame is a page (4 KiB,
+/// SQLite's default page size) and its 24-byte header.
+const BACKSTOP_WAL_BYTES: u64 = BACKSTOP_PAGES as u64 * (4096 + 24);
+
 /// The WAL file's size once reset (`journal_size_limit`, bytes): one and
-/// a half times the backstop's frames (a frame is a page and its 24-byte
-/// header), ~124 MB.
-pub(super) const WAL_SIZE_LIMIT: u64 = BACKSTOP_PAGES as u64 * (4096 + 24) * 3 / 2;
-const _: () = assert!(WAL_SIZE_LIMIT > BACKSTOP_PAGES as u64 * (4096 + 24));
+/// a half times the backstop's frames, ~124 MB.
+pub(super) const WAL_SIZE_LIMIT: u64 = BACKSTOP_WAL_BYTES * 3 / 2;
+const _: () = assert!(WAL_SIZE_LIMIT > BACKSTOP_WAL_BYTES);
 
 /// What the checkpointing thread is told.
 enum Signal {
