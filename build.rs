@@ -16,5 +16,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_server(true)
         .compile_fds(fds)?;
     println!("cargo:rerun-if-changed=proto");
+    // sqlx::migrate! embeds migrations/ when the crate compiles.
+    println!("cargo:rerun-if-changed=migrations");
     Ok(())
 }

@@ -106,6 +106,14 @@ struct ServeArgs {
     /// 0 (the default) maps nothing.
     #[arg(long, env = "LICENSD_SQLITE_MMAP_MIB", default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=1_048_576))]
     sqlite_mmap_mib: u64,
+    /// SQLite only: MiB of the database file the writer maps into memory.
+    /// A write reads the pages it changes through the mapping instead of
+    /// a read system call and copy per page (about 10 % of a renewal's
+    /// server CPU), but the pages it touched count in the resident set (as
+    /// shared file pages the kernel can drop like its page cache), up to
+    /// the file's size. 0 (the default) maps nothing.
+    #[arg(long, env = "LICENSD_SQLITE_WRITER_MMAP_MIB", default_value_t = crate::store::sqlite::DEFAULT_WRITER_MMAP_MIB, value_parser = clap::value_parser!(u64).range(0..=1_048_576))]
+    sqlite_writer_mmap_mib: u64,
     /// Answer Validate from the database on every call instead of from the
     /// in-memory validation cache (which holds ~70 bytes per license and
     /// shows any change made on another replica within 1 s).
@@ -355,6 +363,7 @@ async fn serve(a: ServeArgs) -> Result<(), BoxError> {
         database_wait: Duration::from_secs(a.database_wait_seconds),
         sqlite_synchronous: a.sqlite_synchronous.parse()?,
         sqlite_mmap_mib: a.sqlite_mmap_mib,
+        sqlite_writer_mmap_mib: a.sqlite_writer_mmap_mib,
         validate_cache_refresh: (!a.no_validate_cache)
             .then(|| Duration::from_millis(a.validate_cache_refresh_ms)),
         validate_cache_max_staleness: Duration::from_millis(a.validate_cache_max_staleness_ms),

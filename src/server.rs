@@ -69,6 +69,8 @@ pub struct Config {
     /// SQLite: MiB of the database file Validate's readers memory-map
     /// (0: none).
     pub sqlite_mmap_mib: u64,
+    /// SQLite: MiB of the database file the writer memory-maps (0: none).
+    pub sqlite_writer_mmap_mib: u64,
     /// How often the validation cache polls for changes; `None`: no cache,
     /// Validate reads the database.
     pub validate_cache_refresh: Option<Duration>,
@@ -128,6 +130,7 @@ impl Default for Config {
             database_wait: DEFAULT_DATABASE_WAIT,
             sqlite_synchronous: Default::default(),
             sqlite_mmap_mib: 0,
+            sqlite_writer_mmap_mib: crate::store::sqlite::DEFAULT_WRITER_MMAP_MIB,
             validate_cache_refresh: Some(DEFAULT_VALIDATE_CACHE_REFRESH),
             validate_cache_max_staleness: DEFAULT_MAX_STALENESS,
             drain_timeout: Duration::from_secs(10),
@@ -233,6 +236,7 @@ pub async fn open_store(config: &Config) -> Result<SqlStore, ServerError> {
         acquire_timeout: config.database_timeout,
         mmap_bytes: config.sqlite_mmap_mib.saturating_mul(1024 * 1024),
         synchronous: config.sqlite_synchronous,
+        writer_mmap_bytes: config.sqlite_writer_mmap_mib.saturating_mul(1024 * 1024),
         ..SqliteOptions::default()
     };
     let store = url.open_tuned(pg, lite).await?;

@@ -375,18 +375,27 @@ mod tests {
                 .iter()
                 .find(|step| step.contains(" l USING"))
                 .unwrap_or_else(|| panic!("{filter:?}: {plan:?}"));
-            let index = match mask {
-                0 => "licenses_expiry (expires_at>? AND expires_at<?)",
-                1 => "licenses_product (product_code=? AND expires_at>? AND expires_at<?)",
-                2 | 3 => "licenses_customer (customer_ref=? AND expires_at>? AND expires_at<?)",
-                _ => "licenses_order (order_ref=? AND expires_at>? AND expires_at<?)",
+            // Product and expiry listings may cover most licenses: their
+            // indexes hold the expiry, so a page is read in order. A
+            // customer's or an order's licenses are few: found by their
+            // reference and sorted (their indexes leave the expiry out, so
+            // a renewal does not move them).
+            let (index, sorted) = match mask {
+                0 => ("licenses_expiry (expires_at>? AND expires_at<?)", false),
+                1 => (
+                    "licenses_product (product_code=? AND expires_at>? AND expires_at<?)",
+                    false,
+                ),
+                2 | 3 => ("licenses_customer (customer_ref=?)", true),
+                _ => ("licenses_order (order_ref=?)", true),
             };
             assert!(
                 walks.starts_with("SEARCH l USING") && walks.ends_with(index),
                 "{filter:?}: {plan:?}"
             );
-            assert!(
-                !plan.iter().any(|s| s.contains("TEMP B-TREE")),
+            assert_eq!(
+                plan.iter().any(|s| s.contains("TEMP B-TREE")),
+                sorted,
                 "{filter:?}: {plan:?}"
             );
         }

@@ -117,7 +117,7 @@ impl Checkpointer {
             "PRAGMA synchronous = {}; PRAGMA wal_autocheckpoint = 0;",
             synchronous.pragma()
         );
-        let conn = open_native(path, busy_timeout, &pragmas)?;
+        let conn = open_native(path, busy_timeout, &pragmas, false)?;
         let (signals, received) = mpsc::sync_channel(1);
         let thread = std::thread::Builder::new()
             .name("licensd-sqlite-checkpoint".into())

@@ -73,22 +73,28 @@ enum Msg {
 }
 
 impl GroupWriter {
-    /// Opens the write connection to the (migrated) database at `path` and
+    /// Opens the write connection to the (migrated) database at `path`,
+    /// mapping up to `mmap_bytes` of it (see
+    /// [`DEFAULT_WRITER_MMAP_MIB`](super::DEFAULT_WRITER_MMAP_MIB)), and
     /// starts its thread.
     pub(in crate::store) fn start(
         path: &Path,
         busy_timeout: Duration,
         synchronous: Durability,
+        mmap_bytes: u64,
     ) -> StoreResult<Self> {
         let pragmas = format!(
             "PRAGMA foreign_keys = ON; PRAGMA synchronous = {}; PRAGMA temp_store = MEMORY; \
              PRAGMA cache_size = -{WRITER_CACHE_KIB}; PRAGMA wal_autocheckpoint = {}; \
-             PRAGMA journal_size_limit = {};",
+             PRAGMA journal_size_limit = {}; PRAGMA mmap_size = {mmap_bytes};",
             synchronous.pragma(),
             checkpoint::BACKSTOP_PAGES,
             checkpoint::WAL_SIZE_LIMIT,
         );
-        let conn = open_native(path, busy_timeout, &pragmas)?;
+        // Each commit's WAL frames in one write: safe when every commit
+        // syncs the WAL (see `wal_vfs`).
+        let gathered = synchronous == Durability::Full;
+        let conn = open_native(path, busy_timeout, &pragmas, gathered)?;
         conn.set_prepared_statement_cache_capacity(64);
         let (queue, jobs) = mpsc::channel();
         let rerun_count = Arc::new(AtomicU64::new(0));

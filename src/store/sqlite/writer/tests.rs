@@ -7,7 +7,7 @@ use super::{Committed, GroupWriter};
 use crate::domain::Refusal;
 use crate::store::rows::Columns;
 use crate::store::sql::conn::{Command, Conn, Ending, args, fetch_one};
-use crate::store::sqlite::{Durability, migrate};
+use crate::store::sqlite::{DEFAULT_WRITER_MMAP_MIB, Durability, migrate};
 use crate::store::{StoreError, StoreResult};
 
 #[test]
@@ -82,7 +82,7 @@ async fn writer() -> (tempfile::TempDir, GroupWriter) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("w.db");
     migrate(&path).await.unwrap();
-    let w = GroupWriter::start(&path, Duration::from_secs(2), Durability::Full).unwrap();
+    let w = GroupWriter::start(&path, Duration::from_secs(2), Durability::Full, 64 << 20).unwrap();
     (dir, w)
 }
 
@@ -224,7 +224,13 @@ async fn the_checkpointer_copies_committed_writes_into_the_database_file() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("w.db");
     migrate(&path).await.unwrap();
-    let w = GroupWriter::start(&path, Duration::from_secs(2), Durability::Full).unwrap();
+    let w = GroupWriter::start(
+        &path,
+        Duration::from_secs(2),
+        Durability::Full,
+        DEFAULT_WRITER_MMAP_MIB << 20,
+    )
+    .unwrap();
     let in_file_alone = || {
         let copy = dir.path().join("copy.db");
         std::fs::copy(&path, &copy).unwrap();
