@@ -23,9 +23,6 @@
 //! A write error held back until the flush is reported by the call that
 //! flushes (for a commit, its sync): SQLite then fails the commit, and the
 //! frames it never published are ignored, as after any failed WAL write.
-//!
-//! `cargo run --release --example wal_writes` compares the two on this
-//! machine's disk.
 
 use std::cell::Cell;
 use std::ffi::{CStr, c_int, c_void};
@@ -268,23 +265,6 @@ unsafe extern "C" fn close(file: *mut ffi::sqlite3_file) -> c_int {
     }
 }
 
-unsafe extern "C" fn read(
-    file: *mut ffi::sqlite3_file,
-    buf: *mut c_void,
-    amount: c_int,
-    offset: i64,
-) -> c_int {
-    // SAFETY: a WAL file of ours; `buf` as SQLite gave it.
-    unsafe {
-        let (wal, real, methods) = parts(file);
-        let rc = wal.flush(real, methods);
-        if rc != ffi::SQLITE_OK {
-            return rc;
-        }
-        (methods.xRead.expect("a file has xRead"))(real, buf, amount, offset)
-    }
-}
-
 unsafe extern "C" fn write(
     file: *mut ffi::sqlite3_file,
     buf: *const c_void,
@@ -313,52 +293,45 @@ unsafe extern "C" fn write(
     }
 }
 
-/// Defines a method that writes what is held and then calls the default
-/// VFS's method of the same name with the same arguments.
-macro_rules! flushing {
-    ($name:ident, $method:ident, ($($arg:ident: $ty:ty),*)) => {
+/// Defines a method that calls the default VFS's method of the same name
+/// with the same arguments; `flush`: after writing what is held (for the
+/// methods that read, sync, size or change the file), `pass`: at once
+/// (locks and shared memory, which nothing held concerns).
+macro_rules! forward {
+    ($name:ident, $method:ident, $when:ident, ($($arg:ident: $ty:ty),*)) => {
         unsafe extern "C" fn $name(file: *mut ffi::sqlite3_file $(, $arg: $ty)*) -> c_int {
             // SAFETY: a WAL file of ours; the arguments as SQLite gave them.
             unsafe {
                 let (wal, real, methods) = parts(file);
-                let rc = wal.flush(real, methods);
-                if rc != ffi::SQLITE_OK {
-                    return rc;
+                if forward!(@flushes $when) {
+                    let rc = wal.flush(real, methods);
+                    if rc != ffi::SQLITE_OK {
+                        return rc;
+                    }
                 }
                 (methods.$method.expect(concat!("a file has ", stringify!($method))))(real $(, $arg)*)
             }
         }
     };
+    (@flushes flush) => { true };
+    (@flushes pass) => { false };
 }
 
-/// Defines a method that calls the default VFS's method of the same name
-/// (nothing held matters to it).
-macro_rules! passing {
-    ($name:ident, $method:ident, ($($arg:ident: $ty:ty),*) -> $ret:ty) => {
-        unsafe extern "C" fn $name(file: *mut ffi::sqlite3_file $(, $arg: $ty)*) -> $ret {
-            // SAFETY: a WAL file of ours; the arguments as SQLite gave them.
-            unsafe {
-                let (_, real, methods) = parts(file);
-                (methods.$method.expect(concat!("a file has ", stringify!($method))))(real $(, $arg)*)
-            }
-        }
-    };
-}
-
-flushing!(truncate, xTruncate, (size: i64));
-flushing!(sync, xSync, (flags: c_int));
-flushing!(file_size, xFileSize, (size: *mut i64));
-flushing!(file_control, xFileControl, (op: c_int, arg: *mut c_void));
-flushing!(fetch, xFetch, (offset: i64, amount: c_int, out: *mut *mut c_void));
-passing!(lock, xLock, (level: c_int) -> c_int);
-passing!(unlock, xUnlock, (level: c_int) -> c_int);
-passing!(check_reserved_lock, xCheckReservedLock, (out: *mut c_int) -> c_int);
-passing!(sector_size, xSectorSize, () -> c_int);
-passing!(device_characteristics, xDeviceCharacteristics, () -> c_int);
-passing!(shm_map, xShmMap, (region: c_int, size: c_int, extend: c_int, out: *mut *mut c_void) -> c_int);
-passing!(shm_lock, xShmLock, (offset: c_int, n: c_int, flags: c_int) -> c_int);
-passing!(shm_unmap, xShmUnmap, (delete: c_int) -> c_int);
-passing!(unfetch, xUnfetch, (offset: i64, page: *mut c_void) -> c_int);
+forward!(read, xRead, flush, (buf: *mut c_void, amount: c_int, offset: i64));
+forward!(truncate, xTruncate, flush, (size: i64));
+forward!(sync, xSync, flush, (flags: c_int));
+forward!(file_size, xFileSize, flush, (size: *mut i64));
+forward!(file_control, xFileControl, flush, (op: c_int, arg: *mut c_void));
+forward!(fetch, xFetch, flush, (offset: i64, amount: c_int, out: *mut *mut c_void));
+forward!(lock, xLock, pass, (level: c_int));
+forward!(unlock, xUnlock, pass, (level: c_int));
+forward!(check_reserved_lock, xCheckReservedLock, pass, (out: *mut c_int));
+forward!(sector_size, xSectorSize, pass, ());
+forward!(device_characteristics, xDeviceCharacteristics, pass, ());
+forward!(shm_map, xShmMap, pass, (region: c_int, size: c_int, extend: c_int, out: *mut *mut c_void));
+forward!(shm_lock, xShmLock, pass, (offset: c_int, n: c_int, flags: c_int));
+forward!(shm_unmap, xShmUnmap, pass, (delete: c_int));
+forward!(unfetch, xUnfetch, pass, (offset: i64, page: *mut c_void));
 
 unsafe extern "C" fn shm_barrier(file: *mut ffi::sqlite3_file) {
     // SAFETY: a WAL file of ours.
