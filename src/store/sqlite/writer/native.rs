@@ -3,9 +3,10 @@
 //! call; rows read into [`OwnedRow`]s.
 
 use std::collections::HashMap;
+use std::ops::Range;
 
 use rusqlite::Connection;
-use rusqlite::types::Value;
+use rusqlite::types::ValueRef;
 
 use crate::store::rows::{Columns, Dialect, corrupt};
 use crate::store::sql::conn::{Arg, Conn, Ending};
@@ -16,8 +17,22 @@ use crate::store::{StoreError, StoreResult};
 pub(in crate::store) struct NativeConn {
     pub(super) conn: Connection,
     /// Each statement's text with SQLite's numbered placeholders (`?N`
-    /// for `$N`: SQLite reads `$1` as a name, numbered by first appearance).
-    numbered: HashMap<&'static str, String>,
+    /// for `$N`: SQLite reads `$1` as a name, numbered by first appearance),
+    /// found by where the statement's text is: every statement is a
+    /// `&'static str`, so its address and length name it, and hashing two
+    /// words costs less than hashing a few hundred bytes of SQL (rusqlite's
+    /// own cache hashes the numbered text again).
+    numbered: HashMap<StaticText, String>,
+}
+
+/// A `&'static str` compared and hashed by address and length.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+struct StaticText(usize, usize);
+
+impl StaticText {
+    fn of(sql: &'static str) -> Self {
+        StaticText(sql.as_ptr() as usize, sql.len())
+    }
 }
 
 impl NativeConn {
@@ -54,7 +69,10 @@ impl NativeConn {
     }
 
     fn prepared(&mut self, sql: &'static str) -> StoreResult<rusqlite::CachedStatement<'_>> {
-        let text = self.numbered.entry(sql).or_insert_with(|| numbered(sql));
+        let text = self
+            .numbered
+            .entry(StaticText::of(sql))
+            .or_insert_with(|| numbered(sql));
         self.conn
             .prepare_cached(text)
             .map_err(unavailable_or_internal)
@@ -98,11 +116,15 @@ impl NativeConn {
             let Some(row) = rows.next().map_err(unavailable_or_internal)? else {
                 break;
             };
-            let values = (0..width)
-                .map(|i| row.get::<_, Value>(i))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(unavailable_or_internal)?;
-            out.push(OwnedRow(values));
+            let mut read = OwnedRow {
+                cells: Vec::with_capacity(width),
+                bytes: Vec::new(),
+            };
+            for i in 0..width {
+                let value = row.get_ref(i).map_err(unavailable_or_internal)?;
+                read.push(value);
+            }
+            out.push(read);
         }
         Ok(out)
     }
@@ -152,12 +174,57 @@ pub(super) fn numbered(sql: &str) -> String {
     out
 }
 
-/// A row read off the writer's connection.
-pub(in crate::store) struct OwnedRow(Vec<Value>);
+/// A row read off the writer's connection: each column's value, the
+/// bytes of its text and blobs in one buffer (two allocations a row, not
+/// one per text column and again per copy handed out).
+pub(in crate::store) struct OwnedRow {
+    cells: Vec<Cell>,
+    bytes: Vec<u8>,
+}
+
+/// One column of an [`OwnedRow`].
+enum Cell {
+    Null,
+    Int(i64),
+    Real,
+    /// Where in the row's bytes.
+    Text(Range<usize>),
+    Blob(Range<usize>),
+}
 
 impl OwnedRow {
-    fn at(&self, at: usize) -> StoreResult<&Value> {
-        self.0
+    fn push(&mut self, value: ValueRef<'_>) {
+        let cell = match value {
+            ValueRef::Null => Cell::Null,
+            ValueRef::Integer(v) => Cell::Int(v),
+            ValueRef::Real(_) => Cell::Real,
+            ValueRef::Text(bytes) => Cell::Text(self.keep(bytes)),
+            ValueRef::Blob(bytes) => Cell::Blob(self.keep(bytes)),
+        };
+        self.cells.push(cell);
+    }
+
+    fn keep(&mut self, bytes: &[u8]) -> Range<usize> {
+        let start = self.bytes.len();
+        self.bytes.extend_from_slice(bytes);
+        start..self.bytes.len()
+    }
+
+    /// A column whose type is not what its mapping expects, for the error.
+    fn unexpected(&self, what: &str, at: usize) -> StoreError {
+        let kind = match self.cells.get(at) {
+            Some(Cell::Null) => "NULL",
+            Some(Cell::Int(_)) => "INTEGER",
+            Some(Cell::Real) => "REAL",
+            Some(Cell::Text(_)) => "TEXT",
+            Some(Cell::Blob(_)) => "BLOB",
+            None => "nothing",
+        };
+        corrupt(what, format_args!("{kind} in column {at}"))
+    }
+
+    fn at(&self, at: usize) -> StoreResult<&Cell> {
+        self.cells
             .get(at)
             .ok_or_else(|| StoreError::Internal(format!("no column {at}")))
     }
@@ -174,22 +241,24 @@ impl Columns for OwnedRow {
     }
     fn opt_int(&self, at: usize) -> StoreResult<Option<i64>> {
         match self.at(at)? {
-            Value::Integer(v) => Ok(Some(*v)),
-            Value::Null => Ok(None),
-            other => Err(corrupt("type in integer column", format!("{other:?}"))),
+            Cell::Int(v) => Ok(Some(*v)),
+            Cell::Null => Ok(None),
+            _ => Err(self.unexpected("type in integer column", at)),
         }
     }
     fn opt_text(&self, at: usize) -> StoreResult<Option<String>> {
         match self.at(at)? {
-            Value::Text(v) => Ok(Some(v.clone())),
-            Value::Null => Ok(None),
-            other => Err(corrupt("type in text column", format!("{other:?}"))),
+            Cell::Text(range) => std::str::from_utf8(&self.bytes[range.clone()])
+                .map(|text| Some(text.to_owned()))
+                .map_err(|e| corrupt("text that is not UTF-8", e)),
+            Cell::Null => Ok(None),
+            _ => Err(self.unexpected("type in text column", at)),
         }
     }
     fn blob(&self, at: usize) -> StoreResult<Vec<u8>> {
         match self.at(at)? {
-            Value::Blob(v) => Ok(v.clone()),
-            other => Err(corrupt("type in blob column", format!("{other:?}"))),
+            Cell::Blob(range) => Ok(self.bytes[range.clone()].to_vec()),
+            _ => Err(self.unexpected("type in blob column", at)),
         }
     }
 }

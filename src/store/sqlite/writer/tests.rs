@@ -78,6 +78,93 @@ impl Command for Has {
     }
 }
 
+/// Reads one row of every storage class back through the writer's
+/// connection, each column as each accessor reads it.
+struct ReadBack;
+
+/// What an accessor of column `at` gave, as text (`Err` as "error: …").
+fn shown<T: std::fmt::Debug>(read: StoreResult<T>) -> String {
+    match read {
+        Ok(v) => format!("{v:?}"),
+        Err(e) => format!("error: {e}"),
+    }
+}
+
+impl Command for ReadBack {
+    type Output = Vec<[String; 5]>;
+
+    async fn run<C: Conn>(&self, conn: &mut C) -> StoreResult<Ending<Self::Output>> {
+        let row = fetch_one(
+            conn,
+            "SELECT NULL, 42, $1, x'00ff', CAST(x'ff' AS TEXT), 1.5, ''",
+            args!["héllo ✓"],
+        )
+        .await?;
+        let columns = (0..8)
+            .map(|at| {
+                [
+                    shown(row.opt_int(at)),
+                    shown(row.int(at)),
+                    shown(row.opt_text(at)),
+                    shown(row.text(at)),
+                    shown(row.blob(at)),
+                ]
+            })
+            .collect();
+        Ok(Ending::Commit(columns))
+    }
+}
+
+/// Rows come off the writer's connection as values with their bytes in
+/// one buffer: each accessor gives back what was stored, and a column of
+/// another type, a NULL where a value must be, text that is not UTF-8 or
+/// a column past the row's end is an error, never a panic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_read_back_as_stored_and_mismatches_are_errors() {
+    let (_dir, w) = writer().await;
+    let columns = w.run(ReadBack, ignored()).await.unwrap();
+    let ok = |s: &str| !s.starts_with("error");
+    let [opt_int, int, opt_text, text, blob] = &columns[0];
+    assert_eq!(opt_int, "None");
+    assert!(!ok(int) && int.contains("NULL"), "{int}");
+    assert_eq!(opt_text, "None");
+    assert!(!ok(text) && text.contains("NULL"), "{text}");
+    assert!(!ok(blob) && blob.contains("NULL"), "{blob}");
+    let [opt_int, int, opt_text, _, _] = &columns[1];
+    assert_eq!((opt_int.as_str(), int.as_str()), ("Some(42)", "42"));
+    assert!(
+        !ok(opt_text) && opt_text.contains("INTEGER in column 1"),
+        "{opt_text}"
+    );
+    let [opt_int, _, opt_text, text, blob] = &columns[2];
+    assert!(
+        !ok(opt_int) && opt_int.contains("TEXT in column 2"),
+        "{opt_int}"
+    );
+    assert_eq!(opt_text, "Some(\"héllo ✓\")");
+    assert_eq!(text, "\"héllo ✓\"");
+    assert!(!ok(blob), "{blob}");
+    let [_, _, opt_text, _, blob] = &columns[3];
+    assert_eq!(blob, "[0, 255]");
+    assert!(!ok(opt_text) && opt_text.contains("BLOB"), "{opt_text}");
+    let [_, _, opt_text, text, _] = &columns[4];
+    assert!(!ok(opt_text) && opt_text.contains("UTF-8"), "{opt_text}");
+    assert!(!ok(text) && text.contains("UTF-8"), "{text}");
+    assert!(
+        columns[5].iter().all(|s| !ok(s) && s.contains("REAL")),
+        "{:?}",
+        columns[5]
+    );
+    let [_, _, opt_text, text, _] = &columns[6];
+    assert_eq!((opt_text.as_str(), text.as_str()), ("Some(\"\")", "\"\""));
+    assert!(
+        columns[7].iter().all(|s| s.contains("no column 7")),
+        "{:?}",
+        columns[7]
+    );
+    w.close().await;
+}
+
 async fn writer() -> (tempfile::TempDir, GroupWriter) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("w.db");
