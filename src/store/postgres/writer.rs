@@ -35,13 +35,14 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 
 use deadpool_postgres::{ClientWrapper, Manager, ManagerConfig, Object, Pool, RecyclingMethod};
+use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{NoTls, Row, Statement};
 
 use crate::store::rows::Columns;
 use crate::store::rows::Dialect;
 use crate::store::sql::conn::{
-    Arg, Command, Conn, Ending, Step, chained, fetch_one, inserted_then,
+    Arg, Command, Conn, Ending, Step, chained, claimed, fetch_one, inserted_then,
 };
 use crate::store::{StoreError, StoreResult};
 
@@ -320,6 +321,16 @@ impl<'c> PgTx<'c> {
     /// Runs `sql` as the transaction's last statement, COMMIT sent with
     /// it; the COMMIT's answer is kept for [`transaction`].
     async fn rows_then_commit(&mut self, sql: &'static str, args: &[Arg<'_>]) -> StoreResult<()> {
+        Ok(self.then_commit(sql, args).await??)
+    }
+
+    /// [`rows_then_commit`](Self::rows_then_commit), the statement's own
+    /// answer kept apart (outer: it could not be sent).
+    async fn then_commit(
+        &mut self,
+        sql: &'static str,
+        args: &[Arg<'_>],
+    ) -> StoreResult<Result<(), tokio_postgres::Error>> {
         let statement = self.prepared(sql, args).await?;
         // Whatever could keep the statement from being sent must fail here,
         // before COMMIT goes out: COMMIT would then keep what ran before it.
@@ -341,8 +352,7 @@ impl<'c> PgTx<'c> {
         );
         self.committed = Some(committed);
         begun?;
-        ran?;
-        Ok(())
+        Ok(ran.map(drop))
     }
 
     /// `exchange` (a statement not yet sent), with BEGIN ahead of it if
@@ -450,6 +460,19 @@ impl Conn for PgTx<'_> {
         let (sql, args) = chained(steps);
         self.rows_then_commit(sql, &args).await?;
         Ok(ending)
+    }
+
+    async fn finish_chain_if_claimed<T: Send>(
+        &mut self,
+        steps: &[Step<'_, '_>],
+        ending: Ending<T>,
+    ) -> StoreResult<Option<Ending<T>>> {
+        let (sql, args) = claimed(steps);
+        match self.then_commit(sql, &args).await? {
+            Ok(()) => Ok(Some(ending)),
+            Err(e) if e.code() == Some(&SqlState::DIVISION_BY_ZERO) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
     }
 
     async fn finish_insert<T: Send>(

@@ -171,6 +171,37 @@ pub(in crate::store) trait Conn: Send {
         }
     }
 
+    /// Runs `steps` as [`finish_chain`](Conn::finish_chain) does if the
+    /// first one (a claim: a conditional update of one row, named by its
+    /// key) changes its row; if it changes none, none of them changes
+    /// anything and the answer is `None`. PostgreSQL's write path sends
+    /// COMMIT with them, the claim checked inside the statement; elsewhere
+    /// the claim runs first and the rest only after it changed its row. (A
+    /// claim that changes more than one row is a mistake in its SQL: undone
+    /// as one that changed none on PostgreSQL, an error elsewhere.)
+    fn finish_chain_if_claimed<T: Send>(
+        &mut self,
+        steps: &[Step<'_, '_>],
+        ending: Ending<T>,
+    ) -> impl Future<Output = StoreResult<Option<Ending<T>>>> + Send {
+        async move {
+            let Some(((sql, args), rest)) = steps.split_first() else {
+                return Err(StoreError::Internal("a claim without a statement".into()));
+            };
+            match self.execute(sql, args).await? {
+                0 => Ok(None),
+                1 => {
+                    in_turn(self, rest).await?;
+                    Ok(Some(ending))
+                }
+                // Undone with the command (an error after a change).
+                n => Err(StoreError::Internal(format!(
+                    "a claim changed {n} rows: {sql}"
+                ))),
+            }
+        }
+    }
+
     /// Runs `insert` (an INSERT … `RETURNING id`), then `then`, whose `$1`
     /// is that id and whose `args` are its `$2`, `$3`, …, as the
     /// transaction's last statement, ending the command with `ending` (see
@@ -268,7 +299,29 @@ fn query<'q>(
 /// the same snapshot), each step's placeholders numbered after those of the
 /// steps before it.
 pub(in crate::store) fn chained<'a>(steps: &[Step<'_, 'a>]) -> (&'static str, Vec<Arg<'a>>) {
-    let sql = built_once(Built::Chain, steps.iter().map(|(sql, _)| *sql), || {
+    with_queries(Built::Chain, steps, "SELECT count(*) FROM w1")
+}
+
+/// PostgreSQL's one statement for [`Conn::finish_chain_if_claimed`]:
+/// [`chained`]'s, whose answer fails with `division_by_zero` (SQLSTATE
+/// 22012, which nothing else in these statements can raise) unless the
+/// first step changed exactly one row. A failed statement changes nothing
+/// and aborts the transaction, so the COMMIT sent behind it rolls back.
+pub(in crate::store) fn claimed<'a>(steps: &[Step<'_, 'a>]) -> (&'static str, Vec<Arg<'a>>) {
+    with_queries(
+        Built::Claimed,
+        steps,
+        "SELECT 1 / (count(*) = 1)::int FROM w1",
+    )
+}
+
+/// `steps` as data-modifying `WITH` queries `w1`, `w2`, …, then `last`.
+fn with_queries<'a>(
+    kind: Built,
+    steps: &[Step<'_, 'a>],
+    last: &'static str,
+) -> (&'static str, Vec<Arg<'a>>) {
+    let sql = built_once(kind, steps.iter().map(|(sql, _)| *sql), || {
         let mut sql = String::from("WITH ");
         let mut before = 0;
         for (i, (step, args)) in steps.iter().enumerate() {
@@ -282,7 +335,8 @@ pub(in crate::store) fn chained<'a>(steps: &[Step<'_, 'a>]) -> (&'static str, Ve
             ));
             before += args.len();
         }
-        sql.push_str(" SELECT count(*) FROM w1");
+        sql.push(' ');
+        sql.push_str(last);
         sql
     });
     let args = steps.iter().flat_map(|(_, a)| a.iter().copied()).collect();
@@ -315,6 +369,7 @@ pub(in crate::store) fn inserted_then<'a>(
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Built {
     Chain,
+    Claimed,
     InsertThen,
 }
 

@@ -10,7 +10,7 @@ use super::load::{
     Lock, load_code_by_hash, load_code_by_id, product_from_rows, product_load,
     require_license_and_code,
 };
-use super::tx::{NewEvent, change_recorded, record_event};
+use super::tx::{NewEvent, finish_recorded_if_claimed, record_event};
 use crate::domain::error::RefusalClass;
 use crate::domain::rules;
 use crate::domain::{License, Refusal, RenewalCode, RenewalCodeRecord};
@@ -140,8 +140,9 @@ impl Command for RedeemCode {
             Err(refusal) => return Err(refusal.into()),
         };
         // Conditional update: the code moves from UNREDEEMED exactly once.
-        // It goes with the extension and the event (one round trip on
-        // PostgreSQL); should it change no row, all three are undone.
+        // It goes with the extension, the event and COMMIT (one round trip
+        // on PostgreSQL); should it change no row, none of the three
+        // changes anything.
         let redeem: Step = (
             "UPDATE renewal_codes SET state = 'REDEEMED', redeemed_at = $1, redeemed_license_id = $2 \
              WHERE id = $3 AND state = 'UNREDEEMED'",
@@ -159,15 +160,21 @@ impl Command for RedeemCode {
             renewal_code_id: Some(&code.id),
             ..Default::default()
         };
-        let redeemed =
-            change_recorded(conn, &[redeem, extend], license_id, actor, now, event).await?;
-        if redeemed != 1 {
-            return Err(Refusal::RenewalCodeAlreadyRedeemed { redeemed_at: None }.into());
-        }
-        // As loaded (the row is locked) with what was just written.
+        // As loaded (the row is locked) with what is written.
         license.expires_at = stored(decision.new_expires_at);
         license.renewal_count += 1;
-        Ok(Ending::Commit((license, decision.previous_expires_at)))
+        let ending = Ending::Commit((license, decision.previous_expires_at));
+        finish_recorded_if_claimed(
+            conn,
+            &[redeem, extend],
+            license_id,
+            actor,
+            now,
+            event,
+            ending,
+        )
+        .await?
+        .ok_or_else(|| Refusal::RenewalCodeAlreadyRedeemed { redeemed_at: None }.into())
     }
 }
 

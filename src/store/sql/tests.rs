@@ -7,7 +7,7 @@ use chrono::{DateTime, Utc};
 use sqlx::any::AnyRow;
 use sqlx::{AnyConnection, Connection};
 
-use super::conn::{Arg, Command, Conn, Ending, Step};
+use super::conn::{Arg, Command, Conn, Ending, Step, args};
 use super::licenses::Issue;
 use super::renewal::RedeemCode;
 use super::seats::{Activate, Deactivate};
@@ -55,6 +55,15 @@ impl Conn for Counting<'_> {
         self.inner.execute_chain(steps).await
     }
 
+    async fn finish_chain_if_claimed<T: Send>(
+        &mut self,
+        steps: &[Step<'_, '_>],
+        ending: Ending<T>,
+    ) -> StoreResult<Option<Ending<T>>> {
+        self.sent += 1;
+        self.inner.finish_chain_if_claimed(steps, ending).await
+    }
+
     async fn finish_insert<T: Send>(
         &mut self,
         insert: Step<'_, '_>,
@@ -64,6 +73,106 @@ impl Conn for Counting<'_> {
         self.sent += 1;
         self.inner.finish_insert(insert, then, ending).await
     }
+}
+
+/// Claims the setting `claim` (from "free" to "taken"), then stores the
+/// setting `then`, as one claimed chain; whether the claim changed its row.
+struct ClaimThenStore {
+    then: &'static str,
+}
+
+impl Command for ClaimThenStore {
+    type Output = bool;
+
+    async fn run<C: Conn>(&self, conn: &mut C) -> StoreResult<Ending<bool>> {
+        let claim: Step = (
+            "UPDATE settings SET value = $1 WHERE name = 'claim' AND value = $2",
+            args![&b"taken"[..], &b"free"[..]],
+        );
+        let then: Step = (
+            "INSERT INTO settings (name, value) VALUES ($1, $2)",
+            args![self.then, &b"stored"[..]],
+        );
+        let claimed = conn
+            .finish_chain_if_claimed(&[claim, then], Ending::Commit(true))
+            .await?;
+        Ok(claimed.unwrap_or(Ending::Commit(false)))
+    }
+}
+
+/// Whether the setting `name` is stored.
+async fn stored_setting(store: &SqlStore, name: &str) -> bool {
+    let mut conn = store.readers.acquire().await.unwrap();
+    let rows = (*conn)
+        .fetch_all("SELECT name FROM settings WHERE name = $1", args![name])
+        .await
+        .unwrap();
+    !rows.is_empty()
+}
+
+/// A chain whose claim changes its row runs whole; once the row is
+/// claimed, the same chain changes nothing (on PostgreSQL its statement
+/// fails inside the transaction whose COMMIT went with it), the command
+/// still commits what it decided, and the store goes on.
+async fn a_claimed_chain_runs_only_if_its_claim_changes_a_row(store: &SqlStore) {
+    store
+        .write(None, PutSetting("claim", b"free"))
+        .await
+        .unwrap();
+    assert!(
+        store
+            .write(None, ClaimThenStore { then: "first" })
+            .await
+            .unwrap()
+    );
+    assert!(stored_setting(store, "first").await);
+    assert!(
+        !store
+            .write(None, ClaimThenStore { then: "second" })
+            .await
+            .unwrap()
+    );
+    assert!(
+        !stored_setting(store, "second").await,
+        "nothing of an unclaimed chain"
+    );
+    store
+        .write(None, PutSetting("claim", b"free"))
+        .await
+        .unwrap();
+    assert!(
+        store
+            .write(None, ClaimThenStore { then: "third" })
+            .await
+            .unwrap()
+    );
+    assert!(stored_setting(store, "third").await);
+}
+
+/// Stores the setting `.0` with the value `.1` (replacing it).
+struct PutSetting(&'static str, &'static [u8]);
+
+impl Command for PutSetting {
+    type Output = ();
+
+    async fn run<C: Conn>(&self, conn: &mut C) -> StoreResult<Ending<()>> {
+        conn.execute(
+            "INSERT INTO settings (name, value) VALUES ($1, $2) \
+             ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+            args![self.0, self.1],
+        )
+        .await?;
+        Ok(Ending::Commit(()))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_runs_a_claimed_chain_only_if_its_claim_changes_a_row() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = crate::store::DatabaseUrl::Sqlite(dir.path().join("claim.db"));
+    let store = url.open(PostgresOptions::default()).await.unwrap();
+    a_claimed_chain_runs_only_if_its_claim_changes_a_row(&store).await;
+    store.close().await;
 }
 
 /// Runs `cmd` in a transaction of its own and commits it; how many
@@ -221,8 +330,8 @@ async fn each_postgres_write_sends_its_known_number_of_statements() {
     // goes out with the first statement, the loads that do not depend on
     // each other in one batch (a lock with the loads after it; an
     // idempotency claim with the product), and COMMIT with a last
-    // statement whose result decides nothing (a renewal checks that its
-    // code's claim changed a row, so it commits on its own).
+    // statement whose result decides nothing (a renewal's last statement
+    // fails unless its code's claim changed a row, and so rolls back).
     let Writer::Postgres(pg) = &store.writer else {
         panic!("PostgreSQL's own writer");
     };
@@ -230,7 +339,7 @@ async fn each_postgres_write_sends_its_known_number_of_statements() {
     assert_eq!(pg.round_trips(&deactivate("ws-3")).await, 2, "Deactivate");
     assert_eq!(
         pg.round_trips(&redeem(&second_code)).await,
-        3,
+        2,
         "RedeemRenewalCode"
     );
     assert_eq!(pg.round_trips(&issue("tripped")).await, 2, "IssueLicense");
@@ -246,6 +355,8 @@ async fn each_postgres_write_sends_its_known_number_of_statements() {
     let fresh = issue("collides");
     let issued = pg.run(&fresh).await.expect("the request id is free");
     assert_eq!(issued.key, fresh.key, "a new license, not a replay");
+
+    a_claimed_chain_runs_only_if_its_claim_changes_a_row(&store).await;
 
     store.close().await;
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!(

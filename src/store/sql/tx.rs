@@ -186,20 +186,6 @@ pub(super) async fn record_event<C: Conn>(
     Ok(())
 }
 
-/// Runs `changes` and appends the event `e` that records them, in one
-/// round trip on PostgreSQL; how many rows the first change changed.
-pub(super) async fn change_recorded<C: Conn>(
-    conn: &mut C,
-    changes: &[Step<'_, '_>],
-    license_id: i64,
-    actor: &Actor,
-    now: DateTime<Utc>,
-    e: NewEvent<'_>,
-) -> StoreResult<u64> {
-    let event = event_args(license_id, actor, now, &e);
-    conn.execute_chain(&with_event(changes, &event)).await
-}
-
 /// `changes`, then the insert of an event with the arguments `event`.
 fn with_event<'s, 'a>(changes: &[Step<'s, 'a>], event: &'s [Arg<'a>]) -> Vec<Step<'s, 'a>> {
     let mut steps = changes.to_vec();
@@ -207,9 +193,10 @@ fn with_event<'s, 'a>(changes: &[Step<'s, 'a>], event: &'s [Arg<'a>]) -> Vec<Ste
     steps
 }
 
-/// [`change_recorded`] as the transaction's last statement, ending the
-/// command with `ending` (see [`Conn::finish_chain`]: on PostgreSQL COMMIT
-/// goes with it).
+/// Runs `changes` and appends the event `e` that records them, as the
+/// transaction's last statement (one round trip on PostgreSQL, COMMIT
+/// sent with it: see [`Conn::finish_chain`]), ending the command with
+/// `ending`.
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn finish_recorded<C: Conn, T: Send>(
     conn: &mut C,
@@ -222,6 +209,24 @@ pub(super) async fn finish_recorded<C: Conn, T: Send>(
 ) -> StoreResult<Ending<T>> {
     let event = event_args(license_id, actor, now, &e);
     conn.finish_chain(&with_event(changes, &event), ending)
+        .await
+}
+
+/// [`finish_recorded`], provided the first change (a claim) changes
+/// exactly one row; otherwise nothing changes and the answer is `None`
+/// (see [`Conn::finish_chain_if_claimed`]).
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn finish_recorded_if_claimed<C: Conn, T: Send>(
+    conn: &mut C,
+    changes: &[Step<'_, '_>],
+    license_id: i64,
+    actor: &Actor,
+    now: DateTime<Utc>,
+    e: NewEvent<'_>,
+    ending: Ending<T>,
+) -> StoreResult<Option<Ending<T>>> {
+    let event = event_args(license_id, actor, now, &e);
+    conn.finish_chain_if_claimed(&with_event(changes, &event), ending)
         .await
 }
 
