@@ -115,38 +115,27 @@ async fn stored_setting(store: &SqlStore, name: &str) -> bool {
 /// fails inside the transaction whose COMMIT went with it), the command
 /// still commits what it decided, and the store goes on.
 async fn a_claimed_chain_runs_only_if_its_claim_changes_a_row(store: &SqlStore) {
-    store
-        .write(None, PutSetting("claim", b"free"))
-        .await
-        .unwrap();
-    assert!(
+    // Whether a chain storing `then` claimed the row, and whether `then`
+    // is stored.
+    let chain = async |then: &'static str| {
+        let claimed = store.write(None, ClaimThenStore { then }).await.unwrap();
+        (claimed, stored_setting(store, then).await)
+    };
+    let free = async || {
         store
-            .write(None, ClaimThenStore { then: "first" })
+            .write(None, PutSetting("claim", b"free"))
             .await
             .unwrap()
-    );
-    assert!(stored_setting(store, "first").await);
-    assert!(
-        !store
-            .write(None, ClaimThenStore { then: "second" })
-            .await
-            .unwrap()
-    );
-    assert!(
-        !stored_setting(store, "second").await,
+    };
+    free().await;
+    assert_eq!(chain("first").await, (true, true));
+    assert_eq!(
+        chain("second").await,
+        (false, false),
         "nothing of an unclaimed chain"
     );
-    store
-        .write(None, PutSetting("claim", b"free"))
-        .await
-        .unwrap();
-    assert!(
-        store
-            .write(None, ClaimThenStore { then: "third" })
-            .await
-            .unwrap()
-    );
-    assert!(stored_setting(store, "third").await);
+    free().await;
+    assert_eq!(chain("third").await, (true, true));
 }
 
 /// Stores the setting `.0` with the value `.1` (replacing it).
