@@ -10,7 +10,7 @@ use super::load::{
     Lock, load_code_by_hash, load_code_by_id, product_from_rows, product_load,
     require_license_and_code,
 };
-use super::tx::{NewEvent, finish_recorded_if_claimed, record_event};
+use super::tx::{NewEvent, event_args, record_event, with_event};
 use crate::domain::error::RefusalClass;
 use crate::domain::rules;
 use crate::domain::{License, Refusal, RenewalCode, RenewalCodeRecord};
@@ -164,17 +164,10 @@ impl Command for RedeemCode {
         license.expires_at = stored(decision.new_expires_at);
         license.renewal_count += 1;
         let ending = Ending::Commit((license, decision.previous_expires_at));
-        finish_recorded_if_claimed(
-            conn,
-            &[redeem, extend],
-            license_id,
-            actor,
-            now,
-            event,
-            ending,
-        )
-        .await?
-        .ok_or_else(|| Refusal::RenewalCodeAlreadyRedeemed { redeemed_at: None }.into())
+        let event = event_args(license_id, actor, now, &event);
+        conn.finish_chain_if_claimed(&with_event(&[redeem, extend], &event), ending)
+            .await?
+            .ok_or_else(|| Refusal::RenewalCodeAlreadyRedeemed { redeemed_at: None }.into())
     }
 }
 

@@ -186,8 +186,12 @@ pub(super) async fn record_event<C: Conn>(
     Ok(())
 }
 
-/// `changes`, then the insert of an event with the arguments `event`.
-fn with_event<'s, 'a>(changes: &[Step<'s, 'a>], event: &'s [Arg<'a>]) -> Vec<Step<'s, 'a>> {
+/// `changes`, then the insert of an event with the arguments `event`
+/// (from [`event_args`]).
+pub(super) fn with_event<'s, 'a>(
+    changes: &[Step<'s, 'a>],
+    event: &'s [Arg<'a>],
+) -> Vec<Step<'s, 'a>> {
     let mut steps = changes.to_vec();
     steps.push((EVENT_INSERT, event));
     steps
@@ -212,24 +216,6 @@ pub(super) async fn finish_recorded<C: Conn, T: Send>(
         .await
 }
 
-/// [`finish_recorded`], provided the first change (a claim) changes
-/// exactly one row; otherwise nothing changes and the answer is `None`
-/// (see [`Conn::finish_chain_if_claimed`]).
-#[allow(clippy::too_many_arguments)]
-pub(super) async fn finish_recorded_if_claimed<C: Conn, T: Send>(
-    conn: &mut C,
-    changes: &[Step<'_, '_>],
-    license_id: i64,
-    actor: &Actor,
-    now: DateTime<Utc>,
-    e: NewEvent<'_>,
-    ending: Ending<T>,
-) -> StoreResult<Option<Ending<T>>> {
-    let event = event_args(license_id, actor, now, &e);
-    conn.finish_chain_if_claimed(&with_event(changes, &event), ending)
-        .await
-}
-
 /// Runs `insert` (a new license, `RETURNING id`) and appends the event `e`
 /// that records it, as the transaction's last statement, ending the
 /// command with `ending` (see [`Conn::finish_chain`]).
@@ -247,7 +233,8 @@ pub(super) async fn finish_inserted<C: Conn, T: Send>(
         .await
 }
 
-fn event_args<'a>(
+/// The arguments of the insert of event `e` of license `license_id`.
+pub(super) fn event_args<'a>(
     license_id: i64,
     actor: &'a Actor,
     now: DateTime<Utc>,

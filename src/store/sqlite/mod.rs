@@ -46,8 +46,8 @@ pub struct SqliteOptions {
 /// mapped and without, three rounds alternated: server CPU per renewal 164
 /// / 158 / 159 → 151 / 135 / 147 µs. But every page the writer touched
 /// then counts in the resident set (at 100k licenses, peak RSS 179–189 →
-/// 217–233 MiB), and at 1M licenses the file is ~600 MB: the resident
-/// set would leave the 150 MB the README promises. They are shared file
+/// 217–233 MiB), and at 1M licenses the file is ~600 MB, all of which
+/// could come to count there. They are shared file
 /// pages the kernel can drop (a `pread` leaves the same pages in its page
 /// cache), so where the resident set is not watched, mapping is the
 /// cheaper way to read.
