@@ -145,53 +145,74 @@ pub fn reuse_for(offline_lease_days: u32) -> Duration {
 }
 
 /// Certificates remembered for reuse at most, per replica (then forgotten,
-/// a shard at a time): about 1 KiB each.
+/// a shard at a time): about 250 bytes each, since what is remembered is
+/// not the certificate but what rebuilds it ([`Issued`]).
 const REUSE_MAX: usize = 100_000;
 
-/// A certificate handed out, for reuse.
+/// A certificate handed out, for reuse: not its ~600 bytes of text but
+/// what they are made of. Its claims are a function of the facts it was
+/// decided from, its `iat` and its `jti` ([`certificate_claims`]); while
+/// the facts and the signer are the same, the claims rebuilt from them are
+/// the bytes that were signed, and the stored signature completes the
+/// same certificate (a test holds every field to it).
 struct Issued {
-    key: Box<str>,
-    fingerprint: Box<str>,
-    decided_from: DecidedFrom,
-    iat: i64,
-    exp: i64,
-    jws: Arc<str>,
-}
-
-/// Everything a certificate says besides its times, and the key that
-/// signed it: while these are the same, a recent certificate is still right.
-#[derive(Debug, Clone)]
-struct DecidedFrom {
+    /// The license key (normalized) followed by the fingerprint.
+    who: Box<str>,
+    /// Where the fingerprint starts in `who`.
+    key_len: u32,
     standing: crate::domain::Standing,
     edition: crate::domain::Edition,
     seats: u32,
-    latest_version: Option<crate::domain::Version>,
+    /// The product's latest version as written (two versions can compare
+    /// equal and be written differently: "1.0" and "1.0.0").
+    latest_version: Option<Box<str>>,
     offline_lease_days: u32,
+    /// The signer's generation.
     signer: u64,
+    iat: i64,
+    exp: i64,
+    jti: u128,
+    signature: [u8; 64],
 }
 
-impl DecidedFrom {
-    fn of(facts: &CertificateFacts<'_>, signer: u64) -> Self {
-        DecidedFrom {
-            standing: facts.standing,
-            edition: facts.edition,
-            seats: facts.seats,
-            latest_version: facts.latest_version.cloned(),
-            offline_lease_days: facts.offline_lease_days,
-            signer,
-        }
-    }
-
-    /// Whether `facts` and `signer` are what this was decided from (without
-    /// building a new one: this runs on every Validate that gets one).
-    fn is(&self, facts: &CertificateFacts<'_>, signer: u64) -> bool {
-        self.standing == facts.standing
+impl Issued {
+    /// Whether this was decided from `facts` (the key `key`, normalized)
+    /// and `signer`, exactly: then the claims it rebuilds are the ones
+    /// signed. Without building anything: this runs on every Validate that
+    /// gets a certificate.
+    fn is_for(&self, key: &str, facts: &CertificateFacts<'_>, signer: u64) -> bool {
+        let (k, fingerprint) = self.who.split_at(self.key_len as usize);
+        k == key
+            && fingerprint == facts.fingerprint
+            && self.standing == facts.standing
             && self.edition == facts.edition
             && self.seats == facts.seats
-            && self.latest_version.as_ref() == facts.latest_version
+            && self.latest_version.as_deref() == facts.latest_version.map(|v| v.as_str())
             && self.offline_lease_days == facts.offline_lease_days
             && self.signer == signer
     }
+}
+
+/// A certificate's `jti`: 128 random bits, in hex.
+fn jti_text(jti: u128) -> String {
+    hex::encode(jti.to_be_bytes())
+}
+
+/// What a JWS signs: `header "." base64url(claims)`.
+fn signing_input(header: &str, claims: &CertificateClaims) -> String {
+    let payload = serde_json::to_vec(claims).expect("claims serialize");
+    let mut jws = String::with_capacity(header.len() + payload.len() * 4 / 3 + 90);
+    jws.push_str(header);
+    jws.push('.');
+    B64.encode_string(&payload, &mut jws);
+    jws
+}
+
+/// The compact JWS: the signing input, "." and the signature.
+fn with_signature(mut input: String, signature: &[u8]) -> String {
+    input.push('.');
+    B64.encode_string(signature, &mut input);
+    input
 }
 
 /// The key that signs: its id, the key, and the encoded JWS header.
@@ -354,13 +375,11 @@ impl KeyRing {
     /// none or no key can sign. The one handed to the same workstation last
     /// is handed out again while it is less than [`reuse_for`] old and
     /// nothing it was decided from has changed.
-    pub fn certificate(
-        &self,
-        facts: &CertificateFacts<'_>,
-        now: DateTime<Utc>,
-    ) -> Option<Arc<str>> {
-        let (iat, exp) = certificate_lifetime(facts, now)?;
-        let generation = self.read().generation;
+    pub fn certificate(&self, facts: &CertificateFacts<'_>, now: DateTime<Utc>) -> Option<String> {
+        let (iat, _) = certificate_lifetime(facts, now)?;
+        let keys = self.read();
+        let (_, pair, header) = keys.signer.as_ref()?;
+        let generation = keys.generation;
         let key = facts.key.normalized();
         let slot = {
             use std::hash::{Hash, Hasher};
@@ -370,22 +389,26 @@ impl KeyRing {
         };
         let shard = &self.issued[slot as usize % SHARDS];
         let reuse = reuse_for(facts.offline_lease_days).as_secs() as i64;
-        {
+        let held = {
             let issued = shard.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(i) = issued.get(&slot)
-                && *i.key == *key
-                && *i.fingerprint == *facts.fingerprint
-                && i.decided_from.is(facts, generation)
-                && (0..reuse).contains(&(iat - i.iat))
-                && i.exp > iat
-            {
-                return Some(i.jws.clone());
+            issued
+                .get(&slot)
+                .filter(|i| i.is_for(key, facts, generation))
+                .filter(|i| (0..reuse).contains(&(iat - i.iat)) && i.exp > iat)
+                .map(|i| (i.iat, i.exp, i.jti, i.signature))
+        };
+        if let Some((then, exp, jti, signature)) = held {
+            let then = DateTime::from_timestamp(then, 0)?;
+            let claims = certificate_claims(facts, &self.issuer, jti_text(jti), then)?;
+            if claims.exp == exp {
+                return Some(with_signature(signing_input(header, &claims), &signature));
             }
         }
-        let jti = format!("{:032x}", rand::random::<u128>());
-        let claims = certificate_claims(facts, &self.issuer, jti, now)?;
-        debug_assert_eq!((claims.iat, claims.exp), (iat, exp));
-        let jws: Arc<str> = self.sign(&claims)?.into();
+        let jti = rand::random::<u128>();
+        let claims = certificate_claims(facts, &self.issuer, jti_text(jti), now)?;
+        let input = signing_input(header, &claims);
+        let signature: [u8; 64] = pair.sign(input.as_bytes()).as_ref().try_into().ok()?;
+        drop(keys);
         let mut issued = shard.lock().unwrap_or_else(|e| e.into_inner());
         if issued.len() >= REUSE_MAX / SHARDS {
             issued.clear();
@@ -393,30 +416,21 @@ impl KeyRing {
         issued.insert(
             slot,
             Issued {
-                key: key.into(),
-                fingerprint: facts.fingerprint.into(),
-                decided_from: DecidedFrom::of(facts, generation),
-                iat,
-                exp,
-                jws: jws.clone(),
+                who: format!("{key}{}", facts.fingerprint).into(),
+                key_len: key.len() as u32,
+                standing: facts.standing,
+                edition: facts.edition,
+                seats: facts.seats,
+                latest_version: facts.latest_version.map(|v| v.as_str().into()),
+                offline_lease_days: facts.offline_lease_days,
+                signer: generation,
+                iat: claims.iat,
+                exp: claims.exp,
+                jti,
+                signature,
             },
         );
-        Some(jws)
-    }
-
-    /// `claims` signed as a compact JWS, or `None` if no key can sign.
-    pub fn sign(&self, claims: &CertificateClaims) -> Option<String> {
-        let payload = serde_json::to_vec(claims).expect("claims serialize");
-        let keys = self.read();
-        let (_, key, header) = keys.signer.as_ref()?;
-        let mut jws = String::with_capacity(header.len() + payload.len() * 4 / 3 + 100);
-        jws.push_str(header);
-        jws.push('.');
-        B64.encode_string(&payload, &mut jws);
-        let signature = key.sign(jws.as_bytes());
-        jws.push('.');
-        B64.encode_string(signature.as_ref(), &mut jws);
-        Some(jws)
+        Some(with_signature(input, &signature))
     }
 }
 
@@ -525,63 +539,4 @@ pub fn inspect(jws: &str, jwks: Option<&str>) -> Result<Inspection, String> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_thumbprint_is_rfc_7638s() {
-        // RFC 8037, appendix A.3: the thumbprint of the example key.
-        let x = B64
-            .decode("11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo")
-            .unwrap();
-        assert_eq!(
-            thumbprint(&x.try_into().unwrap()),
-            "kPrK_qmxVWaYVA9wwBF6Iuo3vVzz7TxHCTwXBygrS4k"
-        );
-    }
-
-    /// The signing (aws-lc-rs) signs as RFC 8032 says and as the key
-    /// handling's library (dalek) does, and dalek verifies it.
-    #[test]
-    fn the_signer_signs_as_rfc_8032_and_dalek_do() {
-        use ed25519_dalek::{Signer as _, Verifier as _};
-        let hex = |s: &str| hex::decode(s).unwrap();
-        // RFC 8032, section 7.1, TEST 1 (the empty message).
-        let secret = hex("9d61b19deffd5a60ba844af492ec2cc44449c5697b326919703bac031cae7f60");
-        let key = SigningKey::from_bytes(&secret.try_into().unwrap());
-        assert_eq!(
-            key.verifying_key().to_bytes().to_vec(),
-            hex("d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a")
-        );
-        let pair = signing_pair(&key);
-        assert_eq!(
-            pair.sign(b"").as_ref(),
-            hex(
-                "e5564300c360ac729086e2cc806e828a84877f1eb8e5d974d873e065224901555fb8821590a33bacc61e39701cf9b46bd25bf5f0595bbe24655141438e7a100b"
-            )
-        );
-        for _ in 0..4 {
-            let key = SigningKey::from_pkcs8_der(&new_key(Utc::now()).private_der).unwrap();
-            let message = format!("{}.{}", header("k"), rand::random::<u128>());
-            let ours = pair_signature(&signing_pair(&key), message.as_bytes());
-            assert_eq!(ours, key.sign(message.as_bytes()));
-            key.verifying_key()
-                .verify(message.as_bytes(), &ours)
-                .unwrap();
-        }
-    }
-
-    fn pair_signature(pair: &Ed25519KeyPair, message: &[u8]) -> ed25519_dalek::Signature {
-        ed25519_dalek::Signature::from_slice(pair.sign(message).as_ref()).unwrap()
-    }
-
-    #[test]
-    fn a_stored_key_round_trips_and_its_private_part_is_never_printed() {
-        let k = new_key(Utc::now());
-        let back = SigningKey::from_pkcs8_der(&k.private_der).unwrap();
-        assert_eq!(back.verifying_key().to_bytes().to_vec(), k.public_key);
-        let shown = format!("{k:?}");
-        assert!(shown.contains(&k.kid));
-        assert!(!shown.contains("private"), "{shown}");
-    }
-}
+mod tests;

@@ -256,18 +256,30 @@ impl LicenseKey {
 }
 
 impl fmt::Display for LicenseKey {
-    /// `PRODUCT[-MARKER]-XXXXX-XXXXX-XXXXX-XXXXX-XXXXX`.
+    /// `PRODUCT[-MARKER]-XXXXX-XXXXX-XXXXX-XXXXX-XXXXX`, in one write (every
+    /// certificate's `sub` is this).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let s = &self.normalized;
-        f.write_str(&s[..self.product_len])?;
+        let s = self.normalized.as_bytes();
         let body_start = s.len() - KEY_BODY_LEN;
+        // At most 8 + 3 + 25 characters and 6 dashes (see `parse`).
+        let mut out = [0u8; 48];
+        let mut n = 0;
+        let mut put = |part: &[u8], dash: bool| {
+            if dash {
+                out[n] = b'-';
+                n += 1;
+            }
+            out[n..n + part.len()].copy_from_slice(part);
+            n += part.len();
+        };
+        put(&s[..self.product_len], false);
         if body_start > self.product_len {
-            write!(f, "-{}", &s[self.product_len..body_start])?;
+            put(&s[self.product_len..body_start], true);
         }
-        for g in group(&s[body_start..], 5) {
-            write!(f, "-{g}")?;
+        for g in s[body_start..].chunks(5) {
+            put(g, true);
         }
-        Ok(())
+        f.write_str(std::str::from_utf8(&out[..n]).expect("ASCII"))
     }
 }
 

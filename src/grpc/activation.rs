@@ -49,11 +49,7 @@ impl ActivationApi {
         {
             return String::new();
         }
-        self.ctx
-            .keys
-            .certificate(&facts, now)
-            .map(|c| c.to_string())
-            .unwrap_or_default()
+        self.ctx.keys.certificate(&facts, now).unwrap_or_default()
     }
 
     /// The certificate after a write that bound or renewed `fingerprint`,
