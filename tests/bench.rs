@@ -34,6 +34,10 @@ fn bench(extra: &[&str]) -> serde_json::Value {
     assert!(out.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
     assert!(stdout.contains("Validate / ceiling:"), "{stdout}");
     assert!(stdout.contains("server CPU per write ("), "{stdout}");
+    assert!(
+        stdout.contains("by thread, µs per write (user + kernel): activate Tokio "),
+        "{stdout}"
+    );
     serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap()
 }
 
@@ -107,6 +111,18 @@ fn bench_on_sqlite_runs_every_workload_with_only_ok_answers_and_exact_seat_count
     let report = bench(&[]);
     assert_eq!(report["backend"], "sqlite");
     assert_clean(&report);
+    // Each write workload's CPU is told apart by thread: Tokio's, and the
+    // SQLite writer's (found by its thread's name).
+    let spent = |t: &serde_json::Value| t["user"].as_f64().unwrap() + t["kernel"].as_f64().unwrap();
+    for w in report["workloads"].as_array().unwrap() {
+        if ["activate", "redeem", "issue"].contains(&w["workload"].as_str().unwrap()) {
+            let t = &w["server_threads"];
+            assert!(
+                spent(&t["tokio"]) > 0.0 && spent(&t["writer"]) > 0.0,
+                "{w:#}"
+            );
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

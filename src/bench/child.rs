@@ -208,37 +208,121 @@ pub async fn wait_serving(addr: &str, within: Duration) -> Result<(), BenchError
 pub struct ProcSample {
     /// User + system CPU seconds since it started.
     pub cpu_seconds: f64,
+    /// The CPU seconds of its live threads, by what they do.
+    pub threads: ThreadCpu,
     /// Peak resident set (VmHWM), MiB.
     pub peak_rss_mib: f64,
     /// Resident set (VmRSS), MiB.
     pub rss_mib: f64,
 }
 
+/// CPU seconds in user space and in the kernel.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct UserKernel {
+    /// In user space.
+    pub user: f64,
+    /// In the kernel (system calls, page faults, the I/O they start).
+    pub kernel: f64,
+}
+
+impl UserKernel {
+    fn minus(self, earlier: UserKernel) -> UserKernel {
+        UserKernel {
+            user: (self.user - earlier.user).max(0.0),
+            kernel: (self.kernel - earlier.kernel).max(0.0),
+        }
+    }
+}
+
+/// A server's CPU by thread, told apart by the threads' names: where a
+/// write's time goes, and which of it is the kernel's (on SQLite the
+/// writer's and the checkpointer's kernel time is mostly the disk's
+/// writes and syncs, the part that moves most from one day to the next).
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct ThreadCpu {
+    /// Tokio's threads: the gRPC calls, and blocking tasks (the validation
+    /// cache's reads of changed licenses).
+    pub tokio: UserKernel,
+    /// The SQLite writer's thread (`sqlite-writer`).
+    pub writer: UserKernel,
+    /// The SQLite checkpointer's thread (`sqlite-checkpt`).
+    pub checkpointer: UserKernel,
+}
+
+impl ThreadCpu {
+    /// What was spent between `earlier` and this (threads that ended
+    /// meanwhile are not counted).
+    pub fn minus(self, earlier: ThreadCpu) -> ThreadCpu {
+        ThreadCpu {
+            tokio: self.tokio.minus(earlier.tokio),
+            writer: self.writer.minus(earlier.writer),
+            checkpointer: self.checkpointer.minus(earlier.checkpointer),
+        }
+    }
+
+    /// Reads `/proc/<pid>/task/*/stat`.
+    fn of(pid: u32) -> ThreadCpu {
+        let mut out = ThreadCpu::default();
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            return out;
+        };
+        for task in tasks.flatten() {
+            let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+            let Some(group) = out.group(thread_name(&stat)) else {
+                continue;
+            };
+            let (user, kernel) = cpu_ticks(&stat);
+            group.user += user as f64 / CLOCK_TICKS_PER_SEC;
+            group.kernel += kernel as f64 / CLOCK_TICKS_PER_SEC;
+        }
+        out
+    }
+
+    fn group(&mut self, name: &str) -> Option<&mut UserKernel> {
+        match name {
+            "sqlite-writer" => Some(&mut self.writer),
+            "sqlite-checkpt" => Some(&mut self.checkpointer),
+            n if n.starts_with("tokio") => Some(&mut self.tokio),
+            _ => None,
+        }
+    }
+}
+
 impl ProcSample {
-    /// Reads `/proc/<pid>/stat` and `/proc/<pid>/status` (zeros where they
-    /// cannot be read, e.g. not on Linux).
+    /// Reads `/proc/<pid>/stat`, `/proc/<pid>/status` and the threads'
+    /// `stat` (zeros where they cannot be read, e.g. not on Linux).
     pub fn of(pid: u32) -> ProcSample {
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let (user, kernel) = cpu_ticks(&stat);
         ProcSample {
-            cpu_seconds: cpu_ticks(&stat) as f64 / CLOCK_TICKS_PER_SEC,
+            cpu_seconds: (user + kernel) as f64 / CLOCK_TICKS_PER_SEC,
+            threads: ThreadCpu::of(pid),
             peak_rss_mib: status_kib(&status, "VmHWM:") as f64 / 1024.0,
             rss_mib: status_kib(&status, "VmRSS:") as f64 / 1024.0,
         }
     }
 }
 
-/// utime + stime (fields 14 and 15) of a `/proc/<pid>/stat` line. The
+/// The command name (field 2, in parentheses) of a `/proc/.../stat` line.
+fn thread_name(stat: &str) -> &str {
+    match (stat.find('('), stat.rfind(')')) {
+        (Some(a), Some(b)) if a < b => &stat[a + 1..b],
+        _ => "",
+    }
+}
+
+/// (utime, stime), fields 14 and 15 of a `/proc/<pid>/stat` line. The
 /// command name (field 2) may hold spaces, so fields are counted after its
 /// closing parenthesis.
-fn cpu_ticks(stat: &str) -> u64 {
+fn cpu_ticks(stat: &str) -> (u64, u64) {
     let Some((_, rest)) = stat.rsplit_once(')') else {
-        return 0;
+        return (0, 0);
     };
     let fields: Vec<&str> = rest.split_whitespace().collect();
     // `rest` starts at field 3 (state): utime is field 14, stime field 15.
     let field = |n: usize| fields.get(n - 3).and_then(|f| f.parse::<u64>().ok());
-    field(14).unwrap_or(0) + field(15).unwrap_or(0)
+    (field(14).unwrap_or(0), field(15).unwrap_or(0))
 }
 
 /// A `Name:   1234 kB` value of `/proc/<pid>/status`, in KiB.
@@ -283,7 +367,8 @@ mod tests {
     #[test]
     fn cpu_ticks_are_read_after_the_command_name() {
         let stat = "4242 (licensd (x) y) S 1 4242 4242 0 -1 4194560 1207 0 0 0 150 25 0 0 20 0 6 0";
-        assert_eq!(cpu_ticks(stat), 175);
+        assert_eq!(cpu_ticks(stat), (150, 25));
+        assert_eq!(thread_name(stat), "licensd (x) y");
     }
 
     #[test]
@@ -305,6 +390,28 @@ mod tests {
         assert_eq!(serving_addr(older), serving("127.0.0.1:4000", "unknown"));
         assert_eq!(serving_addr(r#"{"message":"other"}"#), None);
         assert_eq!(serving_addr("not json"), None);
+    }
+
+    #[test]
+    fn threads_are_grouped_by_name() {
+        let line = "4242 (sqlite-checkpt) S 1 2 3 4 5 6 7 8 9 10 1234 56 0 0 20 0 1";
+        assert_eq!(thread_name(line), "sqlite-checkpt");
+        assert_eq!(cpu_ticks(line), (1234, 56));
+        let mut cpu = ThreadCpu::default();
+        for name in [
+            "sqlite-writer",
+            "sqlite-checkpt",
+            "tokio-rt-worker",
+            "other",
+        ] {
+            if let Some(g) = cpu.group(name) {
+                g.user += 1.0;
+            }
+        }
+        assert_eq!(
+            (cpu.tokio.user, cpu.writer.user, cpu.checkpointer.user),
+            (1.0, 1.0, 1.0)
+        );
     }
 
     #[test]

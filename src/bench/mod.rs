@@ -496,7 +496,7 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
         let (before, own_before) = (sample(&server), own_sample());
         let wall = load::run_phase(kind, &shared, &channels, pool, duration, &rec).await;
         let (after, own_after) = (sample(&server), own_sample());
-        reports.push(workload_report(
+        let mut report = workload_report(
             w.name(),
             "licensd",
             &rec,
@@ -504,7 +504,9 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
             before.map(|b| cpu_between(Some(b), after)),
             cpu_between(own_before, own_after),
             after,
-        ));
+        );
+        report.server_threads = before.zip(after).map(|(b, a)| a.threads.minus(b.threads));
+        reports.push(report);
     }
 
     // 4. Stop, audit, report.
@@ -627,6 +629,7 @@ fn workload_report(
         bench_cpu_seconds: bench_cpu,
         server_peak_rss_mib: after.map(|a| a.peak_rss_mib),
         server_rss_mib: after.map(|a| a.rss_mib),
+        server_threads: None,
     }
 }
 

@@ -4,6 +4,7 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
+use super::child::ThreadCpu;
 use super::event_lag::EventsReport;
 use super::lag::LagReport;
 use super::record::RpcReport;
@@ -30,6 +31,8 @@ pub struct WorkloadReport {
     pub server_peak_rss_mib: Option<f64>,
     /// The server's resident set (VmRSS) at the end of the workload, MiB.
     pub server_rss_mib: Option<f64>,
+    /// The server's CPU by thread during a write workload.
+    pub server_threads: Option<ThreadCpu>,
 }
 
 impl WorkloadReport {
@@ -145,25 +148,63 @@ fn opt(v: Option<f64>, digits: usize) -> String {
 impl Report {
     /// The server's CPU per write of each write workload (every call of
     /// `activate`, `redeem` and `issue` is one write transaction), with the
-    /// durability it was measured at.
+    /// durability it was measured at, and where it went by thread.
     fn cpu_per_write(&self) -> Option<String> {
-        let figures: Vec<String> = self
+        let writes: Vec<&WorkloadReport> = self
             .workloads
             .iter()
             .filter(|w| ["activate", "redeem", "issue"].contains(&w.workload.as_str()))
+            .collect();
+        let per_call =
+            |w: &WorkloadReport, seconds: f64| seconds * 1e6 / (w.total_calls().max(1) as f64);
+        let figures: Vec<String> = writes
+            .iter()
             .filter_map(|w| {
-                let per = w.server_cpu_seconds? * 1e6 / (w.total_calls().max(1) as f64);
-                Some(format!("{} {per:.0} µs", w.workload))
+                Some(format!(
+                    "{} {:.0} µs",
+                    w.workload,
+                    per_call(w, w.server_cpu_seconds?)
+                ))
             })
             .collect();
         if figures.is_empty() {
             return None;
         }
-        Some(format!(
+        let mut out = format!(
             "server CPU per write ({}): {}",
             self.durability.as_deref().unwrap_or("-"),
             figures.join(", ")
-        ))
+        );
+        let split: Vec<String> = writes
+            .iter()
+            .filter_map(|w| {
+                let t = w.server_threads?;
+                let parts: Vec<String> = [
+                    ("Tokio", t.tokio),
+                    ("writer", t.writer),
+                    ("checkpointer", t.checkpointer),
+                ]
+                .into_iter()
+                .filter(|(_, c)| c.user + c.kernel > 0.0)
+                .map(|(name, c)| {
+                    format!(
+                        "{name} {:.0} + {:.0}",
+                        per_call(w, c.user),
+                        per_call(w, c.kernel)
+                    )
+                })
+                .collect();
+                (!parts.is_empty()).then(|| format!("{} {}", w.workload, parts.join(", ")))
+            })
+            .collect();
+        if !split.is_empty() {
+            let _ = write!(
+                out,
+                "\n  by thread, µs per write (user + kernel): {}",
+                split.join("; ")
+            );
+        }
+        Some(out)
     }
 
     /// The human-readable report.
