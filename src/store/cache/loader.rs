@@ -5,8 +5,9 @@
 use super::validation_cache::{LicenseRow, Poll, ProductPolicy, ValidationCache};
 use crate::domain::{Edition, LicenseKind, LicenseStatus};
 use crate::store::rows::{
-    Columns, Dialect, LAST_EVENT_SQL, LOAD_SQL, PRODUCTS_SQL, cache_col, cache_select,
-    cache_select_few_pg, enum_of, latest_version, policy_col,
+    Columns, Dialect, LAST_EVENT_SQL, LOAD_SQL, PRODUCTS_SQL, SQLITE_LICENSES_BY_IDS,
+    SQLITE_LICENSES_BY_KEYS, cache_col, cache_select, cache_select_few_pg, enum_of, latest_version,
+    policy_col,
 };
 use crate::store::sqlite::fast::{FastReader, Snapshot};
 use crate::store::{StoreError, StoreResult};
@@ -19,7 +20,7 @@ pub(super) const BATCH: usize = 500;
 
 /// What one SQLite poll read: the licenses to apply, every product's
 /// policy, and the newest event id seen.
-pub(super) struct SqlitePoll {
+pub(in crate::store) struct SqlitePoll {
     pub rows: Vec<LicenseRow>,
     pub products: Vec<ProductPolicy>,
     pub last_id: i64,
@@ -30,7 +31,7 @@ pub(super) struct SqlitePoll {
 /// then those of the `pending` keys not read already (a local write marks
 /// its key and records an event: each license is read once), then every
 /// product.
-pub(super) fn poll_sqlite(
+pub(in crate::store) fn poll_sqlite(
     fast: &FastReader,
     last_id: i64,
     pending: &[String],
@@ -50,11 +51,11 @@ pub(super) fn poll_sqlite(
         let mut rows = Vec::new();
         let ids: Vec<i64> = ids.into_iter().collect();
         for chunk in ids.chunks(BATCH) {
-            read_licenses(snapshot, "l.id", chunk, &mut rows)?;
+            read_licenses(snapshot, SQLITE_LICENSES_BY_IDS, chunk, &mut rows)?;
         }
         let mut more = Vec::new();
         for chunk in not_read(pending, &rows).chunks(BATCH) {
-            read_licenses(snapshot, "l.license_key", chunk, &mut more)?;
+            read_licenses(snapshot, SQLITE_LICENSES_BY_KEYS, chunk, &mut more)?;
         }
         rows.extend(more);
         let mut products = Vec::new();
@@ -128,16 +129,19 @@ pub(super) fn licenses_in(column: &str, n: usize, dialect: Dialect) -> String {
     )
 }
 
-/// Appends to `rows` the licenses whose `column` is one of `values`.
+/// Appends to `rows` the licenses `sql` ([`SQLITE_LICENSES_BY_IDS`] or
+/// [`SQLITE_LICENSES_BY_KEYS`]) selects for `values`, bound as one JSON
+/// array.
 fn read_licenses(
     snapshot: &Snapshot,
-    column: &str,
-    values: &[impl rusqlite::ToSql],
+    sql: &str,
+    values: &[impl serde::Serialize],
     rows: &mut Vec<LicenseRow>,
 ) -> StoreResult<()> {
-    let sql = licenses_in(column, values.len(), Dialect::Sqlite);
+    let values =
+        serde_json::to_string(values).map_err(|e| StoreError::Internal(format!("poll: {e}")))?;
     let mut group = Grouper::default();
-    snapshot.for_each_with(&sql, rusqlite::params_from_iter(values), |row| {
+    snapshot.for_each_with(sql, [values], |row| {
         rows.extend(group.push(row)?);
         Ok(())
     })?;

@@ -4,7 +4,7 @@
 //! mark what they changed ([`validation_cache::ValidationCache::mark_changed`]).
 
 mod feed;
-mod loader;
+pub(in crate::store) mod loader;
 pub mod validation_cache;
 
 pub(super) use feed::Feed;

@@ -78,6 +78,21 @@ pub(in crate::store) mod cache_col {
 /// The full load: every license with its activations, grouped by license.
 pub(in crate::store) const LOAD_SQL: &str = concat!(cache_select!(), "ORDER BY l.id");
 
+/// SQLite's poll: the licenses whose id is in the JSON array `?1`. One
+/// statement whatever their number, so each connection prepares it once
+/// (an `IN (?1, …, ?n)` list is a new statement for every `n`); the plan is
+/// the list's (a rowid lookup per id).
+pub(in crate::store) const SQLITE_LICENSES_BY_IDS: &str = concat!(
+    cache_select!(),
+    "WHERE l.id IN (SELECT value FROM json_each(?1)) ORDER BY l.id"
+);
+
+/// [`SQLITE_LICENSES_BY_IDS`] for license keys (normalized).
+pub(in crate::store) const SQLITE_LICENSES_BY_KEYS: &str = concat!(
+    cache_select!(),
+    "WHERE l.license_key IN (SELECT value FROM json_each(?1)) ORDER BY l.id"
+);
+
 /// Every product's policy.
 pub(in crate::store) const PRODUCTS_SQL: &str =
     "SELECT code, grace_period_months, latest_version, offline_lease_days FROM products";

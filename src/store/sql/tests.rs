@@ -207,6 +207,75 @@ fn issue_cmd(request_id: &str) -> IssueLicense {
     }
 }
 
+/// SQLite's poll reads the licenses its events name (by id) and the keys
+/// marked pending (by key), each with all its fingerprints, through one
+/// statement each whatever their number.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_polls_read_the_licenses_named_by_events_and_by_pending_keys() {
+    use crate::store::cache::loader::poll_sqlite;
+    use crate::store::sqlite::fast::FastReader;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("poll.db");
+    let store = crate::store::DatabaseUrl::Sqlite(path.clone())
+        .open(PostgresOptions::default())
+        .await
+        .unwrap();
+    let product = Product::new(acme(), ProductSpec::default()).unwrap();
+    store.create_product(&product, at()).await.unwrap();
+    let mut keys = Vec::new();
+    for i in 0..3 {
+        let license = store
+            .issue_license(&issue_cmd(&format!("r{i}")), &actor(), at())
+            .await
+            .unwrap();
+        keys.push(license.key.normalized().to_string());
+        if i == 1 {
+            for fp in ["ws-b", "ws-a"] {
+                store
+                    .activate(&license.key, fp, "host", "", &actor(), at())
+                    .await
+                    .unwrap();
+            }
+        }
+    }
+    let fast = FastReader::open(&path, 0).unwrap();
+    let read = |last_id: i64, pending: Vec<String>| {
+        let poll = poll_sqlite(&fast, last_id, &pending).unwrap();
+        let mut got: Vec<(String, Vec<String>)> = poll
+            .rows
+            .into_iter()
+            .map(|r| (r.key, r.fingerprints))
+            .collect();
+        got.sort();
+        (got, poll.last_id)
+    };
+    let mut all: Vec<(String, Vec<String>)> = keys.iter().map(|k| (k.clone(), vec![])).collect();
+    all[1].1 = vec!["ws-a".into(), "ws-b".into()];
+    all.sort();
+    // Every event is new: every license, by id; a pending key already read
+    // is not read again.
+    let (got, last) = read(0, vec![keys[0].clone()]);
+    assert_eq!(got, all);
+    assert!(last >= 5, "three issues and two activations: {last}");
+    // No new event: only the pending keys (one not in the database).
+    let (got, again) = read(last, vec![keys[1].clone(), "ACMENOSUCHKEY".into()]);
+    assert_eq!(
+        got,
+        vec![all.iter().find(|(k, _)| *k == keys[1]).unwrap().clone()]
+    );
+    assert_eq!(again, last);
+    assert_eq!(read(last, vec![]).0, vec![]);
+    // One new event: its license only.
+    let first = LicenseKey::parse(&keys[0]).unwrap();
+    store
+        .activate(&first, "ws-c", "host", "", &actor(), at())
+        .await
+        .unwrap();
+    let (got, _) = read(last, vec![]);
+    assert_eq!(got, vec![(keys[0].clone(), vec!["ws-c".to_string()])]);
+    store.close().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_postgres_write_sends_its_known_number_of_statements() {
     let Some(admin) = std::env::var("LICENSD_TEST_POSTGRES_URL")

@@ -77,7 +77,7 @@ impl FastReader {
 
     fn connect(&self) -> StoreResult<Connection> {
         let conn = self.open_read_only()?;
-        conn.set_prepared_statement_cache_capacity(8);
+        conn.set_prepared_statement_cache_capacity(16);
         if self.mmap_bytes > 0 {
             // Pages are read from the mapping instead of copied by a system
             // call each: cheaper per lookup, but every page touched counts in
@@ -210,7 +210,10 @@ impl Snapshot {
         params: impl rusqlite::Params,
         mut each: impl FnMut(&FastRow<'_>) -> StoreResult<()>,
     ) -> StoreResult<()> {
-        let mut stmt = self.0.prepare(sql).map_err(unavailable_or_internal)?;
+        let mut stmt = self
+            .0
+            .prepare_cached(sql)
+            .map_err(unavailable_or_internal)?;
         let mut rows = stmt.query(params).map_err(unavailable_or_internal)?;
         while let Some(r) = rows.next().map_err(unavailable_or_internal)? {
             each(&FastRow(r))?;
