@@ -243,9 +243,10 @@ pub struct ThreadCpu {
     /// Tokio's threads: the gRPC calls, and blocking tasks (the validation
     /// cache's reads of changed licenses).
     pub tokio: UserKernel,
-    /// The SQLite writer's thread (`sqlite-writer`).
+    /// The SQLite writer's thread ([`crate::store::sqlite::WRITER_THREAD`]).
     pub writer: UserKernel,
-    /// The SQLite checkpointer's thread (`sqlite-checkpt`).
+    /// The SQLite checkpointer's thread
+    /// ([`crate::store::sqlite::CHECKPOINT_THREAD`]).
     pub checkpointer: UserKernel,
 }
 
@@ -279,9 +280,10 @@ impl ThreadCpu {
     }
 
     fn group(&mut self, name: &str) -> Option<&mut UserKernel> {
+        use crate::store::sqlite::{CHECKPOINT_THREAD, WRITER_THREAD};
         match name {
-            "sqlite-writer" => Some(&mut self.writer),
-            "sqlite-checkpt" => Some(&mut self.checkpointer),
+            WRITER_THREAD => Some(&mut self.writer),
+            CHECKPOINT_THREAD => Some(&mut self.checkpointer),
             n if n.starts_with("tokio") => Some(&mut self.tokio),
             _ => None,
         }

@@ -120,7 +120,7 @@ impl Checkpointer {
         let conn = open_native(path, busy_timeout, &pragmas, false)?;
         let (signals, received) = mpsc::sync_channel(1);
         let thread = std::thread::Builder::new()
-            .name("sqlite-checkpt".into())
+            .name(super::CHECKPOINT_THREAD.into())
             .spawn(move || run(conn, received))
             .map_err(|e| StoreError::Internal(format!("starting the SQLite checkpointer: {e}")))?;
         let doorbell = Doorbell(signals.clone());

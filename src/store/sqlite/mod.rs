@@ -53,6 +53,13 @@ pub struct SqliteOptions {
 /// cheaper way to read.
 pub const DEFAULT_WRITER_MMAP_MIB: u64 = 0;
 
+/// The names of the writer's and the checkpointer's threads: at most 15
+/// bytes, the kernel's limit, so that `top`, `perf` and `licensd bench`
+/// (which splits CPU by thread) tell them apart.
+pub const WRITER_THREAD: &str = "sqlite-writer";
+/// See [`WRITER_THREAD`].
+pub const CHECKPOINT_THREAD: &str = "sqlite-checkpt";
+
 impl Default for SqliteOptions {
     fn default() -> Self {
         SqliteOptions {

@@ -107,7 +107,7 @@ impl GroupWriter {
         };
         let (checkpointer, doorbell) = Checkpointer::start(path, busy_timeout, synchronous)?;
         std::thread::Builder::new()
-            .name("sqlite-writer".into())
+            .name(super::WRITER_THREAD.into())
             .spawn({
                 let busy = busy.clone();
                 move || serve(writer, jobs, &busy, &doorbell)
