@@ -169,8 +169,8 @@ struct Issued {
     offline_lease_days: u32,
     /// The signer's generation.
     signer: u64,
+    /// Issued at: with the facts, it gives the certificate's `exp` again.
     iat: i64,
-    exp: i64,
     jti: u128,
     signature: [u8; 64],
 }
@@ -394,15 +394,17 @@ impl KeyRing {
             issued
                 .get(&slot)
                 .filter(|i| i.is_for(key, facts, generation))
-                .filter(|i| (0..reuse).contains(&(iat - i.iat)) && i.exp > iat)
-                .map(|i| (i.iat, i.exp, i.jti, i.signature))
+                .filter(|i| (0..reuse).contains(&(iat - i.iat)))
+                .map(|i| (i.iat, i.jti, i.signature))
         };
-        if let Some((then, exp, jti, signature)) = held {
-            let then = DateTime::from_timestamp(then, 0)?;
-            let claims = certificate_claims(facts, &self.issuer, jti_text(jti), then)?;
-            if claims.exp == exp {
-                return Some(with_signature(signing_input(header, &claims), &signature));
-            }
+        // The claims as signed (`exp` too: the same facts from the same
+        // whole second give the same), reused while it has not passed.
+        if let Some((then, jti, signature)) = held
+            && let Some(claims) = DateTime::from_timestamp(then, 0)
+                .and_then(|then| certificate_claims(facts, &self.issuer, jti_text(jti), then))
+            && claims.exp > iat
+        {
+            return Some(with_signature(signing_input(header, &claims), &signature));
         }
         let jti = rand::random::<u128>();
         let claims = certificate_claims(facts, &self.issuer, jti_text(jti), now)?;
@@ -425,7 +427,6 @@ impl KeyRing {
                 offline_lease_days: facts.offline_lease_days,
                 signer: generation,
                 iat: claims.iat,
-                exp: claims.exp,
                 jti,
                 signature,
             },

@@ -113,6 +113,10 @@ fn a_reused_certificate_is_byte_for_byte_the_one_signed() {
             (t0 + Duration::days(400), 30),
             // The license ends inside the lease, mid-second.
             (t0 + Duration::days(3) + Duration::milliseconds(250), 30),
+            // It ends within the second in which the lease from `t0` ends,
+            // after the lease from `t0`'s whole second: `exp` is that
+            // whole second's lease end either way.
+            (t0 + Duration::days(30) - Duration::milliseconds(200), 30),
             (t0 + Duration::days(400), 1),
         ] {
             for latest_version in &versions {
