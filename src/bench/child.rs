@@ -306,19 +306,23 @@ impl ProcSample {
     }
 }
 
-/// The command name (field 2, in parentheses) of a `/proc/.../stat` line.
-fn thread_name(stat: &str) -> &str {
-    match (stat.find('('), stat.rfind(')')) {
-        (Some(a), Some(b)) if a < b => &stat[a + 1..b],
-        _ => "",
-    }
+/// A `/proc/.../stat` line's command name (field 2, in parentheses; it
+/// may hold spaces and parentheses itself, so it ends at the last `)`) and
+/// what follows it.
+fn split_stat(stat: &str) -> Option<(&str, &str)> {
+    let (head, rest) = stat.rsplit_once(')')?;
+    let (_, name) = head.split_once('(')?;
+    Some((name, rest))
 }
 
-/// (utime, stime), fields 14 and 15 of a `/proc/<pid>/stat` line. The
-/// command name (field 2) may hold spaces, so fields are counted after its
-/// closing parenthesis.
+/// The command name of a `/proc/.../stat` line ("" if it has none).
+fn thread_name(stat: &str) -> &str {
+    split_stat(stat).map_or("", |(name, _)| name)
+}
+
+/// (utime, stime), fields 14 and 15 of a `/proc/<pid>/stat` line.
 fn cpu_ticks(stat: &str) -> (u64, u64) {
-    let Some((_, rest)) = stat.rsplit_once(')') else {
+    let Some((_, rest)) = split_stat(stat) else {
         return (0, 0);
     };
     let fields: Vec<&str> = rest.split_whitespace().collect();
