@@ -38,7 +38,51 @@ fn bench(extra: &[&str]) -> serde_json::Value {
         stdout.contains("by thread, µs per write (user + kernel): activate Tokio "),
         "{stdout}"
     );
-    serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap()
+    let report = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_writes_in_ceiling_validates(&stdout, &report);
+    report
+}
+
+/// The line giving each write's server CPU in the ceiling's Validates
+/// says what the JSON's CPU seconds and calls give.
+fn assert_writes_in_ceiling_validates(stdout: &str, report: &serde_json::Value) {
+    let per_call = |workload: &str, server: &str| {
+        let w = report["workloads"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|w| w["workload"] == workload && w["server"] == server)
+            .unwrap_or_else(|| panic!("no {workload} on {server}"));
+        let calls: u64 = w["rpcs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["calls"].as_u64().unwrap())
+            .sum();
+        w["server_cpu_seconds"].as_f64().unwrap() / calls as f64
+    };
+    let validate = per_call("validate", "ceiling");
+    let prefix = "  in the ceiling's Validates (";
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with(prefix))
+        .unwrap_or_else(|| panic!("no line {prefix:?}:\n{stdout}"));
+    let (head, figures) = line.split_once("): ").unwrap();
+    assert_eq!(
+        head,
+        format!(
+            "{prefix}{:.0} µs of its server's CPU each, this run",
+            validate * 1e6
+        )
+    );
+    let figures: Vec<&str> = figures.split(", ").collect();
+    assert_eq!(figures.len(), 3, "{line}");
+    for (figure, workload) in figures.iter().zip(["activate", "redeem", "issue"]) {
+        let (name, value) = figure.split_once(' ').unwrap();
+        assert_eq!(name, workload, "{line}");
+        let expected = per_call(workload, "licensd") / validate;
+        assert_eq!(value, format!("{expected:.1}"), "{line}");
+    }
 }
 
 /// Every workload ran with only OK answers, and the seats add up.

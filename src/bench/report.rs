@@ -204,7 +204,34 @@ impl Report {
                 split.join("; ")
             );
         }
+        if let Some(validate) = self.ceiling_cpu_per_validate() {
+            let relative: Vec<String> = writes
+                .iter()
+                .filter_map(|w| {
+                    let write = per_call(w, w.server_cpu_seconds?);
+                    Some(format!("{} {:.1}", w.workload, write / validate))
+                })
+                .collect();
+            let _ = write!(
+                out,
+                "\n  in the ceiling's Validates ({validate:.0} µs of its server's CPU each, this run): {}",
+                relative.join(", ")
+            );
+        }
         Some(out)
+    }
+
+    /// The ceiling server's CPU per Validate (µs) in this run: the cost of
+    /// a call that is only gRPC, on this machine at this hour. A write's
+    /// CPU over it is a figure that does not move with the machine's
+    /// speed, which on a shared host drifts twofold from day to day.
+    fn ceiling_cpu_per_validate(&self) -> Option<f64> {
+        let w = self
+            .workloads
+            .iter()
+            .find(|w| w.workload == "validate" && w.server == "ceiling")?;
+        let calls = w.total_calls();
+        (calls > 0).then(|| w.server_cpu_seconds.map(|s| s * 1e6 / calls as f64))?
     }
 
     /// The human-readable report.
