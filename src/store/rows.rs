@@ -429,8 +429,8 @@ pub(super) use credentials::{
 mod feeds;
 pub(super) use feeds::{
     EVENT_SELECT, LAST_EVENT_SQL, LOAD_SQL, PRODUCTS_SQL, SQLITE_LICENSES_BY_IDS,
-    SQLITE_LICENSES_BY_KEYS, cache_col, cache_columns, cache_select, cache_select_few_pg,
-    event_from_row, pg_xmin, policy_col,
+    SQLITE_LICENSES_BY_KEYS, cache_col, cache_columns, cache_select_few_pg, event_from_row,
+    pg_xmin, policy_col,
 };
 
 #[cfg(test)]

@@ -26,7 +26,7 @@ use super::loader::{
     BATCH, Grouper, Loader, licenses_in, load_sqlite, not_read, poll_sqlite, product_policy,
 };
 use super::validation_cache::{LicenseRow, Poll, ProductPolicy, ValidationCache};
-use crate::store::rows::{Dialect, LOAD_SQL, PRODUCTS_SQL, pg_xmin};
+use crate::store::rows::{LOAD_SQL, PRODUCTS_SQL, pg_xmin};
 use crate::store::sqlite::fast::FastReader;
 use crate::store::{StoreError, StoreResult};
 
@@ -45,31 +45,38 @@ enum Cursor {
     Postgres { xmin: i64, seen: HashMap<i64, i64> },
 }
 
+/// Where a feed reads the database.
+pub(in crate::store) enum Source {
+    /// SQLite: the load and every poll run on a blocking thread through
+    /// rusqlite (the load about five times faster than through sqlx for a
+    /// million rows, a poll without sqlx's hand-offs).
+    Sqlite(Arc<FastReader>),
+    /// PostgreSQL: through sqlx, on the store's readers.
+    Postgres,
+}
+
 /// The task that feeds one cache.
 pub(in crate::store) struct Feed {
     cache: Weak<ValidationCache>,
+    /// The store's readers: PostgreSQL reads through them; on both
+    /// backends, their closing ends the feed.
     readers: AnyPool,
-    dialect: Dialect,
+    source: Source,
     refresh: Duration,
-    /// SQLite: the load runs on a blocking thread through rusqlite (about
-    /// five times faster than through sqlx for a million rows).
-    fast: Option<Arc<FastReader>>,
 }
 
 impl Feed {
     pub(in crate::store) fn new(
         cache: &Arc<ValidationCache>,
         readers: AnyPool,
-        dialect: Dialect,
+        source: Source,
         refresh: Duration,
-        fast: Option<Arc<FastReader>>,
     ) -> Self {
         Feed {
             cache: Arc::downgrade(cache),
             readers,
-            dialect,
+            source,
             refresh,
-            fast,
         }
     }
 
@@ -141,8 +148,8 @@ impl Feed {
     /// The full load: every product and license, as of one snapshot taken
     /// after the returned cursor's position.
     async fn load(&self, cache: &Arc<ValidationCache>) -> StoreResult<Cursor> {
-        match (self.dialect, &self.fast) {
-            (Dialect::Sqlite, Some(fast)) => {
+        match &self.source {
+            Source::Sqlite(fast) => {
                 let (fast, cache, readers) = (fast.clone(), cache.clone(), self.readers.clone());
                 tokio::task::spawn_blocking(move || {
                     let poll = cache.begin_poll();
@@ -153,10 +160,7 @@ impl Feed {
                 .await
                 .map_err(|e| StoreError::Internal(format!("cache load: {e}")))?
             }
-            (Dialect::Sqlite, None) => Err(StoreError::Internal(
-                "the SQLite validation cache loads through the fast reader".into(),
-            )),
-            (Dialect::Postgres, _) => self.load_postgres(cache).await,
+            Source::Postgres => self.load_postgres(cache).await,
         }
     }
 
@@ -193,84 +197,78 @@ impl Feed {
     /// One poll: re-read what changed, apply it, move the cursor.
     async fn poll(&self, cache: &ValidationCache, cursor: &mut Cursor) -> StoreResult<()> {
         let poll = cache.begin_poll();
-        if let (Cursor::Sqlite { last_id }, Some(fast)) = (&*cursor, &self.fast) {
-            // One snapshot through rusqlite, on a blocking thread.
-            let (fast, last_id, pending) = (fast.clone(), *last_id, poll.pending.clone());
-            let read = tokio::task::spawn_blocking(move || poll_sqlite(&fast, last_id, &pending))
-                .await
-                .map_err(|e| StoreError::Internal(format!("poll task: {e}")))??;
-            apply_poll(cache, &poll, read.products, &read.rows);
-            *cursor = Cursor::Sqlite {
-                last_id: read.last_id,
-            };
-            return Ok(());
+        match (&self.source, &*cursor) {
+            (Source::Sqlite(fast), Cursor::Sqlite { last_id }) => {
+                // One snapshot through rusqlite, on a blocking thread.
+                let (fast, last_id, pending) = (fast.clone(), *last_id, poll.pending.clone());
+                let read =
+                    tokio::task::spawn_blocking(move || poll_sqlite(&fast, last_id, &pending))
+                        .await
+                        .map_err(|e| StoreError::Internal(format!("poll task: {e}")))??;
+                apply_poll(cache, &poll, read.products, &read.rows);
+                *cursor = Cursor::Sqlite {
+                    last_id: read.last_id,
+                };
+                Ok(())
+            }
+            (Source::Postgres, Cursor::Postgres { xmin, seen }) => {
+                let (products, rows, next) = self.read_postgres(&poll, *xmin, seen).await?;
+                apply_poll(cache, &poll, products, &rows);
+                *cursor = next;
+                Ok(())
+            }
+            _ => Err(StoreError::Internal(
+                "validation cache: a cursor of the other backend".into(),
+            )),
         }
+    }
+
+    /// PostgreSQL's poll: the licenses named by the events of transactions
+    /// from `xmin` on that it has not `seen`, and the pending keys, read
+    /// after those events (a page of events at a time: a poll after a long
+    /// outage may find many); then every product.
+    async fn read_postgres(
+        &self,
+        poll: &Poll,
+        xmin: i64,
+        seen: &HashMap<i64, i64>,
+    ) -> StoreResult<(Vec<ProductPolicy>, Vec<LicenseRow>, Cursor)> {
         let mut conn = self.readers.acquire().await?;
-        // The licenses named by new events, read a page at a time (a poll
-        // after a long outage may find many events).
         let mut licenses = std::collections::BTreeSet::new();
-        let next = match cursor {
-            Cursor::Sqlite { last_id } => {
-                let mut last = *last_id;
-                loop {
-                    let page: Vec<(i64, i64)> = sqlx::query_as(
-                        "SELECT id, license_id FROM license_events WHERE id > $1 ORDER BY id LIMIT $2",
-                    )
-                    .bind(last)
-                    .bind(EVENT_PAGE)
-                    .fetch_all(&mut *conn)
-                    .await?;
-                    last = page.last().map_or(last, |e| e.0);
-                    licenses.extend(page.iter().map(|e| e.1));
-                    if page.len() < EVENT_PAGE as usize {
-                        break;
-                    }
-                }
-                Cursor::Sqlite { last_id: last }
-            }
-            Cursor::Postgres { xmin, seen } => {
-                let now_xmin = pg_xmin(&mut conn).await?;
-                let mut seen = seen.clone();
-                let mut after = i64::MIN;
-                loop {
-                    let page: Vec<(i64, i64, i64)> = sqlx::query_as(
-                        "SELECT id, license_id, txid::text::bigint FROM license_events \
-                         WHERE txid >= $1::bigint::text::xid8 AND id > $2 ORDER BY id LIMIT $3",
-                    )
-                    .bind(*xmin)
-                    .bind(after)
-                    .bind(EVENT_PAGE)
-                    .fetch_all(&mut *conn)
-                    .await?;
-                    after = page.last().map_or(after, |e| e.0);
-                    for &(id, license, txid) in &page {
-                        if seen.insert(id, txid).is_none() {
-                            licenses.insert(license);
-                        }
-                    }
-                    if page.len() < EVENT_PAGE as usize {
-                        break;
-                    }
-                }
-                // Later polls ask from `now_xmin` on: forget what they cannot return.
-                seen.retain(|_, txid| *txid >= now_xmin);
-                Cursor::Postgres {
-                    xmin: now_xmin,
-                    seen,
+        let now_xmin = pg_xmin(&mut conn).await?;
+        let mut seen = seen.clone();
+        let mut after = i64::MIN;
+        loop {
+            let page: Vec<(i64, i64, i64)> = sqlx::query_as(
+                "SELECT id, license_id, txid::text::bigint FROM license_events \
+                 WHERE txid >= $1::bigint::text::xid8 AND id > $2 ORDER BY id LIMIT $3",
+            )
+            .bind(xmin)
+            .bind(after)
+            .bind(EVENT_PAGE)
+            .fetch_all(&mut *conn)
+            .await?;
+            after = page.last().map_or(after, |e| e.0);
+            for &(id, license, txid) in &page {
+                if seen.insert(id, txid).is_none() {
+                    licenses.insert(license);
                 }
             }
+            if page.len() < EVENT_PAGE as usize {
+                break;
+            }
+        }
+        // Later polls ask from `now_xmin` on: forget what they cannot return.
+        seen.retain(|_, txid| *txid >= now_xmin);
+        let next = Cursor::Postgres {
+            xmin: now_xmin,
+            seen,
         };
         let licenses: Vec<i64> = licenses.into_iter().collect();
         let mut rows = Vec::new();
         for ids in licenses.chunks(BATCH) {
             rows.extend(
-                read_licenses(
-                    &mut conn,
-                    self.dialect,
-                    "l.id",
-                    ids.iter().map(|id| Bind::Int(*id)),
-                )
-                .await?,
+                read_licenses(&mut conn, "l.id", ids.iter().map(|id| Bind::Int(*id))).await?,
             );
         }
         // The pending keys not read already: a local write marks its key
@@ -281,7 +279,6 @@ impl Feed {
             more.extend(
                 read_licenses(
                     &mut conn,
-                    self.dialect,
                     "l.license_key",
                     keys.iter().map(|k| Bind::Text(k)),
                 )
@@ -291,10 +288,7 @@ impl Feed {
         rows.extend(more);
         // Products after licenses: every product a license row names is in.
         let products = read_products(&mut conn).await?;
-        drop(conn);
-        apply_poll(cache, &poll, products, &rows);
-        *cursor = next;
-        Ok(())
+        Ok((products, rows, next))
     }
 }
 
@@ -318,10 +312,10 @@ enum Bind<'a> {
     Text(&'a str),
 }
 
-/// The licenses whose `column` is one of `values`, with their activations.
+/// The licenses whose `column` is one of `values`, with their activations
+/// (PostgreSQL).
 async fn read_licenses<'a>(
     conn: &mut AnyConnection,
-    dialect: Dialect,
     column: &str,
     values: impl ExactSizeIterator<Item = Bind<'a>>,
 ) -> StoreResult<Vec<LicenseRow>> {
@@ -329,7 +323,7 @@ async fn read_licenses<'a>(
     if n == 0 {
         return Ok(Vec::new());
     }
-    let sql = licenses_in(column, n, dialect);
+    let sql = licenses_in(column, n);
     let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
     for v in values {
         query = match v {

@@ -5,9 +5,8 @@
 use super::validation_cache::{LicenseRow, Poll, ProductPolicy, ValidationCache};
 use crate::domain::{Edition, LicenseKind, LicenseStatus};
 use crate::store::rows::{
-    Columns, Dialect, LAST_EVENT_SQL, LOAD_SQL, PRODUCTS_SQL, SQLITE_LICENSES_BY_IDS,
-    SQLITE_LICENSES_BY_KEYS, cache_col, cache_select, cache_select_few_pg, enum_of, latest_version,
-    policy_col,
+    Columns, LAST_EVENT_SQL, LOAD_SQL, PRODUCTS_SQL, SQLITE_LICENSES_BY_IDS,
+    SQLITE_LICENSES_BY_KEYS, cache_col, cache_select_few_pg, enum_of, latest_version, policy_col,
 };
 use crate::store::sqlite::fast::{FastReader, Snapshot};
 use crate::store::{StoreError, StoreResult};
@@ -116,15 +115,13 @@ pub(super) fn not_read<'a>(pending: &'a [String], rows: &[LicenseRow]) -> Vec<&'
 }
 
 /// The statement reading the cache's rows of the licenses whose `column`
-/// is one of `n` values (`$1`…`$n`, in order: SQLite numbers them so too).
-pub(super) fn licenses_in(column: &str, n: usize, dialect: Dialect) -> String {
+/// is one of `n` values (`$1`…`$n`), on PostgreSQL (SQLite's polls bind
+/// their values as one JSON array: [`SQLITE_LICENSES_BY_IDS`]).
+pub(super) fn licenses_in(column: &str, n: usize) -> String {
     let placeholders: Vec<String> = (1..=n).map(|i| format!("${i}")).collect();
-    let select = match dialect {
-        Dialect::Sqlite => cache_select!(),
-        Dialect::Postgres => cache_select_few_pg!(),
-    };
     format!(
-        "{select}WHERE {column} IN ({}) ORDER BY l.id",
+        "{}WHERE {column} IN ({}) ORDER BY l.id",
+        cache_select_few_pg!(),
         placeholders.join(", ")
     )
 }
@@ -197,7 +194,7 @@ impl<'a> Loader<'a> {
     }
 }
 
-/// Folds the rows of [`cache_select!`] (one per activation, ordered by
+/// Folds the rows of `cache_select!` (one per activation, ordered by
 /// license) into licenses.
 #[derive(Default)]
 pub(super) struct Grouper {

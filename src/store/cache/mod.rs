@@ -7,4 +7,4 @@ mod feed;
 pub(in crate::store) mod loader;
 pub mod validation_cache;
 
-pub(super) use feed::Feed;
+pub(super) use feed::{Feed, Source};

@@ -27,7 +27,6 @@ macro_rules! cache_select {
         )
     };
 }
-pub(in crate::store) use cache_select;
 
 /// [`cache_select!`] for a poll's few licenses on PostgreSQL (the same
 /// columns): each license's activations are read through their index. With

@@ -142,13 +142,17 @@ impl SqlStore {
     /// [`super::cache::validation_cache`]). Must be called inside a Tokio runtime.
     pub fn with_validation_cache(mut self, refresh: Duration, max_staleness: Duration) -> Self {
         let cache = Arc::new(ValidationCache::with_max_staleness(max_staleness));
-        let feed = super::cache::Feed::new(
-            &cache,
-            self.readers.clone(),
-            self.dialect,
-            refresh,
-            self.fast_reads.clone(),
-        );
+        let source = match (&self.fast_reads, self.dialect) {
+            (Some(fast), _) => super::cache::Source::Sqlite(fast.clone()),
+            (None, Dialect::Postgres) => super::cache::Source::Postgres,
+            // Every SQLite store opens with its fast reader (`sqlite::open`);
+            // without one Validate would still answer, from the database.
+            (None, Dialect::Sqlite) => {
+                tracing::error!("validation cache off: this SQLite store has no fast reader");
+                return self;
+            }
+        };
+        let feed = super::cache::Feed::new(&cache, self.readers.clone(), source, refresh);
         if let Some(changes) = &self.changes {
             changes.attach_cache(&cache);
         }
