@@ -11,9 +11,12 @@ fn walkthrough_commands() -> String {
     let start = readme
         .find("## Walk-through with grpcurl")
         .expect("walk-through section");
+    // Up to the next section: the later ones' `sh` blocks (the bench,
+    // `createdb`, `licensd serve` on a replica) are not the walk-through's.
     let end = start
-        + readme[start..]
-            .find("\n## Keys and codes")
+        + readme[start + 1..]
+            .find("\n## ")
+            .map(|i| i + 1)
             .expect("next section");
     let mut script = String::new();
     let mut in_sh = false;
