@@ -46,6 +46,17 @@ pub const MAX_BATCH: usize = 256;
 /// The write connection's page cache (SQLite's default is 2 MiB): the
 /// pages a write reads and changes stay in memory instead of being read
 /// again from the file (one `pread` each).
+///
+/// What a larger cache costs besides memory: when a b-tree page splits,
+/// SQLite (3.51) puts the new pages in ascending order by giving one of
+/// them, for a moment, the number of the page past 1 GiB (the lock-byte
+/// page) in the cache, and the commit after it, which drops cached pages
+/// past the end of the file, then walks the whole cache's hash table to
+/// find it (`pcache1TruncateUnsafe`): with renewals, ~5 % of this
+/// thread's time with 16 MiB (`perf`; gdb on `pcache1Fetch` showed the
+/// key and its caller, `balance_nonroot`). The walk grows with the cache; the
+/// `pread`s a smaller cache adds cost as much: 4 MiB measured the same
+/// within the noise.
 const WRITER_CACHE_KIB: u32 = 16 * 1024;
 
 /// Called on the writer's thread once a command's transaction committed,
