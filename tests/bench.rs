@@ -23,6 +23,10 @@ fn bench(extra: &[&str]) -> serde_json::Value {
             "0",
             "--workload",
             "all",
+            // Enough for a release build's renewals over 200 licenses (the
+            // default's 5,000 a second ran out there).
+            "--codes",
+            "22000",
         ])
         .args(extra)
         .arg("--json")
