@@ -40,6 +40,16 @@ impl WorkloadReport {
     pub fn total_calls(&self) -> u64 {
         self.rpcs.iter().map(|r| r.calls).sum()
     }
+
+    /// `seconds` of CPU spent on this workload, in µs per call.
+    fn per_call_us(&self, seconds: f64) -> f64 {
+        seconds * 1e6 / (self.total_calls().max(1) as f64)
+    }
+
+    /// The server's CPU per call, µs (`None` with `--target`).
+    fn server_cpu_per_call_us(&self) -> Option<f64> {
+        self.server_cpu_seconds.map(|s| self.per_call_us(s))
+    }
 }
 
 /// Consistency of the database after the run.
@@ -155,21 +165,17 @@ impl Report {
             .iter()
             .filter(|w| ["activate", "redeem", "issue"].contains(&w.workload.as_str()))
             .collect();
-        let per_call =
-            |w: &WorkloadReport, seconds: f64| seconds * 1e6 / (w.total_calls().max(1) as f64);
-        let figures: Vec<String> = writes
+        let per_write: Vec<(&str, f64)> = writes
             .iter()
-            .filter_map(|w| {
-                Some(format!(
-                    "{} {:.0} µs",
-                    w.workload,
-                    per_call(w, w.server_cpu_seconds?)
-                ))
-            })
+            .filter_map(|w| Some((w.workload.as_str(), w.server_cpu_per_call_us()?)))
             .collect();
-        if figures.is_empty() {
+        if per_write.is_empty() {
             return None;
         }
+        let figures: Vec<String> = per_write
+            .iter()
+            .map(|(workload, us)| format!("{workload} {us:.0} µs"))
+            .collect();
         let mut out = format!(
             "server CPU per write ({}): {}",
             self.durability.as_deref().unwrap_or("-"),
@@ -189,8 +195,8 @@ impl Report {
                 .map(|(name, c)| {
                     format!(
                         "{name} {:.0} + {:.0}",
-                        per_call(w, c.user),
-                        per_call(w, c.kernel)
+                        w.per_call_us(c.user),
+                        w.per_call_us(c.kernel)
                     )
                 })
                 .collect();
@@ -205,12 +211,9 @@ impl Report {
             );
         }
         if let Some(validate) = self.ceiling_cpu_per_validate() {
-            let relative: Vec<String> = writes
+            let relative: Vec<String> = per_write
                 .iter()
-                .filter_map(|w| {
-                    let write = per_call(w, w.server_cpu_seconds?);
-                    Some(format!("{} {:.1}", w.workload, write / validate))
-                })
+                .map(|(workload, us)| format!("{workload} {:.1}", us / validate))
                 .collect();
             let _ = write!(
                 out,
@@ -223,15 +226,18 @@ impl Report {
 
     /// The ceiling server's CPU per Validate (µs) in this run: the cost of
     /// a call that is only gRPC, on this machine at this hour. A write's
-    /// CPU over it is a figure that does not move with the machine's
-    /// speed, which on a shared host drifts twofold from day to day.
+    /// CPU over it moves less with the machine's speed (which on a shared
+    /// host drifts twofold from day to day) than the µs do, though not
+    /// free of noise itself. `None` if the ceiling answered no call.
     fn ceiling_cpu_per_validate(&self) -> Option<f64> {
         let w = self
             .workloads
             .iter()
             .find(|w| w.workload == "validate" && w.server == "ceiling")?;
-        let calls = w.total_calls();
-        (calls > 0).then(|| w.server_cpu_seconds.map(|s| s * 1e6 / calls as f64))?
+        if w.total_calls() == 0 {
+            return None;
+        }
+        w.server_cpu_per_call_us()
     }
 
     /// The human-readable report.
@@ -303,9 +309,7 @@ impl Report {
         let mut rows: Vec<Vec<String>> = vec![header.iter().map(|s| s.to_string()).collect()];
         for w in &self.workloads {
             let total = w.total_calls();
-            let cpu_per_call = w
-                .server_cpu_seconds
-                .map(|c| c * 1e6 / (total.max(1) as f64));
+            let cpu_per_call = w.server_cpu_per_call_us();
             for (n, r) in w.rpcs.iter().enumerate() {
                 let first = n == 0;
                 rows.push(vec![
