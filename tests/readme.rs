@@ -13,11 +13,7 @@ fn walkthrough_commands() -> String {
         .expect("walk-through section");
     // Up to the next section: the later ones' `sh` blocks (the bench,
     // `createdb`, `licensd serve` on a replica) are not the walk-through's.
-    let end = start
-        + readme[start + 1..]
-            .find("\n## ")
-            .map(|i| i + 1)
-            .expect("next section");
+    let end = start + readme[start..].find("\n## ").expect("next section");
     let mut script = String::new();
     let mut in_sh = false;
     for line in readme[start..end].lines() {
