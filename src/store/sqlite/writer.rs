@@ -54,9 +54,9 @@ pub const MAX_BATCH: usize = 256;
 /// past the end of the file, then walks the whole cache's hash table to
 /// find it (`pcache1TruncateUnsafe`): with renewals, ~5 % of this
 /// thread's time with 16 MiB (`perf`; gdb on `pcache1Fetch` showed the
-/// key and its caller, `balance_nonroot`). The walk grows with the cache; the
-/// `pread`s a smaller cache adds cost as much: 4 MiB measured the same
-/// within the noise.
+/// key and its caller, `balance_nonroot`). The walk grows with the cache;
+/// the `pread`s a smaller cache adds cost as much: 4 MiB measured the
+/// same within the noise.
 const WRITER_CACHE_KIB: u32 = 16 * 1024;
 
 /// Called on the writer's thread once a command's transaction committed,
